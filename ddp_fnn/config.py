@@ -1,0 +1,141 @@
+"""`train`'s settings: one frozen dataclass, one field per command-line option.
+
+Each field's metadata carries its `--help` text, so the CLI options are generated
+from this class (cli.py) and there is one home per setting. Validation lives in
+``__post_init__`` and raises ``ConfigError`` whose message names the option, e.g.
+``--global-batch-size 100 is not divisible by world size x grad-accum = 3 x 1``.
+
+Precedence, as click resolves it: command line > ``DDP_FNN_<OPTION>`` environment
+variable > ``--config FILE.toml`` (keys are the long option names) > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user's setting is wrong; the message is one line naming the option and value."""
+
+
+def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False):
+    """A config field with its CLI help (and choices, for string enums)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def parse_layers(text: str | tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(text, tuple):
+        return text
+    try:
+        widths = tuple(int(w) for w in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated integers like 16,64,1, got {text!r}") from None
+    if len(widths) < 2 or any(w < 1 for w in widths):
+        raise ConfigError(f"--layers needs at least two positive widths (input,...,output), got {text!r}")
+    return widths
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # ---- model and data ---------------------------------------------------------------
+    layers: tuple[int, ...] = opt((32, 256, 256, 1), "Layer widths input,hidden...,output. The input width must "
+                                  "match the data's feature count; for classification the output is the class count.")
+    task: str = opt("regression", "regression (MSE loss) or classification (cross-entropy).",
+                    choices=("regression", "classification"))
+    data: str = opt("synthetic", "'synthetic' (a seeded random teacher FNN plus noise), or a .csv (header row), "
+                    ".npz (arrays x and y) or .npy features file (targets in the sibling *_y.npy / y.npy).")
+    target: str | None = opt(None, "CSV column holding the target (default: the last column).")
+    samples: int = opt(8192, "Number of synthetic samples.")
+    noise: float = opt(0.05, "Std of the Gaussian noise added to synthetic regression targets.")
+    eval_fraction: float = opt(0.2, "Fraction of the data held out for evaluation (seeded split).")
+    standardize: bool = opt(False, "Standardise features with the training split's mean and std.", flag=True)
+    seed: int = opt(0, "Seed for init, data generation, split and shuffling. Same seed, same global batches.")
+    # ---- optimisation -----------------------------------------------------------------
+    global_batch_size: int = opt(256, "Samples per optimizer step across the whole job; each rank takes "
+                                 "B / (world size x grad-accum) per micro-step.")
+    grad_accum: int = opt(1, "Micro-steps per optimizer step; gradients sync only on the last one.")
+    optimizer: str = opt("sgd", "Optimizer.", choices=("sgd", "adam"))
+    lr: float = opt(0.01, "Learning rate.")
+    momentum: float = opt(0.9, "SGD momentum.")
+    weight_decay: float = opt(0.0, "Weight decay (L2), both optimizers.")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    epochs: int | None = opt(None, "Stop after this many passes over the training split (default 1 when "
+                             "--max-steps is not given).")
+    target_loss: float | None = opt(None, "Stop when the global mean training loss of a step is <= this; "
+                                    "all ranks stop on the same step.")
+    precision: str = opt("fp32", "Compute precision: fp32, or bf16 autocast (on CUDA).", choices=("fp32", "bf16"))
+    # ---- distribution and gradient sync -----------------------------------------------
+    sync: str = opt("ddp", "ddp: DistributedDataParallel, bucketed and overlapped with backward. allreduce: "
+                    "one flat all-reduce after backward (the textbook version).", choices=("ddp", "allreduce"))
+    bucket_mb: float = opt(25.0, "DDP bucket cap in MiB (--sync ddp).")
+    compression: str = opt("none", "Gradient compression on the wire (DDP communication hooks).",
+                           choices=("none", "fp16", "bf16", "powersgd"))
+    powersgd_rank: int = opt(2, "Matrix rank of PowerSGD's low-rank approximation.")
+    backend: str = opt("auto", "Process-group backend; auto = nccl on CUDA, gloo otherwise.",
+                       choices=("auto", "gloo", "nccl"))
+    device: str = opt("auto", "cpu, cuda, or auto (cuda:LOCAL_RANK when CUDA is available).",
+                      choices=("auto", "cpu", "cuda"))
+    timeout_s: float = opt(300.0, "Collective timeout in seconds: a dead or frozen peer fails the job after this.")
+    # ---- observation and output -------------------------------------------------------
+    output: Path | None = opt(None, "Directory where rank 0 writes model.pt and summary.json.")
+    log_every: int = opt(10, "Steps between progress lines (rank 0).")
+    progress: str = opt("auto", "Rank 0's progress: a bar on a terminal, JSON lines otherwise.",
+                        choices=("auto", "bar", "json", "none"))
+    metrics_port: int = opt(9400, "Base port of the Prometheus /metrics endpoint; each worker serves "
+                            "BASE + LOCAL_RANK. 0 turns metrics off.")
+    metrics_addr: str = opt("127.0.0.1", "Address the metrics endpoint binds (containers pass 0.0.0.0).")
+    metrics_linger: float = opt(0.0, "Seconds to keep /metrics up after the last step, so a scrape gets "
+                                "the final figures.")
+    pushgateway: str | None = opt(None, "Pushgateway URL (host:port or http://host:port) to push final "
+                                  "metrics to at the end.")
+
+    def __post_init__(self):
+        def need(cond: bool, message: str):
+            if not cond:
+                raise ConfigError(message)
+
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        if self.output is not None:
+            object.__setattr__(self, "output", Path(self.output))
+        need(self.samples >= 2, f"--samples must be at least 2, got {self.samples}")
+        need(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        need(self.noise >= 0.0, f"--noise must be >= 0, got {self.noise}")
+        need(self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}")
+        need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        need(self.lr > 0.0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
+        need(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0.0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.bucket_mb > 0.0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
+        need(self.powersgd_rank >= 1, f"--powersgd-rank must be >= 1, got {self.powersgd_rank}")
+        need(self.timeout_s > 0.0, f"--timeout-s must be > 0, got {self.timeout_s}")
+        need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        need(0 <= self.metrics_port <= 65535, f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        need(self.metrics_linger >= 0.0, f"--metrics-linger must be >= 0, got {self.metrics_linger}")
+        need(self.compression == "none" or self.sync == "ddp",
+             f"--compression {self.compression} needs --sync ddp (it is a DDP communication hook)")
+        need(self.task != "classification" or self.layers[-1] >= 2,
+             f"--layers must end in the class count (>= 2) for classification, got {self.layers[-1]}")
+
+    def check_world(self, world_size: int) -> int:
+        """Per-rank micro-batch size for this world size, or ConfigError."""
+        div = world_size * self.grad_accum
+        if self.global_batch_size % div:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by world size x "
+                              f"grad-accum = {world_size} x {self.grad_accum}")
+        return self.global_batch_size // div
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["output"] = str(self.output) if self.output is not None else None
+        return d
+
+
+def fields_for_cli():
+    """(name, type, default, metadata) of each TrainConfig field, in order, for cli.py."""
+    return [(f.name, f.type, f.default, f.metadata) for f in dataclasses.fields(TrainConfig)]
