@@ -104,6 +104,18 @@ def train(dry_run: bool, **options):
     sys.exit(code)
 
 
+# ---------------------------------------------------------------------------------------
+# example: the seed chapter's worked example (ddp_fnn/example.py)
+# ---------------------------------------------------------------------------------------
+# EXAMPLE-COMMAND (replaced by the example command)
+
+
+# ---------------------------------------------------------------------------------------
+# bench and estimate: all-reduce sweep and the cost model (ddp_fnn/bench.py, ddp_fnn/netmodel.py)
+# ---------------------------------------------------------------------------------------
+# BENCH-ESTIMATE-COMMANDS (replaced by the bench and estimate commands)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group, turning every click error into one line."""
     try:
