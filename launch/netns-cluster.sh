@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# A multi-node ddp-fnn job on one Linux machine: each node is a network namespace with
+# its own hostname, address and eth0, all joined by a bridge, so the gradient traffic
+# crosses real (virtual) interfaces whose kernel counters can be read. Needs root.
+#
+#   launch/netns-cluster.sh --nodes N [--nproc-per-node P] [--link-rate RATE]
+#                           [--port PORT] [--out DIR] [-- TRAIN_ARGS...]
+#   launch/netns-cluster.sh --cleanup
+#
+#   --nodes N           nodes (namespaces), 1..250
+#   --nproc-per-node P  workers per node (default 1)
+#   --link-rate RATE    cap each node's egress with a tc token bucket, e.g. 1gbit, 100mbit
+#   --port PORT         rendezvous port on node0 (default 29400)
+#   --out DIR           where results go (default: a new directory under ${TMPDIR:-/tmp}):
+#                       DIR/nodeK.log, DIR/nodeK/ (the node's --output; rank 0 writes
+#                       summary.json in its node's directory), DIR/netstats.json
+#   after --            arguments for `ddp-fnn train` on every node
+#   --cleanup           remove what a killed earlier run left behind (namespaces named
+#                       ddpfnn-PID-*, their /etc/netns entries), skipping runs still alive
+#
+# Layout (nothing is added to the host's own network configuration):
+#
+#   ns ddpfnn-PID-sw:  bridge br0 (no address, no route)  ports v0 .. v(N-1)
+#   ns ddpfnn-PID-K:   eth0 = 10.213.0.(K+1)/24, lo; hostname nodeK (own UTS namespace);
+#                      /etc/hosts maps node0..node(N-1) (from /etc/netns/ddpfnn-PID-K/hosts)
+#
+# The subnet 10.213.0.0/24 exists only inside these namespaces, which have no route
+# anywhere else, so concurrent runs do not clash and nothing leaves the machine. Each
+# node runs launch/node.sh with NNODES=N, RDZV_ENDPOINT=node0:PORT, METRICS_ADDR = its own
+# address, LINK_IFACE=eth0 (and LINK_RATE when given). IPv6 is off and GSO is limited to
+# one segment on each eth0, so the interface counters count real Ethernet frames
+# (MTU-sized), the way a physical NIC puts them on the wire.
+#
+# After the run, each node's eth0 TX/RX bytes and packets during the run (counters read
+# before and after) are printed as a table and written to DIR/netstats.json. Every
+# namespace, veth, bridge, qdisc and /etc/netns entry is removed on every exit path
+# (success, failure, Ctrl-C, SIGTERM). Exit status: 0 if every node exited 0, 1 if any
+# failed, 2 for bad usage or a missing prerequisite, 128+signal when interrupted.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prog=netns-cluster.sh
+prefix=ddpfnn
+subnet=10.213.0
+
+die() { echo "$prog: error: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+# ---- prerequisites ----------------------------------------------------------------------
+check_prereqs() {
+    [ "$(uname -s)" = Linux ] || die "network namespaces need Linux (this is $(uname -s))"
+    [ "$(id -u)" = 0 ] || die "must run as root (creates network namespaces); try: sudo $0 $*"
+    command -v ip >/dev/null || die "'ip' (iproute2) not found"
+    command -v unshare >/dev/null || die "'unshare' (util-linux) not found"
+}
+
+# Stop every process inside namespace $1: SIGTERM, up to 10 s to exit, then SIGKILL.
+kill_ns_pids() {
+    local ns=$1 pids deadline
+    pids=$(ip netns pids "$ns" 2>/dev/null) || return 0
+    [ -n "$pids" ] || return 0
+    kill -TERM $pids 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    while [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] && [ $SECONDS -lt $deadline ]; do
+        sleep 0.1
+    done
+    pids=$(ip netns pids "$ns" 2>/dev/null) || return 0
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+    deadline=$((SECONDS + 5))
+    while [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] && [ $SECONDS -lt $deadline ]; do
+        sleep 0.1
+    done
+}
+
+# Remove namespace $1 (its interfaces and qdiscs go with it) and its /etc/netns entry.
+remove_ns() {
+    local ns=$1
+    kill_ns_pids "$ns"
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "/etc/netns/$ns"
+}
+
+# ---- --cleanup ----------------------------------------------------------------------------
+if [ "${1:-}" = --cleanup ]; then
+    [ $# = 1 ] || die "--cleanup takes no other arguments"
+    check_prereqs "$@"
+    removed=0
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$prefix-[0-9]*-" || true) \
+              $(ls /etc/netns 2>/dev/null | grep "^$prefix-[0-9]*-" || true); do
+        pid=${ns#"$prefix"-}; pid=${pid%%-*}
+        if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "$prog"; then
+            continue                # that run is still going; it cleans up after itself
+        fi
+        if [ -e "/run/netns/$ns" ] || [ -e "/etc/netns/$ns" ]; then
+            remove_ns "$ns"
+            echo "$prog: removed $ns"
+            removed=$((removed + 1))
+        fi
+    done
+    rmdir /etc/netns 2>/dev/null || true
+    echo "$prog: $removed leftover namespace(s) removed"
+    exit 0
+fi
+
+# ---- arguments ----------------------------------------------------------------------------
+nodes=
+nproc=1
+link_rate=
+port=29400
+out=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes=$2; shift 2 ;;
+        --nproc-per-node) [ $# -ge 2 ] || die "--nproc-per-node needs a value"; nproc=$2; shift 2 ;;
+        --link-rate) [ $# -ge 2 ] || die "--link-rate needs a value"; link_rate=$2; shift 2 ;;
+        --port) [ $# -ge 2 ] || die "--port needs a value"; port=$2; shift 2 ;;
+        --out) [ $# -ge 2 ] || die "--out needs a value"; out=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        *) die "unknown argument '$1' (train arguments go after --; see --help)" ;;
+    esac
+done
+[ -n "$nodes" ] || die "--nodes N is required"
+[[ $nodes =~ ^[1-9][0-9]*$ ]] && [ "$nodes" -le 250 ] || die "--nodes must be an integer in 1..250, got '$nodes'"
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$nproc'"
+[[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port must be in 1..65535, got '$port'"
+check_prereqs
+if [ -n "$link_rate" ]; then
+    command -v tc >/dev/null || die "--link-rate needs tc (iproute2), not found"
+fi
+if [ -z "$out" ]; then
+    out=$(mktemp -d "${TMPDIR:-/tmp}/ddp-fnn-cluster.XXXXXX")
+fi
+mkdir -p "$out" || die "--out $out: cannot create the directory"
+out=$(cd "$out" && pwd)
+
+# ---- cleanup on every exit path ------------------------------------------------------------
+tag=$prefix-$$
+sw=$tag-sw
+node_ns=()
+for ((k = 0; k < nodes; k++)); do node_ns+=("$tag-$k"); done
+node_pids=()
+cleaned=0
+
+cleanup() {
+    [ $cleaned = 0 ] || return 0
+    cleaned=1
+    local ns
+    for ns in "${node_ns[@]}"; do           # stop all nodes first, together
+        pids=$(ip netns pids "$ns" 2>/dev/null) || continue
+        [ -z "$pids" ] || kill -TERM $pids 2>/dev/null || true
+    done
+    for ns in "${node_ns[@]}" "$sw"; do
+        remove_ns "$ns"
+    done
+    rmdir /etc/netns 2>/dev/null || true
+}
+on_signal() {
+    local sig=$1 code=$2
+    trap '' INT TERM                        # a second Ctrl-C does not cut the cleanup short
+    echo "$prog: $sig received, stopping the nodes and removing the namespaces" >&2
+    cleanup
+    trap - EXIT
+    exit "$code"
+}
+trap cleanup EXIT
+trap 'on_signal SIGINT 130' INT
+trap 'on_signal SIGTERM 143' TERM
+
+# ---- the network: a switch namespace with a bridge, one namespace per node -------------------
+hosts_file() {
+    echo "127.0.0.1 localhost"
+    echo "::1 localhost ip6-localhost ip6-loopback"
+    for ((j = 0; j < nodes; j++)); do echo "$subnet.$((j + 1)) node$j"; done
+}
+
+ip netns add "$sw"
+ip netns exec "$sw" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;
+                           echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
+ip -n "$sw" link add br0 type bridge
+ip -n "$sw" link set br0 up
+for ((k = 0; k < nodes; k++)); do
+    ns=${node_ns[k]}
+    ip netns add "$ns"
+    mkdir -p "/etc/netns/$ns"
+    hosts_file > "/etc/netns/$ns/hosts"
+    # No name server: every name this job uses is in hosts, and nothing may leave the machine.
+    echo "# $prog: names come from /etc/hosts only" > "/etc/netns/$ns/resolv.conf"
+    ip netns exec "$ns" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;
+                               echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
+    ip -n "$sw" link add "v$k" type veth peer name eth0 netns "$ns"
+    ip -n "$sw" link set "v$k" master br0 up
+    ip -n "$ns" link set eth0 gso_max_segs 1          # one frame per packet, as on a wire
+    ip -n "$ns" addr add "$subnet.$((k + 1))/24" dev eth0
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+done
+
+# ---- run launch/node.sh in every namespace ----------------------------------------------------
+stats_fields=(tx_bytes rx_bytes tx_packets rx_packets)
+read_stats() {   # the four counters of eth0 in namespace $1, space-separated
+    local ns=$1 f vals=()
+    for f in "${stats_fields[@]}"; do
+        vals+=("$(ip netns exec "$ns" cat "/sys/class/net/eth0/statistics/$f")")
+    done
+    echo "${vals[*]}"
+}
+declare -a before after codes
+for ((k = 0; k < nodes; k++)); do before[k]=$(read_stats "${node_ns[k]}"); done
+
+echo "$prog: $nodes node(s) x $nproc worker(s), rendezvous node0:$port, subnet $subnet.0/24${link_rate:+, links $link_rate}; logs in $out" >&2
+for ((k = 0; k < nodes; k++)); do
+    ns=${node_ns[k]}
+    mkdir -p "$out/node$k"
+    ip netns exec "$ns" unshare --uts sh -c 'hostname "$1" && shift && exec "$@"' sh "node$k" \
+        env NNODES="$nodes" NPROC_PER_NODE="$nproc" RDZV_ENDPOINT="node0:$port" RDZV_ID="$tag" \
+            METRICS_ADDR="$subnet.$((k + 1))" OUTPUT_DIR="$out/node$k" \
+            LINK_IFACE=eth0 LINK_RATE="$link_rate" \
+            "$repo/launch/node.sh" "$@" > "$out/node$k.log" 2>&1 < /dev/null &
+    node_pids[k]=$!
+done
+failed=0
+for ((k = 0; k < nodes; k++)); do
+    codes[k]=0
+    wait "${node_pids[k]}" || codes[k]=$?
+    [ "${codes[k]}" = 0 ] || failed=1
+done
+for ((k = 0; k < nodes; k++)); do after[k]=$(read_stats "${node_ns[k]}"); done
+
+# ---- report: per-node interface counters during the run ---------------------------------------
+mtu=$(ip netns exec "${node_ns[0]}" cat /sys/class/net/eth0/mtu)
+{
+    printf '%-8s %-12s %6s %14s %14s %12s %12s\n' node address exit tx_bytes rx_bytes tx_packets rx_packets
+    json_nodes=()
+    for ((k = 0; k < nodes; k++)); do
+        read -r -a b <<< "${before[k]}"
+        read -r -a a <<< "${after[k]}"
+        d=()
+        for i in 0 1 2 3; do d[i]=$((a[i] - b[i])); done
+        printf '%-8s %-12s %6s %14d %14d %12d %12d\n' "node$k" "$subnet.$((k + 1))" "${codes[k]}" "${d[@]}"
+        json_nodes+=("$(printf '{"name": "node%d", "address": "%s", "exit_code": %d, "tx_bytes": %d, "rx_bytes": %d, "tx_packets": %d, "rx_packets": %d}' \
+            "$k" "$subnet.$((k + 1))" "${codes[k]}" "${d[@]}")")
+    done
+}
+{
+    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "link_rate": "%s", "nproc_per_node": %d,\n "nodes": [\n  ' \
+        "$mtu" "$link_rate" "$nproc"
+    sep=""
+    for j in "${json_nodes[@]}"; do printf '%s%s' "$sep" "$j"; sep=$',\n  '; done
+    printf '\n]}\n'
+} > "$out/netstats.json"
+echo "$prog: wrote $out/netstats.json" >&2
+if [ $failed != 0 ]; then
+    for ((k = 0; k < nodes; k++)); do
+        [ "${codes[k]}" = 0 ] || echo "$prog: node$k exited ${codes[k]}; see $out/node$k.log" >&2
+    done
+    exit 1
+fi
