@@ -107,7 +107,44 @@ def train(dry_run: bool, **options):
 # ---------------------------------------------------------------------------------------
 # example: the seed chapter's worked example (ddp_fnn/example.py)
 # ---------------------------------------------------------------------------------------
-# EXAMPLE-COMMAND (replaced by the example command)
+@cli.command()
+@click.option("--spec", "spec_file", metavar="FILE.json", default=None,
+              help="A small network to work through, as JSON: layers (weights out x in, bias, "
+                   "activation relu|identity|sigmoid|tanh), input, target, learning_rate "
+                   "(see docs/worked-example.md). Default: the seed chapter's network.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (per layer z and a, output, loss, gradients, updated "
+                   "parameters; first step) instead of the worked text.")
+@click.option("--steps", type=click.IntRange(1, 100_000), default=None, metavar="K",
+              help="Repeat forward, backward and SGD update K times and report the loss of each "
+                   "step (--json adds loss_history).  [default: 1]")
+def example(spec_file: str | None, as_json: bool, steps: int | None):
+    """Work through one training step by hand, as the seed chapter does: forward pass,
+    loss L = Σ(Yr − Ye)², every gradient by the chain rule (each checked against PyTorch
+    autograd), and the SGD update.
+
+    \b
+    The chapter's network:    ddp-fnn example
+    Machine-readable:         ddp-fnn example --json
+    Your own small network:   ddp-fnn example --spec net.json --steps 20
+    """
+    import json
+
+    from ddp_fnn import example as worked
+
+    try:
+        spec = worked.seed_spec() if spec_file is None else worked.load_spec(spec_file)
+    except worked.SpecError as e:
+        raise UserError(f"--spec {spec_file}: {e}") from None
+    result = worked.run(spec, steps or 1)
+    if as_json:
+        click.echo(json.dumps(worked.to_json(result, with_history=steps is not None)))
+    else:
+        click.echo("\n".join(worked.format_text(result)))
+    if not result.agrees:
+        # Our hand derivation is wrong somewhere: that is a bug, not a user error.
+        click.echo("ddp-fnn: error: hand gradients disagree with autograd", err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------

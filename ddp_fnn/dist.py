@@ -1,0 +1,85 @@
+"""Process-group bring-up and tear-down, backend and device choice.
+
+Under torchrun the environment names this worker (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). Without torchrun the worker is rank 0 of 1 and its group
+lives in an in-process store, so one process runs the same code path as N and
+opens no port.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ddp_fnn.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(device: str, local_rank: int) -> torch.device:
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"--device cuda: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+    return torch.device("cuda", local_rank)
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("--backend nccl needs a CUDA device (use gloo on CPU)")
+    return backend
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment {name}={value!r} is not an integer") from None
+
+
+def worker_identity() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment, or (0, 0, 1)."""
+    return _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
+def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) -> DistContext:
+    """Join the process group; returns who this worker is and where it computes."""
+    rank, local_rank, world_size = worker_identity()
+    dev = choose_device(device, local_rank)
+    be = choose_backend(backend, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    timeout = timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(be, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+    else:
+        # Not launched by torchrun: a group of one in a HashStore (nothing listens).
+        dist.init_process_group(be, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, backend=be, device=dev)
+
+
+def teardown() -> None:
+    """Leave the process group (a no-op if it was never joined or is already gone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

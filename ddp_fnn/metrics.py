@@ -1,0 +1,249 @@
+"""Per-step records turned into Prometheus metrics and summary.json figures.
+
+The only module that imports prometheus_client. Every metric carries ``rank`` (the
+global rank); names carry base units and Prometheus' type suffixes. The names are a
+contract: deploy/prometheus rules, the Grafana dashboard and users' queries use them.
+
+Definitions (per step, on this rank):
+
+* comm time: the length of the union of the step's collectives' [launch, completion]
+  intervals, i.e. the time the network was busy with this step's gradients.
+* exposed comm: time the step waited for gradient sync after this rank's own gradient
+  computation had finished (ddp: end of backward minus the last bucket's launch;
+  allreduce: the whole flat all-reduce).
+* wire bytes: bytes this rank sends, from the algorithm's formula. Gloo and NCCL's ring
+  all-reduce send 2(N-1)/N x payload per rank (reduce-scatter then all-gather, each
+  N-1 steps of payload/N); see docs/metrics.md and ddp_fnn/netmodel.py.
+* algbw = payload / comm time; busbw = algbw x 2(N-1)/N (nccl-tests' definitions).
+"""
+
+from __future__ import annotations
+
+import errno
+import statistics
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.exposition import push_to_gateway
+
+from ddp_fnn.config import ConfigError
+from ddp_fnn.netmodel import ring_wire_bytes
+
+PHASES = ("data", "forward", "backward", "optimizer")
+# 100 us .. 10 s: an FNN step on CPU is often well under the client's default 5 ms floor.
+TIME_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step took on this rank (seconds, bytes)."""
+    step: int                                  # 1-based optimizer step
+    samples: int                               # this rank's samples in the step
+    step_s: float
+    phases: dict[str, float]                   # PHASES -> seconds
+    exposed_s: float
+    collectives: list[tuple[int, int, float, float]]  # (payload bytes, calls, start s, end s) from step start
+    timestamp: float                           # unix time at the end of the step
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c[0] for c in self.collectives)
+
+    @property
+    def calls(self) -> int:
+        return sum(c[1] for c in self.collectives)
+
+    @property
+    def comm_s(self) -> float:
+        """Length of the union of the collectives' busy intervals."""
+        total, cur_start, cur_end = 0.0, None, None
+        for _, _, start, end in sorted(self.collectives, key=lambda c: c[2]):
+            if cur_end is None or start > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = start, end
+            else:
+                cur_end = max(cur_end, end)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        return total
+
+
+def bus_factor(world_size: int) -> float:
+    """2(N-1)/N: busbw / algbw for all-reduce (nccl-tests PERFORMANCE.md)."""
+    return 2.0 * (world_size - 1) / world_size
+
+
+@dataclass
+class Summary:
+    """Running per-step figures for summary.json and the end-of-run table."""
+    world_size: int
+    step_s: list[float] = field(default_factory=list)
+    exposed_s: list[float] = field(default_factory=list)
+    comm_s: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+    payload: list[int] = field(default_factory=list)
+    samples: int = 0
+
+    def add(self, rec: StepRecord) -> None:
+        self.step_s.append(rec.step_s)
+        self.exposed_s.append(rec.exposed_s)
+        self.comm_s.append(rec.comm_s)
+        self.calls.append(rec.calls)
+        self.payload.append(rec.payload_bytes)
+        self.samples += rec.samples
+
+    def figures(self) -> dict:
+        """Per-step means. The first step (DDP's bucket rebuild, allocator warm-up) is left
+        out of the timing figures when there are more steps; byte counts use every step."""
+        if not self.step_s:
+            return {}
+        t = slice(1, None) if len(self.step_s) > 1 else slice(None)
+        steps, comm, payload = self.step_s[t], self.comm_s[t], self.payload[t]
+        q = statistics.quantiles(steps, n=20, method="inclusive") if len(steps) > 1 else [steps[0]] * 19
+        comm_total = sum(comm)
+        algbw = sum(payload) / comm_total if comm_total > 0 else 0.0
+        n_steps = len(self.step_s)
+        return {
+            "step_time_p50_s": statistics.median(steps),
+            "step_time_p95_s": q[18],
+            "step_time_mean_s": statistics.fmean(steps),
+            "allreduce_calls_per_step": sum(self.calls) / n_steps,
+            "allreduce_payload_bytes_per_step": sum(self.payload) / n_steps,
+            "allreduce_wire_bytes_per_step": ring_wire_bytes(sum(self.payload), self.world_size) / n_steps,
+            "allreduce_payload_bytes_total": sum(self.payload),
+            "allreduce_wire_bytes_total": ring_wire_bytes(sum(self.payload), self.world_size),
+            "comm_time_per_step_s": statistics.fmean(comm),
+            "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
+            "algbw_bytes_per_second": algbw,
+            "busbw_bytes_per_second": algbw * bus_factor(self.world_size),
+        }
+
+
+class Metrics:
+    """This rank's Prometheus metrics, in their own registry."""
+
+    def __init__(self, rank: int, world_size: int, run_info: dict[str, str],
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.rank = str(rank)
+        self.world_size = world_size
+        r, reg = ["rank"], self.registry
+        self.steps = Counter("ddp_fnn_steps", "Optimizer steps completed.", r, registry=reg)
+        self.samples = Counter("ddp_fnn_samples", "Training samples this rank processed.", r, registry=reg)
+        self.step_duration = Histogram("ddp_fnn_step_duration_seconds", "Wall time of one optimizer step.",
+                                       r, buckets=TIME_BUCKETS, registry=reg)
+        self.phase_duration = Histogram("ddp_fnn_phase_duration_seconds",
+                                        "Time of each phase of a step (backward is compute only; the wait "
+                                        "for gradient sync is ddp_fnn_sync_exposed_duration_seconds).",
+                                        r + ["phase"], buckets=TIME_BUCKETS, registry=reg)
+        self.exposed = Histogram("ddp_fnn_sync_exposed_duration_seconds",
+                                 "Time a step waited for gradient sync after this rank's gradients were computed.",
+                                 r, buckets=TIME_BUCKETS, registry=reg)
+        self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
+        self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
+                                  "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
+        self.ar_wire = Counter("ddp_fnn_allreduce_wire_bytes",
+                               "Bytes this rank sent for gradient all-reduce: ring formula 2(N-1)/N x payload.",
+                               r, registry=reg)
+        self.ar_duration = Histogram("ddp_fnn_allreduce_duration_seconds",
+                                     "One gradient all-reduce (bucket), launch to completion.",
+                                     r, buckets=TIME_BUCKETS, registry=reg)
+        self.algbw = Gauge("ddp_fnn_allreduce_algbw_bytes_per_second",
+                           "Last step's payload / comm time (nccl-tests algbw).", r, registry=reg)
+        self.busbw = Gauge("ddp_fnn_allreduce_busbw_bytes_per_second",
+                           "Last step's algbw x 2(N-1)/N (nccl-tests busbw).", r, registry=reg)
+        self.grad_bytes = Gauge("ddp_fnn_gradient_bytes", "Uncompressed gradient bytes per step.", r, registry=reg)
+        self.loss = Gauge("ddp_fnn_loss", "Global mean loss (split=train: last logged step; eval: held-out).",
+                          r + ["split"], registry=reg)
+        self.world = Gauge("ddp_fnn_world_size", "Workers in the job.", r, registry=reg)
+        self.last_step = Gauge("ddp_fnn_last_step_timestamp_seconds", "Unix time the last step ended.",
+                               r, registry=reg)
+        self.mfu = None
+        info = Info("ddp_fnn_run", "How this run is set up.", r, registry=reg)
+        info.labels(rank=self.rank).info(run_info)
+        if run_info.get("device", "").startswith("cuda"):
+            self.mfu = Gauge("ddp_fnn_mfu_ratio", "Model FLOPs utilisation: achieved / device peak FLOP/s.",
+                             r, registry=reg)
+        # Children created up front: every series exists from the first scrape.
+        self._steps, self._samples = self.steps.labels(self.rank), self.samples.labels(self.rank)
+        self._step_duration = self.step_duration.labels(self.rank)
+        self._phase = {p: self.phase_duration.labels(self.rank, p) for p in PHASES}
+        self._exposed = self.exposed.labels(self.rank)
+        self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
+        self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
+        self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
+        self._last_step = self.last_step.labels(self.rank)
+        for split in ("train", "eval"):
+            self.loss.labels(self.rank, split)
+        self.world.labels(self.rank).set(world_size)
+        self._server = None
+
+    def observe(self, rec: StepRecord) -> None:
+        self._steps.inc()
+        self._samples.inc(rec.samples)
+        self._step_duration.observe(rec.step_s)
+        for p in PHASES:
+            self._phase[p].observe(rec.phases[p])
+        self._exposed.observe(rec.exposed_s)
+        payload = rec.payload_bytes
+        if rec.collectives:
+            self._calls.inc(rec.calls)
+            self._payload.inc(payload)
+            self._wire.inc(ring_wire_bytes(payload, self.world_size))
+            for _, _, start, end in rec.collectives:
+                self._ar_duration.observe(end - start)
+            comm = rec.comm_s
+            if comm > 0:
+                self._algbw.set(payload / comm)
+                self._busbw.set(payload / comm * bus_factor(self.world_size))
+        self._last_step.set(rec.timestamp)
+
+    def set_gradient_bytes(self, nbytes: int) -> None:
+        self.grad_bytes.labels(self.rank).set(nbytes)
+
+    def set_loss(self, split: str, value: float) -> None:
+        self.loss.labels(self.rank, split).set(value)
+
+    def set_mfu(self, ratio: float) -> None:
+        if self.mfu is not None:
+            self.mfu.labels(self.rank).set(ratio)
+
+    def serve(self, port: int, addr: str) -> None:
+        """Serve /metrics on addr:port; a port in use is a ConfigError naming rank and port."""
+        try:
+            self._server = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"rank {self.rank}: --metrics-port: {addr}:{port} is already in use") from None
+            raise ConfigError(f"rank {self.rank}: cannot serve metrics on {addr}:{port}: {e.strerror}") from None
+
+    @property
+    def bound_address(self) -> tuple[str, int] | None:
+        return self._server[0].server_address[:2] if self._server else None
+
+    def push(self, gateway: str, job: str = "ddp-fnn") -> None:
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key={"rank": self.rank})
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._server = None
+
+
+class NullMetrics:
+    """Metrics off (--metrics-port 0): the loop calls the same methods, nothing happens."""
+
+    registry = None
+    bound_address = None
+
+    def observe(self, rec: StepRecord) -> None: ...
+    def set_gradient_bytes(self, nbytes: int) -> None: ...
+    def set_loss(self, split: str, value: float) -> None: ...
+    def set_mfu(self, ratio: float) -> None: ...
+    def serve(self, port: int, addr: str) -> None: ...
+    def push(self, gateway: str, job: str = "ddp-fnn") -> None: ...
+    def close(self) -> None: ...

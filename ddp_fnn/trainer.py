@@ -1,0 +1,290 @@
+"""The training loop: every worker runs this, top to bottom.
+
+Launch:
+
+    one process      ddp-fnn train --max-steps 200
+    N processes      torchrun --standalone --nproc-per-node N -m ddp_fnn train --max-steps 200
+    two nodes        on each node (node0 hosts the rendezvous):
+                     torchrun --nnodes 2 --nproc-per-node N --rdzv-backend c10d \\
+                              --rdzv-endpoint node0:29400 --rdzv-id job1 -m ddp_fnn train ...
+                     (launch/node.sh does this from environment variables)
+
+Every rank holds the same FNN (same seed), takes its shard of each global batch
+(data.GlobalBatches), computes gradients, and the Synchroniser averages them across
+ranks (sync.py) before every rank takes the same optimizer step. Rank 0 alone logs
+and writes; every rank serves its own /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ddp_fnn import dist as ddist
+from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
+from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
+from ddp_fnn.model import build_fnn
+from ddp_fnn.progress import make_progress
+from ddp_fnn.sync import CommRecorder, Synchroniser, gradient_bytes
+from ddp_fnn.timing import Clock
+
+
+def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the micro-batch: MSE (regression) or cross-entropy (classification)."""
+    return F.cross_entropy(out, y) if task == "classification" else F.mse_loss(out, y)
+
+
+def check_data_fits(cfg: TrainConfig, ds: Dataset) -> None:
+    if cfg.layers[0] != ds.n_features:
+        raise ConfigError(f"--layers {','.join(map(str, cfg.layers))}: input width {cfg.layers[0]} does not match "
+                          f"the data's {ds.n_features} features")
+    if cfg.task == "regression" and cfg.layers[-1] != ds.n_outputs:
+        raise ConfigError(f"--layers {','.join(map(str, cfg.layers))}: output width {cfg.layers[-1]} does not match "
+                          f"the data's {ds.n_outputs} target columns")
+    if cfg.task == "classification" and cfg.layers[-1] < ds.n_outputs:
+        raise ConfigError(f"--layers {','.join(map(str, cfg.layers))}: output width {cfg.layers[-1]} is less than "
+                          f"the data's {ds.n_outputs} classes")
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def global_mean(value_sum: float, count: float, device: torch.device) -> float:
+    """Sum a (value, count) pair over ranks; returns the global mean. Same on every rank."""
+    t = torch.tensor([value_sum, count], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, model: torch.nn.Module, ds: Dataset, rank: int, world_size: int,
+             device: torch.device) -> tuple[float, float | None]:
+    """Global mean loss (and accuracy for classification) on the held-out split, each rank
+    taking a disjoint part of it."""
+    rows = eval_shard(ds.eval_idx, rank, world_size)
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    model.eval()
+    for start in range(0, len(rows), 4096):
+        x, y = ds.fetch(rows[start:start + 4096], device)
+        out = model(x)
+        loss_sum += loss_fn(cfg.task, out, y).item() * len(x)
+        if cfg.task == "classification":
+            correct += (out.argmax(1) == y).sum().item()
+        count += len(x)
+    model.train()
+    t = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    if t[2] == 0:
+        return float("nan"), None
+    return (t[0] / t[2]).item(), ((t[1] / t[2]).item() if cfg.task == "classification" else None)
+
+
+def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics
+          ) -> tuple[dict, torch.nn.Module]:
+    """Run the loop; returns the summary (rank 0 writes it) and the unwrapped model."""
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
+    total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.epochs, cfg.max_steps)
+    model = build_fnn(cfg.layers, seed=cfg.seed).to(device)   # same seed: the same replica on every rank
+    clock = Clock(device)
+    recorder = CommRecorder(clock)
+    syncer = Synchroniser(model, cfg.sync, world, recorder, bucket_mb=cfg.bucket_mb,
+                          compression=cfg.compression, powersgd_rank=cfg.powersgd_rank, device=device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    metrics.set_gradient_bytes(gradient_bytes(model))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
+
+    progress = make_progress(cfg.progress if ctx.is_master else "none", total_steps)
+    summary = Summary(world)
+
+    stop_reason = "max-steps" if cfg.max_steps is not None and total_steps == cfg.max_steps else "epochs"
+    train_loss = float("nan")
+    loss_sum, loss_count = 0.0, 0        # local, since the last global reduction
+    pending: list = []                   # CUDA: a step's marks are read one step later
+    t_run = time.perf_counter()
+    step = 0
+    while step < total_steps:
+        epoch, pos = divmod(step, batches.steps_per_epoch)
+        # ---- one optimizer step: K micro-steps, gradients synced on the last -----------
+        marks = {"start": clock.mark()}
+        phase_marks = []                       # (phase, start mark, end mark)
+        last_backward_end = None
+        for k, rows in enumerate(batches.rank_micro_batches(epoch, pos)):
+            t0 = clock.mark()
+            x, y = ds.fetch(rows, device)
+            t1 = clock.mark()
+            sync_now = k == cfg.grad_accum - 1
+            with syncer.no_sync() if not sync_now else contextlib.nullcontext():
+                with autocast:
+                    out = syncer.model(x)
+                    loss = loss_fn(cfg.task, out, y)
+                t2 = clock.mark()
+                # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
+                # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
+                (loss / cfg.grad_accum).backward()
+            t3 = clock.mark()
+            phase_marks += [("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3)]
+            loss_sum = loss_sum + loss.detach().double() * len(rows)   # a tensor: no sync here
+            loss_count += len(rows)
+            last_backward_end = t3
+        syncer.after_backward()                # allreduce mode: the flat all-reduce
+        t4 = clock.mark()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = clock.mark()
+        marks.update(backward_end=last_backward_end, synced=t4, end=t5)
+        collectives = recorder.take()
+        pending.append((step + 1, marks, phase_marks, collectives, time.time()))
+        step += 1
+
+        # ---- step accounting (CPU: now; CUDA: the previous step's events) -------------
+        while len(pending) > (1 if clock.cuda else 0):
+            rec = _record(clock, cfg, pending.pop(0), batches.micro * cfg.grad_accum)
+            metrics.observe(rec)
+            summary.add(rec)
+
+        # ---- the global loss: every step when --target-loss decides, else when logging
+        log_now = step % cfg.log_every == 0 or step == total_steps
+        if cfg.target_loss is not None or log_now:
+            train_loss = global_mean(float(loss_sum), loss_count, device)
+            loss_sum, loss_count = 0.0, 0
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"rank {rank}: training loss is {train_loss} at step {step}")
+            metrics.set_loss("train", train_loss)
+            progress.update(step, train_loss, summary)
+            if cfg.target_loss is not None and train_loss <= cfg.target_loss:
+                stop_reason = "target-loss"
+                break
+
+    for item in pending:
+        rec = _record(clock, cfg, item, batches.micro * cfg.grad_accum)
+        metrics.observe(rec)
+        summary.add(rec)
+    elapsed = time.perf_counter() - t_run
+    eval_loss, eval_acc = evaluate(cfg, syncer.module, ds, rank, world, device)
+    if math.isfinite(eval_loss):
+        metrics.set_loss("eval", eval_loss)
+    figures = summary.figures()
+    result = {
+        "world_size": world, "backend": ctx.backend, "device": str(device), "sync": cfg.sync,
+        "compression": cfg.compression, "layers": list(cfg.layers), "parameters": syncer.module.num_parameters(),
+        "gradient_bytes": gradient_bytes(syncer.module), "global_batch_size": cfg.global_batch_size,
+        "grad_accum": cfg.grad_accum, "steps": step, "stop_reason": stop_reason,
+        "samples": step * cfg.global_batch_size, "epochs_completed": step / batches.steps_per_epoch,
+        "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
+        "samples_per_second": (summary.samples * world / sum(summary.step_s)) if summary.step_s else 0.0,
+        "wall_time_s": elapsed, "data": ds.identity, "rank": rank, **figures,
+    }
+    progress.finish(result)
+    return result, syncer.module
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, diverged replicas): exit status 1."""
+
+
+def _record(clock: Clock, cfg: TrainConfig, item, samples: int) -> StepRecord:
+    """Turn a step's clock marks into seconds."""
+    step, marks, phase_marks, collectives, ts = item
+    start = marks["start"]
+    phases = dict.fromkeys(PHASES, 0.0)
+    for name, a, b in phase_marks:
+        phases[name] += clock.seconds(a, b)
+    phases["optimizer"] = clock.seconds(marks["synced"], marks["end"])
+    coll = [(c.payload_bytes, c.calls, clock.seconds(start, c.launched), clock.seconds(start, c.done))
+            for c in collectives]
+    if cfg.sync == "allreduce":
+        exposed = clock.seconds(marks["backward_end"], marks["synced"])
+    elif coll:
+        # ddp: backward returned only after every bucket was reduced; the rank's own
+        # gradients were all computed when the last bucket was handed over.
+        last_launch = max(c[2] for c in coll)
+        backward_end = clock.seconds(start, marks["backward_end"])
+        exposed = max(0.0, backward_end - last_launch)
+        phases["backward"] -= exposed
+    else:
+        exposed = 0.0
+    return StepRecord(step=step, samples=samples, step_s=clock.seconds(start, marks["end"]), phases=phases,
+                      exposed_s=exposed, collectives=coll, timestamp=ts)
+
+
+def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> None:
+    """model.pt (the unwrapped FNN's state_dict) and summary.json, each written atomically."""
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.pt.tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out / "model.pt")
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "summary.json")
+
+
+def main(cfg: TrainConfig, dry_run: bool = False) -> int:
+    """Validate, join the group, train, write, leave. Returns the exit status."""
+    rank, _, world = ddist.worker_identity()
+    cfg.check_world(world)
+    ds = load_dataset(cfg)
+    check_data_fits(cfg, ds)
+    GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
+    if cfg.output is not None:
+        _check_writable(cfg.output)
+    if dry_run:
+        if rank == 0:
+            print(json.dumps({"ok": True, "world_size": world, "data": ds.identity,
+                              "train_rows": len(ds.train_idx), "eval_rows": len(ds.eval_idx),
+                              "micro_batch_per_rank": cfg.check_world(world)}))
+        return 0
+    ctx = ddist.setup(cfg.backend, cfg.device, cfg.timeout_s)
+    metrics = NullMetrics()
+    try:
+        metrics = make_metrics(cfg, ctx)
+        result, model = train(cfg, ctx, ds, metrics)
+        if ctx.is_master and cfg.output is not None:
+            write_outputs(cfg, result, model)
+        if cfg.pushgateway:
+            metrics.push(cfg.pushgateway)
+        if cfg.metrics_linger > 0 and metrics.registry is not None:
+            time.sleep(cfg.metrics_linger)     # a feature: keeps /metrics up for a last scrape
+        return 0
+    except TrainingError as e:
+        print(f"ddp-fnn: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        metrics.close()
+        ddist.teardown()
+
+
+def make_metrics(cfg: TrainConfig, ctx: ddist.DistContext) -> Metrics | NullMetrics:
+    """This rank's metrics, serving on BASE + LOCAL_RANK (or off with --metrics-port 0)."""
+    if cfg.metrics_port == 0 and cfg.pushgateway is None:
+        return NullMetrics()
+    run_info = {"backend": ctx.backend, "sync": cfg.sync, "compression": cfg.compression,
+                "layers": ",".join(map(str, cfg.layers)), "device": str(ctx.device)}
+    metrics = Metrics(ctx.rank, ctx.world_size, run_info)
+    if cfg.metrics_port > 0:
+        metrics.serve(cfg.metrics_port + ctx.local_rank, cfg.metrics_addr)
+    return metrics
+
+
+def _check_writable(path: Path) -> None:
+    """--output must be creatable and writable before any work is done."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"--output {path}: not a writable directory")
