@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import push_to_gateway
 
 from ddp_fnn.config import ConfigError
-from ddp_fnn.netmodel import ring_wire_bytes
+from ddp_fnn.netmodel import busbw_factor, ring_wire_bytes
 
 PHASES = ("data", "forward", "backward", "optimizer")
 # 100 us .. 10 s: an FNN step on CPU is often well under the client's default 5 ms floor.
@@ -67,11 +67,6 @@ class StepRecord:
         if cur_end is not None:
             total += cur_end - cur_start
         return total
-
-
-def bus_factor(world_size: int) -> float:
-    """2(N-1)/N: busbw / algbw for all-reduce (nccl-tests PERFORMANCE.md)."""
-    return 2.0 * (world_size - 1) / world_size
 
 
 @dataclass
@@ -116,7 +111,7 @@ class Summary:
             "comm_time_per_step_s": statistics.fmean(comm),
             "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
             "algbw_bytes_per_second": algbw,
-            "busbw_bytes_per_second": algbw * bus_factor(self.world_size),
+            "busbw_bytes_per_second": algbw * busbw_factor(self.world_size),
         }
 
 
@@ -196,7 +191,7 @@ class Metrics:
             comm = rec.comm_s
             if comm > 0:
                 self._algbw.set(payload / comm)
-                self._busbw.set(payload / comm * bus_factor(self.world_size))
+                self._busbw.set(payload / comm * busbw_factor(self.world_size))
         self._last_step.set(rec.timestamp)
 
     def set_gradient_bytes(self, nbytes: int) -> None:

@@ -179,6 +179,10 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     if math.isfinite(eval_loss):
         metrics.set_loss("eval", eval_loss)
     figures = summary.figures()
+    # Every rank's own figures, gathered to rank 0 once at the end (a few hundred bytes).
+    mine = {"rank": rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures}
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
     result = {
         "world_size": world, "backend": ctx.backend, "device": str(device), "sync": cfg.sync,
         "compression": cfg.compression, "layers": list(cfg.layers), "parameters": syncer.module.num_parameters(),
@@ -187,7 +191,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
         "samples": step * cfg.global_batch_size, "epochs_completed": step / batches.steps_per_epoch,
         "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
         "samples_per_second": (summary.samples * world / sum(summary.step_s)) if summary.step_s else 0.0,
-        "wall_time_s": elapsed, "data": ds.identity, "rank": rank, **figures,
+        "wall_time_s": elapsed, "data": ds.identity, **figures, "ranks": ranks,
     }
     progress.finish(result)
     return result, syncer.module

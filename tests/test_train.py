@@ -1,0 +1,104 @@
+"""`ddp-fnn train` as one process: outputs, settings sources, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from ddp_fnn.model import FNN
+
+QUICK = ("--layers", "8,16,1", "--samples", "512", "--global-batch-size", "32", "--metrics-port", "0",
+         "--progress", "none")
+
+
+def test_single_process_writes_loadable_model_and_summary(tmp_path):
+    r = run_cli("train", *QUICK, "--max-steps", "5", "--output", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("world_size", "backend", "device", "sync", "compression", "layers", "parameters", "steps",
+                "samples", "final_train_loss", "eval_loss", "eval_accuracy", "samples_per_second",
+                "step_time_p50_s", "step_time_p95_s"):
+        assert key in summary, key
+    assert summary["world_size"] == 1 and summary["steps"] == 5 and summary["samples"] == 5 * 32
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    model = FNN(summary["layers"])
+    model.load_state_dict(state)                       # plain FNN keys, no "module." prefix
+    assert summary["parameters"] == model.num_parameters() == 8 * 16 + 16 + 16 + 1
+
+
+def test_toml_config_then_env_then_command_line(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('layers = [8, 16, 1]\nsamples = 512\nglobal-batch-size = 32\nmax-steps = 3\n'
+                   'metrics-port = 0\nprogress = "none"\nlr = 0.5\n')
+    r = run_cli("train", "--config", str(cfg), "--output", str(tmp_path / "a"), env={"DDP_FNN_MAX_STEPS": "4"})
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["config"]["lr"] == 0.5           # env beats the file
+    r = run_cli("train", "--config", str(cfg), "--max-steps", "2", "--output", str(tmp_path / "b"),
+                env={"DDP_FNN_MAX_STEPS": "4"})
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 2   # flag beats env
+
+
+def test_target_loss_stops_early_in_one_process(tmp_path):
+    r = run_cli("train", *QUICK, "--epochs", "50", "--target-loss", "1e9", "--output", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] == 1 and s["stop_reason"] == "target-loss"
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (("--lr", "-1"), ("--lr", "-1")),
+    (("--global-batch-size", "7", "--grad-accum", "2"), ("--global-batch-size 7", "not divisible")),
+    (("--data", "/nonexistent/data.csv"), ("/nonexistent/data.csv", "no such file")),
+    (("--sync", "carrier-pigeon"), ("--sync", "carrier-pigeon")),
+    (("--no-such-option",), ("--no-such-option",)),
+    (("--max-steps", "three"), ("--max-steps", "three")),
+])
+def test_bad_input_is_one_line_exit_2(args, fragments):
+    one_line_error(run_cli("train", *QUICK, "--data", "synthetic", *args), *fragments)
+
+
+def test_unreadable_config_and_unknown_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 3\n")
+    one_line_error(run_cli("train", "--config", str(bad)), "not valid TOML")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("learning_rate = 3\n")
+    one_line_error(run_cli("train", "--config", str(unknown)), "unknown key 'learning_rate'")
+
+
+def test_non_numeric_csv_cell_names_file_line_and_column(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("a,b,y\n1,2,3\n4,oops,6\n")
+    one_line_error(run_cli("train", *QUICK, "--layers", "2,4,1", "--data", str(f)), "line 3", "'b'", "'oops'")
+
+
+def test_layer_widths_must_match_the_data(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("a,b,y\n" + "".join(f"{i},{i * 2},{i % 3}\n" for i in range(50)))
+    one_line_error(run_cli("train", *QUICK, "--layers", "3,4,1", "--data", str(f)), "input width 3", "2 features")
+
+
+def test_output_is_not_touched_by_a_run_that_fails_its_checks(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"precious")
+    one_line_error(run_cli("train", *QUICK, "--lr", "0", "--output", str(tmp_path)), "--lr")
+    assert (tmp_path / "model.pt").read_bytes() == b"precious"
+
+
+def test_dry_run_validates_without_training(tmp_path):
+    r = run_cli("train", *QUICK, "--dry-run", "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["ok"] and plan["train_rows"] == 410 and plan["eval_rows"] == 102
+    assert not (tmp_path / "out").exists()
