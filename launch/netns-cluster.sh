@@ -228,6 +228,7 @@ for ((k = 0; k < nodes; k++)); do after[k]=$(read_stats "${node_ns[k]}"); done
 
 # ---- report: per-node interface counters during the run ---------------------------------------
 mtu=$(ip netns exec "${node_ns[0]}" cat /sys/class/net/eth0/mtu)
+tcp_ts=$(ip netns exec "${node_ns[0]}" cat /proc/sys/net/ipv4/tcp_timestamps)
 {
     printf '%-8s %-12s %6s %14s %14s %12s %12s\n' node address exit tx_bytes rx_bytes tx_packets rx_packets
     json_nodes=()
@@ -242,8 +243,8 @@ mtu=$(ip netns exec "${node_ns[0]}" cat /sys/class/net/eth0/mtu)
     done
 }
 {
-    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "link_rate": "%s", "nproc_per_node": %d,\n "nodes": [\n  ' \
-        "$mtu" "$link_rate" "$nproc"
+    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "tcp_timestamps": %d, "link_rate": "%s",\n "nproc_per_node": %d, "nodes": [\n  ' \
+        "$mtu" "$tcp_ts" "$link_rate" "$nproc"
     sep=""
     for j in "${json_nodes[@]}"; do printf '%s%s' "$sep" "$j"; sep=$',\n  '; done
     printf '\n]}\n'

@@ -1,0 +1,316 @@
+"""launch/netns-cluster.sh: real multi-node jobs across network namespaces.
+
+Each node is a network namespace with its own hostname, address and eth0 on a bridge,
+running launch/node.sh (torchrun, c10d rendezvous at node0:29400). These tests need root
+and iproute2; they train to completion on 2 and 4 nodes, compare what the kernel counted
+on each eth0 with the wire bytes the job reports, and kill the script mid-run to check
+that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "launch" / "netns-cluster.sh"
+TRAIN = ("--max-steps", "30", "--metrics-port", "9400", "--progress", "json")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="network namespaces need Linux"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs 'ip' (iproute2)"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs 'unshare' (util-linux)"),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+def header_bytes_per_packet(netstats: dict) -> int:
+    """Bytes of headers in each frame the kernel counts on a node's eth0.
+
+    Ethernet 14 (the counters include the MAC header, not the FCS, preamble or gap)
+    + IPv4 20 (no options) + TCP 20, + 12 when TCP timestamps are on (10 bytes of
+    option padded to 12 by two NOPs; SACK blocks appear only after loss). With
+    timestamps and MTU 1500 a full segment carries 1500 - 20 - 32 = 1448 bytes (MSS).
+    """
+    return 14 + 20 + 20 + (12 if netstats.get("tcp_timestamps", 1) else 0)
+
+
+def tx_payload_estimate(node: dict, header_bytes: int) -> int:
+    """TCP payload a node sent: its TX bytes less one header per packet.
+
+    ARP frames (42 bytes, a handful per run) are counted as packets too; they make the
+    estimate a few dozen bytes low, which is noise at these volumes.
+    """
+    return node["tx_bytes"] - node["tx_packets"] * header_bytes
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def etc_netns() -> set[str]:
+    p = Path("/etc/netns")
+    return {e.name for e in p.iterdir()} if p.is_dir() else set()
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes containing `text` (e.g. a run's output directory)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{d.name}: {cmd.strip()}")
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a cluster run that a test abandoned, and remove what it left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    subprocess.run([str(SCRIPT), "--cleanup"], capture_output=True, timeout=120)
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll `condition()` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the cluster exited ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Run:
+    def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float):
+        self.nodes, self.out, self.returncode = nodes, out, returncode
+        self.stdout, self.stderr, self.seconds = stdout, stderr, seconds
+
+    @property
+    def netstats(self) -> dict:
+        return json.loads((self.out / "netstats.json").read_text())
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node{k}.log\n{(self.out / f'node{k}.log').read_text()[-3000:]}"
+                         for k in range(self.nodes) if (self.out / f"node{k}.log").exists())
+
+
+def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300) -> Run:
+    cmd = [str(SCRIPT), "--nodes", str(nodes), "--out", str(out), "--", *train]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------------------------------
+# a full training run on 2 and on 4 nodes (one worker each), shared by the checks below
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}nodes")
+def cluster(request, tmp_path_factory) -> Run:
+    n = request.param
+    run = run_cluster(n, tmp_path_factory.mktemp(f"cluster{n}"), *TRAIN)
+    print(f"\n{n} nodes: {run.seconds:.1f} s\n{run.stdout}")
+    return run
+
+
+def test_every_node_trains_to_completion(cluster):
+    assert cluster.returncode == 0, f"{cluster.stderr}\n{cluster.logs()}"
+    nodes = cluster.netstats["nodes"]
+    assert [n["name"] for n in nodes] == [f"node{k}" for k in range(cluster.nodes)]
+    assert [n["exit_code"] for n in nodes] == [0] * cluster.nodes
+    # Rank 0 alone writes summary.json. c10d ranks nodes in the order of their host
+    # names, so with node0..node9 rank 0 is node0.
+    summaries = sorted(cluster.out.glob("node*/summary.json"))
+    assert summaries == [cluster.out / "node0" / "summary.json"], summaries
+    summary = json.loads(summaries[0].read_text())
+    assert summary["world_size"] == cluster.nodes
+    assert summary["steps"] == 30
+    if "ranks" in summary:                       # every rank's own figures, gathered by rank 0
+        assert [r["rank"] for r in summary["ranks"]] == list(range(cluster.nodes))
+        assert [r["steps"] for r in summary["ranks"]] == [30] * cluster.nodes
+
+
+def test_counters_count_wire_frames(cluster):
+    """The table and netstats.json agree, and each packet is at most one MTU-sized frame."""
+    stats = cluster.netstats
+    assert stats["mtu"] >= 576
+    for node in stats["nodes"]:
+        row = re.search(rf"^{node['name']}\s+\S+\s+0\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", cluster.stdout, re.M)
+        assert row, f"no table row for {node['name']} in:\n{cluster.stdout}"
+        assert [int(x) for x in row.groups()] == [node[k] for k in ("tx_bytes", "rx_bytes", "tx_packets",
+                                                                    "rx_packets")]
+        # Every node took part in the all-reduce ring, so every node sent gradients.
+        assert node["tx_bytes"] > 100_000 and node["rx_bytes"] > 100_000, node
+        # GSO limited to one segment: the average frame cannot exceed MTU + Ethernet header.
+        assert node["tx_bytes"] / node["tx_packets"] <= stats["mtu"] + 14, node
+    # What one node sends, another receives: the bridge loses nothing.
+    total_tx = sum(n["tx_bytes"] for n in stats["nodes"])
+    total_rx = sum(n["rx_bytes"] for n in stats["nodes"])
+    assert abs(total_tx - total_rx) <= 0.001 * total_tx
+
+
+def test_reported_wire_bytes_match_kernel_tx(cluster):
+    """Each node's TCP payload sent (kernel TX bytes less headers) against the wire bytes
+    its rank reports: 2 (N-1)/N x the all-reduce payload for a ring all-reduce.
+
+    Node k runs rank k (one worker per node; c10d ranks nodes by host name). On top of
+    the ring, DDP broadcasts rank 0's parameters once at start-up: every other rank
+    receives them once, (N-1) x P bytes in all, sent along Gloo's broadcast tree, so one
+    node may carry up to all of it. Store, rendezvous and the final gather add a little.
+    Hence: per node, at least its ring share less 5% and at most its share + 5% + the
+    whole broadcast; summed over nodes, within 5% of the ring shares + (N-1) x P.
+    """
+    summary = json.loads((cluster.out / "node0" / "summary.json").read_text())
+    if "allreduce_wire_bytes_total" not in summary:
+        pytest.skip("summary.json has no allreduce_wire_bytes_total yet")
+    n = cluster.nodes
+    # Per-rank figures when summary.json carries them; else rank 0's (the ring is symmetric).
+    per_rank = summary.get("ranks") or [summary] * n
+    wire = [r["allreduce_wire_bytes_total"] for r in per_rank]
+    for r in per_rank:
+        assert r["allreduce_wire_bytes_total"] == pytest.approx(2 * (n - 1) / n * r["allreduce_payload_bytes_total"])
+    params = summary["gradient_bytes"]          # fp32 parameters = fp32 gradients, no buffers
+    stats = cluster.netstats
+    header = header_bytes_per_packet(stats)
+    sent = [tx_payload_estimate(node, header) for node in stats["nodes"]]
+    report = ", ".join(f"node{k} {s:,} B vs {w:,.0f} B ({(s - w) / w:+.1%})"
+                       for k, (s, w) in enumerate(zip(sent, wire)))
+    print(f"\nTX payload (header {header} B/packet) vs reported wire bytes: {report}")
+    for k, (s, w) in enumerate(zip(sent, wire)):
+        assert 0.95 * w <= s <= 1.05 * w + (n - 1) * params, f"node{k}: {report}"
+    assert sum(sent) == pytest.approx(sum(wire) + (n - 1) * params, rel=0.05), report
+
+
+# ---------------------------------------------------------------------------------------
+# interrupted runs leave nothing behind
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_interrupt_mid_run_removes_everything(sig, tmp_path):
+    before_ns, before_links, before_etc = netns_names(), root_links(), etc_netns()
+    out = tmp_path / "run"
+    log = open(tmp_path / "script.log", "w")
+    # Long enough that it is still training when the signal comes; shaped links, so the
+    # qdisc is part of what must disappear.
+    cmd = [str(SCRIPT), "--nodes", "2", "--link-rate", "1gbit", "--out", str(out), "--",
+           "--max-steps", "100000", "--log-every", "1", "--progress", "json", "--metrics-port", "9400"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    tag = f"ddpfnn-{proc.pid}-"
+    try:
+        ours = lambda: {ns for ns in netns_names() if ns.startswith(tag)}   # noqa: E731
+        # node0..1 and the switch exist while the job runs...
+        wait_for(lambda: len(ours()) == 3, 60, "the namespaces to appear", proc)
+        # ...and rank 0 (node0) is past step 1, i.e. both nodes are training.
+        wait_for(lambda: '"step": 2,' in _read(out / "node0.log"), 180, "training steps in node0.log", proc)
+        qdisc = subprocess.run(["ip", "netns", "exec", f"{tag}1", "tc", "qdisc", "show", "dev", "eth0"],
+                               capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "1Gbit" in qdisc, qdisc
+        assert (Path("/etc/netns") / f"{tag}0" / "hosts").is_file()
+
+        proc.send_signal(sig)
+        code = proc.wait(timeout=90)
+    finally:
+        stop(proc)
+        log.close()
+    script_log = (tmp_path / "script.log").read_text()
+    assert code == 128 + sig.value, script_log
+    assert f"{sig.name} received" in script_log
+    assert not {ns for ns in netns_names() if ns.startswith(tag)}
+    assert not {e for e in etc_netns() if e.startswith(tag)}
+    # No namespace has a name left, and none lives on anonymously either: a namespace
+    # (with its veth and bridge) outlives its name while a process is inside it.
+    assert not processes_mentioning(str(out)), processes_mentioning(str(out))
+    assert root_links() - before_links == set(), "links added to the root namespace"
+    assert netns_names() - before_ns == set()
+    assert etc_netns() - before_etc == set()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------
+# --cleanup and usage errors
+# ---------------------------------------------------------------------------------------
+
+def test_cleanup_removes_leftovers_of_a_dead_run():
+    # The pid of a process that has exited stands for a killed earlier run.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ns = f"ddpfnn-{dead.pid}-0"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        Path(f"/etc/netns/{ns}").mkdir(parents=True)
+        Path(f"/etc/netns/{ns}/hosts").write_text("10.213.0.1 node0\n")
+        subprocess.run(["ip", "-n", ns, "link", "add", "br0", "type", "bridge"], check=True)
+        r = subprocess.run([str(SCRIPT), "--cleanup"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"removed {ns}" in r.stdout
+        assert ns not in netns_names()
+        assert not Path(f"/etc/netns/{ns}").exists()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--nodes N is required"),
+    (["--nodes", "0"], "--nodes must be an integer in 1..250, got '0'"),
+    (["--nodes", "2", "--frobnicate"], "unknown argument '--frobnicate'"),
+])
+def test_usage_errors_are_one_line(args, message):
+    r = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"netns-cluster.sh: error: {message}"), r.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root")
+def test_not_root_is_one_line():
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SCRIPT),
+                        "--nodes", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("netns-cluster.sh: error: must run as root")
+    assert len(r.stderr.strip().splitlines()) == 1
