@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ddp_fnn import dist as ddist
+from ddp_fnn import mfu
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
@@ -109,6 +110,9 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                 else torch.autocast(device.type, enabled=False))
 
     progress = make_progress(cfg.progress if ctx.is_master else "none", total_steps)
+    # MFU (CUDA only): model FLOPs per step over the device's peak for this precision.
+    peak = mfu.peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
+    flops_per_sample = mfu.train_flops_per_sample(cfg.layers)
     summary = Summary(world)
 
     stop_reason = "max-steps" if cfg.max_steps is not None and total_steps == cfg.max_steps else "epochs"
@@ -156,6 +160,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
             rec = _record(clock, cfg, pending.pop(0), batches.micro * cfg.grad_accum)
             metrics.observe(rec)
             summary.add(rec)
+            if peak:
+                metrics.set_mfu(flops_per_sample * rec.samples / rec.step_s / peak)
 
         # ---- the global loss: every step when --target-loss decides, else when logging
         log_now = step % cfg.log_every == 0 or step == total_steps
@@ -192,6 +198,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
         "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
         "samples_per_second": (summary.samples * world / sum(summary.step_s)) if summary.step_s else 0.0,
         "wall_time_s": elapsed, "data": ds.identity, **figures, "ranks": ranks,
+        "mfu": (flops_per_sample * summary.samples / sum(summary.step_s) / peak) if peak and summary.step_s else None,
     }
     progress.finish(result)
     return result, syncer.module
