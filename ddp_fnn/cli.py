@@ -150,7 +150,275 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 # ---------------------------------------------------------------------------------------
 # bench and estimate: all-reduce sweep and the cost model (ddp_fnn/bench.py, ddp_fnn/netmodel.py)
 # ---------------------------------------------------------------------------------------
-# BENCH-ESTIMATE-COMMANDS (replaced by the bench and estimate commands)
+@cli.command()
+@click.option("--layers", default="32,256,256,1", show_default=True,
+              help="Layer widths input,hidden...,output, as train's --layers.")
+@click.option("--world-size", type=int, default=None,
+              help="Number of ranks N (processes, one per GPU or CPU worker).")
+@click.option("--link-rate", default=None, metavar="RATE",
+              help="Bus bandwidth beta as a link rate in tc units: 400gbit, 25gbit, 100mbit, 125mbps "
+                   "(bps = bytes/s). Overrides --bench-json's beta.")
+@click.option("--latency-us", type=float, default=None,
+              help="alpha: latency of one message step between two ranks, in microseconds; a ring "
+                   "all-reduce pays it 2(N-1) times per bucket. Overrides --bench-json's.  [default: 5]")
+@click.option("--bench-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A `ddp-fnn bench --json` file: alpha and beta fitted to measured all-reduces.")
+@click.option("--compute-ms", type=float, default=None,
+              help="Compute time of one step on one rank (forward, backward, optimizer; no "
+                   "communication), in milliseconds.")
+@click.option("--summary", "summary_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A train run's summary.json: compute time = step_time_p50_s - "
+                   "exposed_comm_time_per_step_s (seconds), unless --compute-ms is given.")
+@click.option("--backward-fraction", type=float, default=2 / 3, show_default="2/3",
+              help="Share of the compute time spent in backward, over which the buckets' "
+                   "all-reduces can overlap (0..1).")
+@click.option("--bucket-mb", type=float, default=25.0, show_default=True,
+              help="DDP bucket cap in MiB, as train's --bucket-mb (DDP then caps the first bucket "
+                   "at it too).")
+@click.option("--compression", type=click.Choice(["none", "fp16", "bf16"]), default="none",
+              show_default=True, help="Gradient dtype on the wire: fp32 (4 B/element) or fp16/bf16 "
+                                      "(2 B/element, DDP's compress hooks).")
+@click.option("--algorithm", type=click.Choice(["ring", "tree", "halving-doubling"]), default="ring",
+              show_default=True, help="All-reduce algorithm; see docs/netmodel.md for each formula.")
+@click.option("--sweep", "sweep_spec", default=None, metavar="PARAM=V1,V2,...",
+              help="Print a table over one input: world-size=2,8,64,512; link-rate=10gbit,100gbit; "
+                   "width=256,1024,4096 (every hidden layer); bucket-mb=1,25,100; compute-ms=5,50.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="With --sweep: draw the table (times in ms, efficiency in %) to a PNG. "
+                   "Needs matplotlib: pip install 'ddp-fnn[plot]'.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON (bytes, seconds, bytes/s) instead of text.")
+def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, summary_file,
+             backward_fraction, bucket_mb, compression, algorithm, sweep_spec, plot_file, as_json):
+    """Predict what DDP training puts on the network per step, and what it costs.
+
+    From the layer widths, DDP's buckets, N, the all-reduce algorithm and the network's
+    alpha (latency) and beta (bus bandwidth): bytes per rank per step, all-reduce time,
+    the part not hidden behind backward (exposed), and scaling efficiency
+    compute / (compute + exposed). Formulas and sources: docs/netmodel.md.
+
+    \b
+    ddp-fnn estimate --layers 4096,4096,4096,4096,10 --world-size 512 \\
+        --link-rate 400gbit --latency-us 5 --compute-ms 12
+    ddp-fnn estimate --bench-json bench.json --layers 784,1024,1024,10 --world-size 64 \\
+        --compute-ms 8 --sweep world-size=2,8,64,512
+    """
+    import json
+
+    from ddp_fnn import netmodel
+    from ddp_fnn.config import parse_layers
+
+    try:
+        widths = list(parse_layers(layers))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    sweep_name, sweep_values = None, []
+    if sweep_spec is not None:
+        try:
+            sweep_name, sweep_values = netmodel.parse_sweep(sweep_spec)
+        except ValueError as e:
+            raise UserError(f"--sweep: {e}") from None
+    if plot_file is not None and sweep_name is None:
+        raise UserError("--plot needs --sweep (it draws the sweep's table)")
+
+    # alpha and beta: explicit options, else the bench JSON, else alpha's default.
+    alpha_s, beta, alpha_src, beta_src = None, None, "", ""
+    if bench_json is not None:
+        bench = _read_json(bench_json, "--bench-json")
+        try:
+            bench_n, bench_alpha = int(bench["world_size"]), bench["alpha_s"]
+            bench_beta = bench["beta_bytes_per_second"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"--bench-json {bench_json}: not a bench JSON (missing or bad {e})") from None
+        if bench_alpha is None or bench_beta is None or bench_n < 2:
+            raise UserError(f"--bench-json {bench_json}: no alpha-beta fit in it (world size {bench_n}); "
+                            f"run the bench with 2 or more ranks")
+        # The fit's alpha is the whole all-reduce's latency at the bench's N.
+        alpha_s = float(bench_alpha) / netmodel.latency_steps(bench_n, algorithm)
+        beta = float(bench_beta)
+        alpha_src = f" (bench: {bench_alpha * 1e6:.1f} us per all-reduce at N={bench_n})"
+        beta_src = f" (bench, N={bench_n})"
+    if link_rate is not None:
+        try:
+            beta = netmodel.parse_rate(link_rate)
+        except ValueError as e:
+            raise UserError(f"--link-rate: {e}") from None
+        beta_src = f" (--link-rate {link_rate})"
+    if latency_us is not None:
+        if not (latency_us >= 0 and latency_us < float("inf")):
+            raise UserError(f"--latency-us must be >= 0, got {latency_us}")
+        alpha_s, alpha_src = latency_us * 1e-6, ""
+    if alpha_s is None:
+        alpha_s, alpha_src = 5e-6, " (default)"
+    if beta is None and sweep_name != "link-rate":
+        raise UserError("no bandwidth: give --link-rate (e.g. 100gbit) or --bench-json FILE")
+
+    if compute_ms is not None:
+        compute_s = compute_ms / 1e3
+    elif summary_file is not None:
+        summary = _read_json(summary_file, "--summary")
+        try:
+            compute_s = float(summary["step_time_p50_s"]) - float(summary["exposed_comm_time_per_step_s"])
+        except KeyError as e:
+            raise UserError(f"--summary {summary_file}: no key {e} (is it a train summary.json?)") from None
+        except (TypeError, ValueError):
+            raise UserError(f"--summary {summary_file}: step_time_p50_s and exposed_comm_time_per_step_s "
+                            f"must be numbers") from None
+    elif sweep_name != "compute-ms":
+        raise UserError("no compute time: give --compute-ms MS or --summary summary.json")
+    else:
+        compute_s = 0.0
+    if world_size is None and sweep_name != "world-size":
+        raise UserError("--world-size is required (or sweep it: --sweep world-size=2,8,64)")
+    if world_size is not None and world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {world_size}")
+
+    kwargs = dict(world_size=world_size if world_size is not None else 1, alpha_s=alpha_s, beta_bytes_per_second=beta or 1.0,
+                  compute_time_s=compute_s, bucket_mb=bucket_mb, compression=compression,
+                  algorithm=algorithm, backward_fraction=backward_fraction)
+    try:
+        if sweep_name is None:
+            est = netmodel.estimate_step(widths, **kwargs)
+        else:
+            rows = netmodel.sweep(sweep_name, sweep_values, widths, **kwargs)
+    except ValueError as e:
+        raise UserError(_estimate_option_message(str(e))) from None
+
+    if sweep_name is None:
+        if as_json:
+            click.echo(json.dumps(est.to_dict(), indent=2))
+        else:
+            click.echo("\n".join(netmodel.format_estimate(est, alpha_src, beta_src)))
+        return
+    if plot_file is not None:
+        _plot_sweep(plot_file, sweep_name, sweep_values, rows)
+    if as_json:
+        click.echo(json.dumps({"sweep": sweep_name, "values": sweep_values,
+                               "estimates": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        click.echo("\n".join(netmodel.format_sweep(sweep_name, sweep_values, rows)))
+        if plot_file is not None:
+            click.echo(f"wrote {plot_file}")
+
+
+def _estimate_option_message(message: str) -> str:
+    """netmodel's ValueErrors name the quantity; say which option carries it."""
+    for word, option in (("world size", "--world-size"), ("latency", "--latency-us"),
+                         ("compute time", "--compute-ms"), ("backward fraction", "--backward-fraction"),
+                         ("bucket_mb", "--bucket-mb"), ("layers", "--layers")):
+        if message.startswith(word):
+            return f"{option}: {message}"
+    return message
+
+
+def _read_json(path: str, option: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{option} {path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{option} {path}: expected a JSON object")
+    return data
+
+
+def _plot_sweep(path: str, name: str, values: list, rows: list) -> None:
+    """Two panels over the swept values: times per step (ms) and scaling efficiency (%)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'ddp-fnn[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ddp_fnn import netmodel
+
+    xs = [netmodel.parse_rate(v) * 8 / 1e9 for v in values] if name == "link-rate" else [float(v) for v in values]
+    xlabel = "link rate (Gbit/s)" if name == "link-rate" else name
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
+    top.plot(xs, [r.comm_time_per_step_s * 1e3 for r in rows], "o-", label="all-reduce")
+    top.plot(xs, [r.exposed_comm_time_per_step_s * 1e3 for r in rows], "o-", label="exposed")
+    top.plot(xs, [r.compute_time_per_step_s * 1e3 for r in rows], "--", label="compute")
+    top.set_ylabel("time per step (ms)")
+    top.legend()
+    bottom.plot(xs, [r.scaling_efficiency * 100 for r in rows], "o-")
+    bottom.set_ylabel("scaling efficiency (%)")
+    bottom.set_ylim(0, 105)
+    bottom.set_xlabel(xlabel)
+    if min(xs) > 0 and max(xs) / min(xs) >= 8:
+        bottom.set_xscale("log")
+    top.set_title(f"ddp-fnn estimate: {rows[0].algorithm} all-reduce, layers {','.join(map(str, rows[0].widths))}"
+                  if name != "width" else f"ddp-fnn estimate: {rows[0].algorithm} all-reduce")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot write: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+@cli.command()
+@click.option("--sizes", default=None, metavar="LO:HI|LIST",
+              help="Message sizes in bytes per rank: a range LO:HI doubling (4K:64M), LO:HI:FACTOR, or a "
+                   "list 4K,1M,8M; K, M, G are KiB, MiB, GiB.  [default: 4K:256M with NCCL, 4K:32M with Gloo]")
+@click.option("--iters", type=int, default=None,
+              help="Timed all-reduces per size.  [default: 20 with NCCL, 10 with Gloo]")
+@click.option("--warmup", type=int, default=None,
+              help="Untimed all-reduces before each size's timed ones.  [default: 5 with NCCL, 2 with Gloo]")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
+              show_default=True, help="Element type of the all-reduced tensor.")
+@click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
+              envvar="DDP_FNN_BACKEND", help="Process-group backend; auto = nccl on CUDA (one GPU per "
+                                             "rank, cuda:LOCAL_RANK), gloo on CPU otherwise.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="Rank 0 writes the results, the alpha-beta fit and the harness check "
+                                   "here (bytes, seconds, bytes/s).")
+@click.option("--compare-bare", default="8M", show_default=True, metavar="SIZE",
+              help="After the sweep, alternate the harness's timing with a bare all_reduce loop at this "
+                   "size (bytes; K, M, G suffixes) and report their busbw ratio; 0 skips it.")
+@click.option("--compare-rounds", type=int, default=40, show_default=True,
+              help="Alternating harness/bare rounds of --compare-bare.")
+@click.option("--timeout-s", type=float, default=300.0, show_default=True, envvar="DDP_FNN_TIMEOUT_S",
+              help="Collective timeout in seconds: a dead or frozen peer fails the run after this.")
+def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare_rounds, timeout_s):
+    """All-reduce bus bandwidth over message sizes, nccl-tests style, and the alpha-beta
+    fit `estimate --bench-json` uses.
+
+    \b
+    One process (no network):  ddp-fnn bench
+    N processes:               torchrun --standalone --nproc-per-node N -m ddp_fnn bench --json bench.json
+    Several nodes:             torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d ... -m ddp_fnn bench
+
+    Rank 0 prints per size: bytes, elements, type, time (mean over ranks of each rank's
+    median, with the fastest and slowest rank's), algbw = S/t and busbw = algbw x 2(N-1)/N.
+    """
+    from ddp_fnn import bench as benchmod
+
+    try:
+        compare_bytes = benchmod.parse_size(compare_bare)
+    except ValueError as e:
+        raise UserError(f"--compare-bare: {e}") from None
+    try:
+        if sizes is not None:
+            benchmod.parse_sizes(sizes)
+    except ValueError as e:
+        raise UserError(f"--sizes: {e}") from None
+    try:
+        cfg = benchmod.BenchConfig(sizes=sizes, iters=iters, warmup=warmup, dtype=dtype, backend=backend,
+                                   json_path=json_path, compare_bare=compare_bytes,
+                                   compare_rounds=compare_rounds, timeout_s=timeout_s)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        code = benchmod.main(cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,613 @@
+"""The cost model: what one data-parallel training step of an FNN puts on the network,
+and how much of it the step waits for. Pure arithmetic: no torch, no processes.
+
+Inputs: the layer widths, DDP's bucket cap, the gradient's wire dtype (compression),
+the world size N, the all-reduce algorithm, the network's latency alpha and bus
+bandwidth beta (from a link rate, or fitted to `ddp-fnn bench`), and the compute time
+of one step. Outputs per step: payload bytes, wire bytes per rank, all-reduce time,
+the part of it not hidden behind backward (exposed), and scaling efficiency.
+
+The formulas, with their sources:
+
+Bandwidths (nccl-tests, doc/PERFORMANCE.md, NVIDIA, github.com/NVIDIA/nccl-tests)::
+
+    algbw = S / t                       S = bytes all-reduced per rank, t = time of the op
+    busbw = algbw * 2(N-1)/N            all-reduce's factor; the rate the busiest link runs at
+
+Wire bytes: every all-reduce algorithm below moves, summed over ranks, 2(N-1) * S bytes
+(each rank's contribution is reduced into the others once and the result spread back
+once), so the mean per rank is 2(N-1)/N * S; for the ring it is exactly what each rank
+sends (Patarasuk and Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
+workstations", J. Parallel Distrib. Comput. 69(2), 2009, who also prove it the minimum).
+
+Time of one all-reduce of S bytes, alpha = latency of one message step between two
+ranks (s), beta = bus bandwidth (bytes/s), Hockney's alpha-beta model (Parallel
+Computing 20(3), 1994)::
+
+    ring              2(N-1) alpha             + 2(N-1)/N * S / beta    (Patarasuk and Yuan 2009)
+    halving-doubling  2 log2(p) alpha          + 2(p-1)/p * S / beta    p = N a power of two
+                      + 2 (alpha + S / beta)   when N is not: p = largest power of two <= N,
+                                               the N - p extra ranks hand their data to a partner
+                                               before and take the result back after
+                                               (Rabenseifner's algorithm; Thakur, Rabenseifner and
+                                               Gropp, "Optimization of Collective Communication
+                                               Operations in MPICH", IJHPCA 19(1), 2005)
+    tree              2 ceil(log2 N) alpha     + 2(N-1)/N * S / beta    pipelined double binary tree,
+                                               reduce up then broadcast down, each tree carrying
+                                               half the data: bandwidth-optimal up to lower-order
+                                               terms (Sanders, Speck and Traeff, "Two-tree
+                                               algorithms for full bandwidth broadcast, reduction
+                                               and scan", Parallel Computing 35(12), 2009; NCCL's
+                                               tree since 2.4)
+
+So the algorithms differ in the latency term: the ring's grows with N, the others' with
+log N. Compute (the reduction's additions) is not modelled: on a network-bound job it
+hides under the transfer.
+
+A measured ``t(S)`` at world size N fits ``t = a + S * 2(N-1)/N / beta`` (``fit_alpha_beta``);
+``a`` is the latency of the whole operation, which is ``latency_steps(N, algorithm) * alpha``.
+
+Buckets and overlap (Li et al., "PyTorch Distributed: Experiences on Accelerating Data
+Parallel Training", PVLDB 13(12), 2020): DDP packs gradients into buckets of about
+``bucket_cap_mb`` in reverse registration order (the order backward produces them) and
+launches a bucket's all-reduce as soon as its last gradient is ready, so the
+all-reduces overlap with the rest of backward. ``bucket_layout`` replicates DDP's packing;
+``estimate_step`` replays the overlap on a time line:
+
+    backward lasts B = backward_fraction * compute (default 2/3: backward costs about
+    twice forward, for a Linear layer two matmuls against one);
+    bucket k's gradients are ready at B * (parameters in buckets 0..k) / (all parameters)
+    (backward's work is spread over the parameters in proportion to their count, which
+    holds for matmul-dominated layers);
+    start_k = max(ready_k, finish_{k-1}) (one all-reduce at a time, in bucket order);
+    finish_k = start_k + t(S_k);
+    exposed = max(0, finish_last - B);  step time = compute + exposed;
+    scaling efficiency = compute / (compute + exposed).
+
+The compute time is per rank and held fixed when N changes (weak scaling: a fixed
+per-rank batch); for strong scaling divide it by N yourself.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+MIB = 1024 * 1024
+DEFAULT_BUCKET_MB = 25.0
+"""DDP's ``bucket_cap_mb`` when none is given (torch.nn.parallel.distributed._DEFAULT_BUCKET_CAP_MB)."""
+DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024
+"""torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: DDP's first-bucket cap when bucket_cap_mb is not given."""
+
+ALGORITHMS = ("ring", "tree", "halving-doubling")
+COMPRESSION_BYTES = {"none": 4, "fp16": 2, "bf16": 2}
+"""Bytes per gradient element on the wire: fp32 as is, or cast by DDP's fp16/bf16 compress hooks."""
+
+
+# ---------------------------------------------------------------------------------------
+# the model's parameters and DDP's buckets
+# ---------------------------------------------------------------------------------------
+
+def _check_widths(widths: Sequence[int]) -> list[int]:
+    ws = [int(w) for w in widths]
+    if len(ws) < 2 or any(w < 1 for w in ws):
+        raise ValueError(f"layers needs at least two positive widths (input,...,output), got {list(widths)}")
+    return ws
+
+
+def parameter_shapes(widths: Sequence[int]) -> list[tuple[str, int]]:
+    """``(name, numel)`` of each parameter in registration order, as ``model.FNN`` registers
+    them: ``layers.0.weight`` (out x in), ``layers.0.bias``, ``layers.1.weight``, ..."""
+    ws = _check_widths(widths)
+    shapes = []
+    for i, (a, b) in enumerate(zip(ws[:-1], ws[1:])):
+        shapes.append((f"layers.{i}.weight", a * b))
+        shapes.append((f"layers.{i}.bias", b))
+    return shapes
+
+
+def parameter_count(widths: Sequence[int]) -> int:
+    """sum over layers of in*out + out."""
+    return sum(n for _, n in parameter_shapes(widths))
+
+
+def parameter_bytes(widths: Sequence[int], param_bytes: int = 4) -> int:
+    """Bytes of the parameters (and so of one full gradient) at ``param_bytes`` per element."""
+    return parameter_count(widths) * param_bytes
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One DDP gradient bucket. Index 0 holds the last layers' gradients: it is ready
+    first in backward and its all-reduce is launched first."""
+
+    index: int
+    param_names: tuple[str, ...]
+    numel: int
+    nbytes: int
+    """Bytes of the bucket's buffer in the parameters' dtype (what the bucket cap counts)."""
+
+
+def bucket_layout(widths: Sequence[int], bucket_mb: float | None = None, *, param_bytes: int = 4,
+                  first_bucket_mb: float | None = None) -> list[Bucket]:
+    """DDP's gradient buckets for an FNN of these widths, in the order DDP all-reduces them.
+
+    ``bucket_mb`` is what is passed to ``DistributedDataParallel(bucket_cap_mb=...)``;
+    None means not passed. The caps, as torch 2.13's DDP sets them:
+
+    - bucket_cap_mb not passed: the first bucket is capped at 1 MiB
+      (``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``), the others at 25 MiB;
+    - bucket_cap_mb passed: every bucket, the first included, is capped at it
+      (``_BucketCapacityConfig.create`` sets ``first_bucket_bytes_cap = bucket_bytes_cap``
+      when the cap is the user's);
+    - ``first_bucket_mb`` overrides the first cap (older torch releases used 1 MiB always).
+
+    The packing is ``torch.distributed._compute_bucket_assignment_by_size``'s, which DDP's
+    Reducer runs when it rebuilds its buckets after the first step (the first step uses
+    one bucket holding everything): parameters in the order their gradients become ready
+    -- for an FNN the reverse of registration, ``layers.{L-1}.bias``, ``layers.{L-1}.weight``,
+    ``layers.{L-2}.bias``, ... -- are appended to the open bucket, and the bucket closes
+    as soon as its size reaches the cap, so the tensor that crosses the cap stays in it
+    (a bucket can be far larger than the cap when one weight is). After the first bucket
+    closes the second cap applies to all the rest. Caps are ``int(mb * 2**20)`` bytes, as
+    DDP computes them. Checked against real DDP in tests/test_netmodel.py.
+    """
+    if bucket_mb is not None and not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+    if first_bucket_mb is not None and not first_bucket_mb > 0:
+        raise ValueError(f"first_bucket_mb must be > 0, got {first_bucket_mb}")
+    cap = int((DEFAULT_BUCKET_MB if bucket_mb is None else bucket_mb) * MIB)
+    if first_bucket_mb is not None:
+        first = int(first_bucket_mb * MIB)
+    else:
+        first = DEFAULT_FIRST_BUCKET_BYTES if bucket_mb is None else cap
+    limits = [first, cap]
+
+    buckets: list[Bucket] = []
+    names: list[str] = []
+    numel = 0
+    for name, n in reversed(parameter_shapes(widths)):
+        names.append(name)
+        numel += n
+        if numel * param_bytes >= limits[min(len(buckets), 1)]:
+            buckets.append(Bucket(len(buckets), tuple(names), numel, numel * param_bytes))
+            names, numel = [], 0
+    if names:
+        buckets.append(Bucket(len(buckets), tuple(names), numel, numel * param_bytes))
+    return buckets
+
+
+# ---------------------------------------------------------------------------------------
+# bandwidths, wire bytes, link rates
+# ---------------------------------------------------------------------------------------
+
+def _check_world(world_size: int) -> int:
+    if int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world size must be a positive integer, got {world_size}")
+    return int(world_size)
+
+
+def busbw_factor(world_size: int) -> float:
+    """2(N-1)/N: all-reduce's bus-bandwidth factor (nccl-tests doc/PERFORMANCE.md)."""
+    n = _check_world(world_size)
+    return 2 * (n - 1) / n
+
+
+def ring_wire_bytes(payload_bytes: float, world_size: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``payload_bytes``: 2(N-1)/N * S.
+
+    Reduce-scatter then all-gather, each N-1 steps of one S/N chunk (Patarasuk and Yuan
+    2009). Computed as 2(N-1)*S / N in one division, so it is the correctly rounded value;
+    0 at N = 1.
+    """
+    n = _check_world(world_size)
+    if payload_bytes < 0:
+        raise ValueError(f"payload bytes must be >= 0, got {payload_bytes}")
+    return 2 * (n - 1) * payload_bytes / n
+
+
+def algbw(size_bytes: float, time_s: float) -> float:
+    """Algorithm bandwidth S / t in bytes/s (nccl-tests doc/PERFORMANCE.md)."""
+    if not time_s > 0:
+        raise ValueError(f"time must be > 0, got {time_s}")
+    return size_bytes / time_s
+
+
+def busbw(algbw_bytes_per_second: float, world_size: int) -> float:
+    """Bus bandwidth of an all-reduce: algbw * 2(N-1)/N in bytes/s (nccl-tests
+    doc/PERFORMANCE.md). Comparable with the link's rate whatever N is."""
+    return algbw_bytes_per_second * busbw_factor(world_size)
+
+
+# tc(8)'s rate units: bit/s with SI (k=1000) or IEC (ki=1024) prefixes, "bps" = bytes/s.
+_RATE_UNITS = {"": 1 / 8, "bit": 1 / 8, "bps": 1.0}
+for _p, _m in (("k", 1e3), ("m", 1e6), ("g", 1e9), ("t", 1e12),
+               ("ki", 2.0 ** 10), ("mi", 2.0 ** 20), ("gi", 2.0 ** 30), ("ti", 2.0 ** 40)):
+    _RATE_UNITS[_p + "bit"] = _m / 8
+    _RATE_UNITS[_p + "bps"] = _m
+_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """A link rate in tc(8)'s units to bytes/s: ``400gbit`` -> 5e10, ``100mbit`` -> 1.25e7.
+
+    Units (case-insensitive): bit (or none) = bits/s; kbit, mbit, gbit, tbit (x1000 steps);
+    kibit, mibit, gibit, tibit (x1024 steps); bps = bytes/s, kbps, mbps, gbps, tbps (and
+    kibps ...) = bytes/s with those prefixes -- tc's meaning, so ``1gbps`` is 1e9 bytes/s.
+    A bad value raises ValueError naming it.
+    """
+    m = _RATE_RE.match(str(text).lower())
+    if not m or m.group(2) not in _RATE_UNITS:
+        raise ValueError(f"bad link rate {text!r}: expected a number and a tc unit such as "
+                         f"400gbit, 100mbit, 1gbit or 125mbps")
+    value = float(m.group(1)) * _RATE_UNITS[m.group(2)]
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"bad link rate {text!r}: must be a positive finite rate")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# all-reduce time
+# ---------------------------------------------------------------------------------------
+
+def latency_steps(world_size: int, algorithm: str = "ring") -> int:
+    """How many message steps (each costing alpha) one all-reduce takes; see the module
+    docstring. 0 at N = 1 (nothing to send). 2 at N = 2 for every algorithm."""
+    n = _check_world(world_size)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
+    if n == 1:
+        return 0
+    if algorithm == "ring":
+        return 2 * (n - 1)
+    if algorithm == "tree":
+        return 2 * math.ceil(math.log2(n))
+    p = 1 << (n.bit_length() - 1)
+    return 2 * (p.bit_length() - 1) + (2 if p != n else 0)
+
+
+def allreduce_time(payload_bytes: float, world_size: int, alpha_s: float, beta_bytes_per_second: float,
+                   algorithm: str = "ring") -> float:
+    """Seconds for one all-reduce of ``payload_bytes`` (see the module docstring's table)."""
+    n = _check_world(world_size)
+    steps = latency_steps(n, algorithm)
+    if n == 1:
+        return 0.0
+    if algorithm == "halving-doubling":
+        p = 1 << (n.bit_length() - 1)
+        bw = 2 * (p - 1) / p * payload_bytes + (2 * payload_bytes if p != n else 0.0)
+    else:
+        bw = ring_wire_bytes(payload_bytes, n)
+    return steps * alpha_s + bw / beta_bytes_per_second
+
+
+# ---------------------------------------------------------------------------------------
+# one training step
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BucketTiming:
+    index: int
+    numel: int
+    payload_bytes: int
+    ready_s: float
+    """When the bucket's last gradient is ready, seconds after backward starts."""
+    start_s: float
+    finish_s: float
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    widths: tuple[int, ...]
+    world_size: int
+    algorithm: str
+    compression: str
+    bucket_mb: float | None
+    alpha_s: float
+    beta_bytes_per_second: float
+    compute_time_per_step_s: float
+    backward_fraction: float
+    parameters: int
+    payload_bytes_per_step: int
+    wire_bytes_per_rank_per_step: float
+    comm_time_per_step_s: float
+    exposed_comm_time_per_step_s: float
+    step_time_s: float
+    scaling_efficiency: float
+    buckets: tuple[BucketTiming, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": list(self.widths),
+            "parameters": self.parameters,
+            "world_size": self.world_size,
+            "algorithm": self.algorithm,
+            "compression": self.compression,
+            "bucket_mb": self.bucket_mb,
+            "alpha_s": self.alpha_s,
+            "beta_bytes_per_second": self.beta_bytes_per_second,
+            "compute_time_per_step_s": self.compute_time_per_step_s,
+            "backward_fraction": self.backward_fraction,
+            "payload_bytes_per_step": self.payload_bytes_per_step,
+            "wire_bytes_per_rank_per_step": self.wire_bytes_per_rank_per_step,
+            "comm_time_per_step_s": self.comm_time_per_step_s,
+            "exposed_comm_time_per_step_s": self.exposed_comm_time_per_step_s,
+            "step_time_s": self.step_time_s,
+            "scaling_efficiency": self.scaling_efficiency,
+            "buckets": [{"index": b.index, "numel": b.numel, "payload_bytes": b.payload_bytes,
+                         "ready_s": b.ready_s, "start_s": b.start_s, "finish_s": b.finish_s}
+                        for b in self.buckets],
+        }
+
+
+def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, beta_bytes_per_second: float,
+                  compute_time_s: float, bucket_mb: float | None = None, compression: str = "none",
+                  algorithm: str = "ring", backward_fraction: float = 2 / 3,
+                  first_bucket_mb: float | None = None) -> StepEstimate:
+    """Network load and exposed communication of one DDP step (model in the module docstring).
+
+    ``alpha_s`` is the per-step latency (see ``latency_steps``), ``beta_bytes_per_second``
+    the bus bandwidth, ``compute_time_s`` one rank's forward + backward + optimizer time
+    without communication.
+    """
+    n = _check_world(world_size)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
+    if compression not in COMPRESSION_BYTES:
+        raise ValueError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSION_BYTES)})")
+    if not (alpha_s >= 0 and math.isfinite(alpha_s)):
+        raise ValueError(f"latency must be >= 0 s, got {alpha_s}")
+    if not (beta_bytes_per_second > 0 and math.isfinite(beta_bytes_per_second)):
+        raise ValueError(f"bandwidth must be > 0 bytes/s, got {beta_bytes_per_second}")
+    if not (compute_time_s >= 0 and math.isfinite(compute_time_s)):
+        raise ValueError(f"compute time must be >= 0 s, got {compute_time_s}")
+    if not 0 <= backward_fraction <= 1:
+        raise ValueError(f"backward fraction must be in [0, 1], got {backward_fraction}")
+
+    layout = bucket_layout(widths, bucket_mb, first_bucket_mb=first_bucket_mb)
+    elt = COMPRESSION_BYTES[compression]
+    total = sum(b.numel for b in layout)
+    backward = backward_fraction * compute_time_s
+    timings = []
+    done = 0
+    finish = 0.0
+    for b in layout:
+        done += b.numel
+        ready = backward * done / total
+        payload = b.numel * elt
+        start = max(ready, finish)
+        finish = start + allreduce_time(payload, n, alpha_s, beta_bytes_per_second, algorithm)
+        timings.append(BucketTiming(b.index, b.numel, payload, ready, start, finish))
+    payload_total = total * elt
+    comm = sum(t.finish_s - t.start_s for t in timings)
+    exposed = max(0.0, finish - backward) if n > 1 else 0.0
+    step = compute_time_s + exposed
+    return StepEstimate(
+        widths=tuple(int(w) for w in widths), world_size=n, algorithm=algorithm, compression=compression,
+        bucket_mb=bucket_mb, alpha_s=alpha_s, beta_bytes_per_second=beta_bytes_per_second,
+        compute_time_per_step_s=compute_time_s, backward_fraction=backward_fraction, parameters=total,
+        payload_bytes_per_step=payload_total,
+        wire_bytes_per_rank_per_step=ring_wire_bytes(payload_total, n),
+        comm_time_per_step_s=comm, exposed_comm_time_per_step_s=exposed, step_time_s=step,
+        scaling_efficiency=compute_time_s / step if step > 0 else 1.0, buckets=tuple(timings))
+
+
+# ---------------------------------------------------------------------------------------
+# fitting alpha and beta to measured all-reduce times
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AlphaBetaFit:
+    """``t(S) = alpha_s + S * 2(N-1)/N / beta_bytes_per_second`` fitted to measurements.
+
+    ``alpha_s`` is the latency of the whole all-reduce at this N (``latency_steps`` times
+    the per-step alpha); ``beta_bytes_per_second`` is a bus bandwidth.
+    """
+
+    alpha_s: float
+    beta_bytes_per_second: float
+    rms_error_s: float
+    rms_relative_error: float
+    max_relative_error: float
+    r2: float
+    points: int
+
+    def to_dict(self) -> dict:
+        return {"alpha_s": self.alpha_s, "beta_bytes_per_second": self.beta_bytes_per_second,
+                "rms_error_s": self.rms_error_s, "rms_relative_error": self.rms_relative_error,
+                "max_relative_error": self.max_relative_error, "r2": self.r2, "points": self.points}
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], world_size: int, *,
+                   relative: bool = True) -> AlphaBetaFit:
+    """Least squares for ``t(S) = alpha + S * (2(N-1)/N) / beta`` with alpha >= 0.
+
+    ``relative=True`` (default) minimises the squared *relative* residuals (weights 1/t^2):
+    a sweep from KiB to hundreds of MiB spans five decades of time, and unweighted least
+    squares would let the largest sizes' noise decide alpha alone. If the unconstrained
+    intercept comes out negative, the line is refitted through the origin (alpha = 0).
+    Needs N >= 2 (at N = 1 nothing crosses the network) and at least two distinct sizes;
+    raises ValueError otherwise or when the times do not grow with the size.
+    """
+    n = _check_world(world_size)
+    if n < 2:
+        raise ValueError("fit_alpha_beta needs world size >= 2: at 1 nothing crosses the network")
+    if len(sizes_bytes) != len(times_s):
+        raise ValueError(f"{len(sizes_bytes)} sizes but {len(times_s)} times")
+    if len(set(sizes_bytes)) < 2:
+        raise ValueError("fit_alpha_beta needs at least two distinct sizes")
+    if any(not t > 0 for t in times_s):
+        raise ValueError("times must be > 0")
+    f = busbw_factor(n)
+    xs = [s * f for s in sizes_bytes]
+    ts = [float(t) for t in times_s]
+    ws = [1 / t ** 2 if relative else 1.0 for t in ts]
+
+    # Weighted normal equations for t = a + b x.
+    sw = sum(ws)
+    sx = sum(w * x for w, x in zip(ws, xs))
+    st = sum(w * t for w, t in zip(ws, ts))
+    sxx = sum(w * x * x for w, x in zip(ws, xs))
+    sxt = sum(w * x * t for w, x, t in zip(ws, xs, ts))
+    det = sw * sxx - sx * sx
+    a = (sxx * st - sx * sxt) / det
+    b = (sw * sxt - sx * st) / det
+    if a < 0:
+        a, b = 0.0, sxt / sxx
+    if not b > 0:
+        raise ValueError("the times do not grow with the size: cannot fit a bandwidth")
+
+    pred = [a + b * x for x in xs]
+    res = [t - p for t, p in zip(ts, pred)]
+    rel = [r / t for r, t in zip(res, ts)]
+    mean_t = sum(ts) / len(ts)
+    ss_tot = sum((t - mean_t) ** 2 for t in ts)
+    ss_res = sum(r * r for r in res)
+    return AlphaBetaFit(
+        alpha_s=a, beta_bytes_per_second=1 / b,
+        rms_error_s=math.sqrt(ss_res / len(ts)),
+        rms_relative_error=math.sqrt(sum(r * r for r in rel) / len(rel)),
+        max_relative_error=max(abs(r) for r in rel),
+        r2=1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+        points=len(ts))
+
+
+# ---------------------------------------------------------------------------------------
+# human-readable units
+# ---------------------------------------------------------------------------------------
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary prefixes, as DDP's bucket caps are in MiB)."""
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_seconds(t: float) -> str:
+    """0.0123 -> '12.3 ms'."""
+    if t == 0:
+        return "0 s"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(t) >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """5e10 -> '400 Gbit/s (50.0 GB/s)': the link engineer's unit and the byte rate."""
+    bits = bytes_per_second * 8
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            head = f"{bits / scale:.3g} {unit}"
+            break
+    else:
+        head = f"{bits:.3g} bit/s"
+    return f"{head} ({bytes_per_second / 1e9:.3g} GB/s)"
+
+
+# ---------------------------------------------------------------------------------------
+# sweeps and reports (what `ddp-fnn estimate` prints)
+# ---------------------------------------------------------------------------------------
+
+SWEEP_PARAMETERS = ("world-size", "link-rate", "width", "bucket-mb", "compute-ms")
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """``world-size=2,8,64`` -> ("world-size", [2, 8, 64]). Values: integers for
+    world-size and width (every hidden layer's width), tc rates for link-rate (kept as
+    text), numbers for bucket-mb and compute-ms. Raises ValueError naming the bad part."""
+    name, sep, values = str(text).partition("=")
+    name = name.strip()
+    if not sep or name not in SWEEP_PARAMETERS:
+        raise ValueError(f"bad sweep {text!r}: expected PARAMETER=V1,V2,... with PARAMETER one of "
+                         f"{', '.join(SWEEP_PARAMETERS)}")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"bad sweep {text!r}: no values after '='")
+    out: list = []
+    for v in items:
+        try:
+            if name in ("world-size", "width"):
+                out.append(int(v))
+                if out[-1] < 1:
+                    raise ValueError
+            elif name == "link-rate":
+                parse_rate(v)
+                out.append(v)
+            else:
+                out.append(float(v))
+                if not (out[-1] > 0 and math.isfinite(out[-1])):
+                    raise ValueError
+        except ValueError:
+            raise ValueError(f"bad sweep value {v!r} for {name}") from None
+    return name, out
+
+
+def sweep(parameter: str, values: Sequence, widths: Sequence[int], **kwargs) -> list[StepEstimate]:
+    """``estimate_step`` once per value of ``parameter``, the other inputs from ``kwargs``
+    (``estimate_step``'s keywords). ``width`` sets every hidden layer's width."""
+    rows = []
+    for v in values:
+        kw = dict(kwargs)
+        ws = list(widths)
+        if parameter == "world-size":
+            kw["world_size"] = int(v)
+        elif parameter == "link-rate":
+            kw["beta_bytes_per_second"] = parse_rate(v)
+        elif parameter == "width":
+            if len(ws) < 3:
+                raise ValueError(f"a width sweep needs at least one hidden layer, got layers {ws}")
+            ws = [ws[0]] + [int(v)] * (len(ws) - 2) + [ws[-1]]
+        elif parameter == "bucket-mb":
+            kw["bucket_mb"] = float(v)
+        elif parameter == "compute-ms":
+            kw["compute_time_s"] = float(v) / 1e3
+        else:
+            raise ValueError(f"unknown sweep parameter {parameter!r}")
+        rows.append(estimate_step(ws, **kw))
+    return rows
+
+
+def format_estimate(est: StepEstimate, alpha_source: str = "", beta_source: str = "") -> list[str]:
+    """The human-readable report of one estimate, a line per item, units on every figure."""
+    widths = ",".join(str(w) for w in est.widths)
+    cap = f"{est.bucket_mb:g} MiB" if est.bucket_mb is not None else "25 MiB, first 1 MiB"
+    sizes = ", ".join(format_bytes(b.numel * 4) for b in est.buckets[:6])
+    if len(est.buckets) > 6:
+        sizes += ", ..."
+    elt = COMPRESSION_BYTES[est.compression]
+    steps = latency_steps(est.world_size, est.algorithm)
+    latency = len(est.buckets) * steps * est.alpha_s
+    wire_name = "fp32" if est.compression == "none" else est.compression
+    backward = est.backward_fraction * est.compute_time_per_step_s
+    return [
+        f"model        layers {widths}: {est.parameters:,} parameters, {len(est.buckets)} DDP bucket(s) "
+        f"(cap {cap}): {sizes}",
+        f"network      {est.world_size} ranks, {est.algorithm} all-reduce; alpha {format_seconds(est.alpha_s)} "
+        f"per message step x {steps} steps{alpha_source}; beta {format_rate(est.beta_bytes_per_second)} "
+        f"bus bandwidth{beta_source}",
+        f"per step     payload {format_bytes(est.payload_bytes_per_step)} per rank ({wire_name}, {elt} B/element); "
+        f"on the wire {format_bytes(est.wire_bytes_per_rank_per_step)} sent per rank (2(N-1)/N x payload)",
+        f"             all-reduce time {format_seconds(est.comm_time_per_step_s)} "
+        f"(latency {format_seconds(latency)}, transfer {format_seconds(est.comm_time_per_step_s - latency)})",
+        f"             exposed {format_seconds(est.exposed_comm_time_per_step_s)} after backward "
+        f"(compute {format_seconds(est.compute_time_per_step_s)}, backward {est.backward_fraction:.3g} of it = "
+        f"{format_seconds(backward)}); step {format_seconds(est.step_time_s)}",
+        f"scaling efficiency {est.scaling_efficiency:.1%} (compute / (compute + exposed))",
+    ]
+
+
+def format_sweep(parameter: str, values: Sequence, rows: Sequence[StepEstimate]) -> list[str]:
+    """A table, one row per swept value."""
+    head = (f"{parameter:>12} {'payload/rank':>13} {'wire/rank':>13} {'buckets':>7} {'all-reduce':>11} "
+            f"{'exposed':>10} {'step':>10} {'efficiency':>10}")
+    lines = [head]
+    for v, e in zip(values, rows):
+        lines.append(f"{v!s:>12} {format_bytes(e.payload_bytes_per_step):>13} "
+                     f"{format_bytes(e.wire_bytes_per_rank_per_step):>13} {len(e.buckets):>7} "
+                     f"{format_seconds(e.comm_time_per_step_s):>11} {format_seconds(e.exposed_comm_time_per_step_s):>10} "
+                     f"{format_seconds(e.step_time_s):>10} {e.scaling_efficiency:>10.1%}")
+    return lines

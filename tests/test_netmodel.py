@@ -1,0 +1,437 @@
+"""The cost model: wire bytes, the alpha-beta fit, DDP's bucket layout (against torch's own
+assignment and against the buckets a real DDP hands its comm hook), and `ddp-fnn estimate`."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+from click.testing import CliRunner
+
+from ddp_fnn import netmodel
+from ddp_fnn.cli import cli
+from ddp_fnn.model import build_fnn
+from tests.conftest import REPO, free_port, run_cli
+
+# ---------------------------------------------------------------------------------------
+# wire bytes and bandwidths
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 64, 512, 1000])
+@pytest.mark.parametrize("s", [0, 1, 4096, 25 * 2 ** 20 + 12, 201_539_624])
+def test_ring_wire_bytes_is_two_n_minus_one_over_n_times_payload_exactly(n, s):
+    exact = Fraction(2 * (n - 1) * s, n)
+    assert netmodel.ring_wire_bytes(s, n) == float(exact)   # the correctly rounded value
+    if exact.denominator == 1:
+        assert netmodel.ring_wire_bytes(s, n) == exact.numerator
+
+
+def test_ring_wire_bytes_per_rank_is_what_the_ring_steps_send():
+    # Reduce-scatter and all-gather: N-1 steps each, one S/N chunk per step.
+    s, n = 8 * 2 ** 20, 8
+    chunk = s // n
+    assert netmodel.ring_wire_bytes(s, n) == 2 * (n - 1) * chunk
+
+
+def test_busbw_is_algbw_times_two_n_minus_one_over_n():
+    a = netmodel.algbw(8e6, 2e-3)
+    assert a == 4e9
+    assert netmodel.busbw(a, 8) == pytest.approx(4e9 * 14 / 8, rel=1e-15)
+    assert netmodel.busbw(a, 1) == 0.0
+    with pytest.raises(ValueError, match="world size"):
+        netmodel.busbw(a, 0)
+    with pytest.raises(ValueError, match="time"):
+        netmodel.algbw(1, 0)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("400gbit", 50e9), ("100mbit", 12.5e6), ("1gbit", 125e6), ("1Gbit", 125e6), ("10 kbit", 1250.0),
+    ("8", 1.0), ("8bit", 1.0), ("2tbit", 250e9), ("125mbps", 125e6), ("1gibit", 2 ** 30 / 8),
+    ("1.5gbit", 187.5e6),
+])
+def test_parse_rate_tc_units(text, expected):
+    assert netmodel.parse_rate(text) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["fast", "400gbt", "", "-1gbit", "0gbit", "gbit", "1e999gbit"])
+def test_parse_rate_bad_value_names_it(bad):
+    with pytest.raises(ValueError, match="bad link rate " + repr(bad).replace("\\", "\\\\")):
+        netmodel.parse_rate(bad)
+
+
+def test_latency_steps_per_algorithm():
+    assert [netmodel.latency_steps(n, "ring") for n in (1, 2, 3, 8)] == [0, 2, 4, 14]
+    assert [netmodel.latency_steps(n, "tree") for n in (1, 2, 3, 8, 9)] == [0, 2, 4, 6, 8]
+    # halving-doubling: 2 log2 p, plus 2 when N is not a power of two (p = 4 for N = 6).
+    assert [netmodel.latency_steps(n, "halving-doubling") for n in (2, 4, 6, 8)] == [2, 4, 6, 6]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        netmodel.latency_steps(4, "butterfly")
+
+
+def test_allreduce_time_formulas():
+    a, b, s = 5e-6, 50e9, 64 * 2 ** 20
+    assert netmodel.allreduce_time(s, 512, a, b, "ring") == pytest.approx(1022 * a + 2 * 511 / 512 * s / b)
+    assert netmodel.allreduce_time(s, 512, a, b, "tree") == pytest.approx(18 * a + 2 * 511 / 512 * s / b)
+    assert netmodel.allreduce_time(s, 512, a, b, "halving-doubling") == pytest.approx(18 * a + 2 * 511 / 512 * s / b)
+    # N = 6: the power-of-two core is 4, plus one full exchange before and after.
+    assert netmodel.allreduce_time(s, 6, a, b, "halving-doubling") == pytest.approx(
+        6 * a + 2 * 3 / 4 * s / b + 2 * s / b)
+    assert netmodel.allreduce_time(s, 1, a, b) == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# the alpha-beta fit
+# ---------------------------------------------------------------------------------------
+
+SIZES = [4096 * 2 ** k for k in range(14)]          # 4 KiB .. 32 MiB
+
+
+def _synthetic(alpha, beta, n, noise=0.0, seed=0):
+    rng = random.Random(seed)
+    f = 2 * (n - 1) / n
+    return [(alpha + s * f / beta) * (1 + rng.gauss(0, noise)) for s in SIZES]
+
+
+@pytest.mark.parametrize("n", [2, 8, 64])
+def test_fit_recovers_alpha_and_beta_from_exact_timings(n):
+    fit = netmodel.fit_alpha_beta(SIZES, _synthetic(40e-6, 3e9, n), n)
+    assert fit.alpha_s == pytest.approx(40e-6, rel=1e-9)
+    assert fit.beta_bytes_per_second == pytest.approx(3e9, rel=1e-9)
+    assert fit.rms_error_s < 1e-15 and fit.r2 == pytest.approx(1.0)
+    assert fit.points == len(SIZES)
+
+
+def test_fit_recovers_alpha_and_beta_under_two_percent_noise():
+    times = _synthetic(40e-6, 3e9, 4, noise=0.02, seed=7)
+    fit = netmodel.fit_alpha_beta(SIZES, times, 4)
+    assert fit.beta_bytes_per_second == pytest.approx(3e9, rel=0.03)
+    assert fit.alpha_s == pytest.approx(40e-6, rel=0.05)
+    assert 0.005 < fit.rms_relative_error < 0.05 and fit.r2 > 0.99
+    # Unweighted, the 32 MiB points' noise decides alpha: beta survives, alpha does not,
+    # which is why the fit weighs relative error by default.
+    plain = netmodel.fit_alpha_beta(SIZES, times, 4, relative=False)
+    assert plain.beta_bytes_per_second == pytest.approx(3e9, rel=0.03)
+    assert abs(plain.alpha_s / 40e-6 - 1) > 0.2
+    assert plain.rms_relative_error > 3 * fit.rms_relative_error
+
+
+def test_fit_through_origin_when_the_intercept_would_be_negative():
+    # No latency, and the smallest size came in 10% fast: the free line's intercept is < 0.
+    sizes, times = [1e6, 2e6, 4e6], [0.9e-3, 2e-3, 4e-3]          # N = 2: factor 1, beta 1e9
+    fit = netmodel.fit_alpha_beta(sizes, times, 2, relative=False)
+    assert fit.alpha_s == 0.0
+    assert fit.beta_bytes_per_second == pytest.approx(21e12 / 20900, rel=1e-12)   # sum(x^2) / sum(x t)
+
+
+def test_fit_refuses_what_it_cannot_fit():
+    with pytest.raises(ValueError, match="world size >= 2"):
+        netmodel.fit_alpha_beta(SIZES, _synthetic(1e-5, 1e9, 2), 1)
+    with pytest.raises(ValueError, match="two distinct sizes"):
+        netmodel.fit_alpha_beta([4096, 4096], [1e-3, 1e-3], 2)
+    with pytest.raises(ValueError, match="do not grow"):
+        netmodel.fit_alpha_beta([4096, 8192, 16384], [3e-3, 2e-3, 1e-3], 2)
+
+
+# ---------------------------------------------------------------------------------------
+# DDP's buckets
+# ---------------------------------------------------------------------------------------
+
+LAYOUTS = [
+    # (widths, bucket_mb as passed to DDP, None = not passed)
+    ([4096, 4096, 4096, 10], 25.0),
+    ([1000, 1000, 1000, 1000, 10], 25.0),
+    ([1000, 1000, 1000, 1000, 10], 2.0),
+    ([1000, 1000, 1000, 1000, 10], None),
+    ([512] * 8 + [10], 2.0),
+    ([512] * 8 + [10], 0.5),
+    ([512] * 8 + [10], None),
+    ([32, 256, 256, 1], 25.0),
+]
+
+
+def _torch_assignment(widths, bucket_mb):
+    """torch.distributed._compute_bucket_assignment_by_size on the real FNN's parameters,
+    given them in the order DDP's bucket rebuild does (gradient-ready order) with the caps
+    DDP passes it."""
+    params = list(build_fnn(widths).parameters())
+    cap = int((25 if bucket_mb is None else bucket_mb) * 2 ** 20)
+    first = dist._DEFAULT_FIRST_BUCKET_BYTES if bucket_mb is None else cap
+    order = list(reversed(range(len(params))))
+    buckets, _ = dist._compute_bucket_assignment_by_size([params[i] for i in order], [first, cap],
+                                                          [False] * len(params), order)
+    numels = [sum(params[i].numel() for i in b) for b in buckets]
+    names = [n for n, _ in build_fnn(widths).named_parameters()]
+    return numels, [tuple(names[i] for i in b) for b in buckets]
+
+
+@pytest.mark.parametrize("widths, bucket_mb", LAYOUTS)
+def test_bucket_layout_equals_torchs_assignment(widths, bucket_mb):
+    numels, names = _torch_assignment(widths, bucket_mb)
+    layout = netmodel.bucket_layout(widths, bucket_mb)
+    assert [b.numel for b in layout] == numels
+    assert [b.param_names for b in layout] == names
+    assert [b.nbytes for b in layout] == [4 * n for n in numels]
+    assert sum(b.numel for b in layout) == netmodel.parameter_count(widths) == build_fnn(widths).num_parameters()
+
+
+def test_bucket_layout_keeps_the_tensor_that_crosses_the_cap():
+    # 4096 x 4096 fp32 weights are 64 MiB each: a 25 MiB cap cannot split them.
+    layout = netmodel.bucket_layout([4096, 4096, 4096, 10], 25.0)
+    assert [b.param_names for b in layout] == [
+        ("layers.2.bias", "layers.2.weight", "layers.1.bias", "layers.1.weight"),
+        ("layers.0.bias", "layers.0.weight")]
+    # Not passing bucket_cap_mb: the first bucket is capped at 1 MiB (it still holds a
+    # 4 MB weight) and the rest at 25 MiB.
+    assert [b.numel for b in netmodel.bucket_layout([1000, 1000, 1000, 1000, 10], None)] == [
+        10 + 10_000 + 1000 + 1_000_000, 2 * 1_001_000]
+    with pytest.raises(ValueError, match="bucket_mb must be > 0"):
+        netmodel.bucket_layout([4, 4], 0)
+
+
+# A world-size-1 Gloo group in a subprocess: wrap real FNNs in DDP, register a comm hook
+# that records each bucket it is handed, and report what the second step saw (the first
+# step runs with one bucket holding everything; DDP rebuilds its buckets after it).
+_DDP_PROBE = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from ddp_fnn.model import build_fnn
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    out = []
+    for widths, bucket_mb in json.loads(sys.argv[1]):
+        model = build_fnn(widths)
+        ddp = DDP(model) if bucket_mb is None else DDP(model, bucket_cap_mb=bucket_mb)
+        seen = []
+        def hook(state, bucket):
+            seen.append((bucket.index(), bucket.buffer().numel()))
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        ddp.register_comm_hook(None, hook)
+        steps = []
+        for _ in range(2):
+            seen.clear()
+            ddp(torch.randn(3, widths[0])).sum().backward()
+            steps.append(list(seen))
+        out.append(steps)
+    dist.destroy_process_group()
+    print(json.dumps(out))
+""")
+
+
+def test_bucket_layout_equals_what_a_real_ddp_hands_its_comm_hook():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _DDP_PROBE, json.dumps(LAYOUTS)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env}, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    observed = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (widths, bucket_mb), (first, second) in zip(LAYOUTS, observed):
+        # Step 1: one bucket with every gradient; step 2: the rebuilt buckets, in order.
+        assert [n for _, n in first] == [netmodel.parameter_count(widths)]
+        layout = netmodel.bucket_layout(widths, bucket_mb)
+        assert second == [[b.index, b.numel] for b in layout], (widths, bucket_mb)
+
+
+# ---------------------------------------------------------------------------------------
+# one step: overlap and exposure
+# ---------------------------------------------------------------------------------------
+
+def test_one_bucket_is_fully_exposed_and_efficiency_follows():
+    # 32,256,256,1 is one bucket: its all-reduce starts when backward ends.
+    est = netmodel.estimate_step([32, 256, 256, 1], world_size=4, alpha_s=10e-6, beta_bytes_per_second=1e9,
+                                 compute_time_s=0.01, bucket_mb=25)
+    payload = netmodel.parameter_count([32, 256, 256, 1]) * 4
+    t = 6 * 10e-6 + 1.5 * payload / 1e9
+    assert est.payload_bytes_per_step == payload
+    assert est.wire_bytes_per_rank_per_step == 1.5 * payload
+    assert est.comm_time_per_step_s == pytest.approx(t)
+    assert est.exposed_comm_time_per_step_s == pytest.approx(t)
+    assert est.scaling_efficiency == pytest.approx(0.01 / (0.01 + t))
+
+
+def test_overlap_hides_all_but_the_last_bucket_when_the_network_keeps_up():
+    widths = [1000, 1000, 1000, 1000, 10]
+    layout = netmodel.bucket_layout(widths, 2.0)
+    est = netmodel.estimate_step(widths, world_size=2, alpha_s=0.0, beta_bytes_per_second=1e12,
+                                 compute_time_s=1.0, bucket_mb=2.0)
+    last = layout[-1].numel * 4 / 1e12
+    assert len(est.buckets) == 3
+    assert est.exposed_comm_time_per_step_s == pytest.approx(last)
+    # Each bucket starts the moment its gradients are ready: the network never backs up.
+    assert all(b.start_s == b.ready_s for b in est.buckets)
+
+
+def test_a_slow_network_backs_the_buckets_up():
+    widths = [1000, 1000, 1000, 1000, 10]
+    est = netmodel.estimate_step(widths, world_size=2, alpha_s=0.0, beta_bytes_per_second=1e8,
+                                 compute_time_s=0.03, bucket_mb=2.0, backward_fraction=0.5)
+    b = est.buckets
+    assert b[1].start_s == b[0].finish_s > b[1].ready_s
+    assert est.exposed_comm_time_per_step_s == pytest.approx(b[-1].finish_s - 0.015)
+    assert est.comm_time_per_step_s == pytest.approx(est.payload_bytes_per_step / 1e8)
+
+
+def test_compression_halves_the_payload_but_not_the_buckets():
+    kw = dict(world_size=8, alpha_s=5e-6, beta_bytes_per_second=12.5e9, compute_time_s=0.01, bucket_mb=25)
+    full = netmodel.estimate_step([4096, 4096, 4096, 10], **kw)
+    half = netmodel.estimate_step([4096, 4096, 4096, 10], compression="bf16", **kw)
+    assert half.payload_bytes_per_step * 2 == full.payload_bytes_per_step
+    assert [b.numel for b in half.buckets] == [b.numel for b in full.buckets]
+    assert half.exposed_comm_time_per_step_s < full.exposed_comm_time_per_step_s
+
+
+def test_world_size_one_costs_nothing():
+    est = netmodel.estimate_step([8, 8, 1], world_size=1, alpha_s=1e-3, beta_bytes_per_second=1.0,
+                                 compute_time_s=0.01)
+    assert est.wire_bytes_per_rank_per_step == 0 and est.exposed_comm_time_per_step_s == 0
+    assert est.scaling_efficiency == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# ddp-fnn estimate
+# ---------------------------------------------------------------------------------------
+
+BIG = ["--layers", "4096,4096,4096,4096,10", "--world-size", "512", "--link-rate", "400gbit",
+       "--latency-us", "5", "--compute-ms", "12"]
+
+
+def test_estimate_text_names_the_figures_with_units():
+    res = CliRunner().invoke(cli, ["estimate", *BIG])
+    assert res.exit_code == 0, res.output
+    assert "50,384,906 parameters" in res.output
+    assert "3 DDP bucket(s)" in res.output
+    assert "payload 192.20 MiB per rank" in res.output
+    assert "on the wire 383.66 MiB sent per rank" in res.output
+    assert "400 Gbit/s (50 GB/s)" in res.output
+    assert "scaling efficiency" in res.output and "%" in res.output
+
+
+def test_estimate_json_matches_the_model():
+    res = CliRunner().invoke(cli, ["estimate", *BIG, "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    want = netmodel.estimate_step([4096, 4096, 4096, 4096, 10], world_size=512, alpha_s=5e-6,
+                                  beta_bytes_per_second=50e9, compute_time_s=0.012, bucket_mb=25.0)
+    for key in ("payload_bytes_per_step", "wire_bytes_per_rank_per_step", "comm_time_per_step_s",
+                "exposed_comm_time_per_step_s", "scaling_efficiency"):
+        assert got[key] == pytest.approx(getattr(want, key), rel=1e-12), key
+    assert got["payload_bytes_per_step"] == 4 * 50_384_906
+    assert got["wire_bytes_per_rank_per_step"] == 2 * 511 * 4 * 50_384_906 / 512
+    assert 0 < got["scaling_efficiency"] < 1
+
+
+def test_estimate_sweep_prints_one_row_per_value_and_efficiency_falls_with_n():
+    args = ["estimate", *BIG, "--sweep", "world-size=2,8,64,512", "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["estimates"]
+    assert [r["world_size"] for r in rows] == [2, 8, 64, 512]
+    eff = [r["scaling_efficiency"] for r in rows]
+    assert eff == sorted(eff, reverse=True) and eff[0] > eff[-1]
+    text = CliRunner().invoke(cli, args[:-1]).output
+    lines = text.strip().splitlines()
+    assert lines[0].split()[0] == "world-size" and len(lines) == 5
+    assert lines[-1].split()[0] == "512"
+
+
+def test_estimate_width_sweep_sets_every_hidden_layer():
+    res = CliRunner().invoke(cli, ["estimate", *BIG, "--sweep", "width=256,1024", "--json"])
+    rows = json.loads(res.output)["estimates"]
+    assert [r["layers"] for r in rows] == [[4096, 256, 256, 256, 10], [4096, 1024, 1024, 1024, 10]]
+
+
+def test_estimate_reads_alpha_and_beta_from_a_bench_json(tmp_path):
+    bench = tmp_path / "bench.json"
+    # At N = 2 a ring all-reduce pays alpha twice: the fitted 100 us is 50 us per step.
+    bench.write_text(json.dumps({"world_size": 2, "backend": "gloo", "results": [],
+                                 "alpha_s": 100e-6, "beta_bytes_per_second": 1e9}))
+    res = CliRunner().invoke(cli, ["estimate", "--layers", "32,256,256,1", "--world-size", "8",
+                                   "--compute-ms", "1", "--bench-json", str(bench), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["alpha_s"] == pytest.approx(50e-6)
+    assert got["beta_bytes_per_second"] == 1e9
+    # An explicit link rate overrides the bench's beta.
+    res = CliRunner().invoke(cli, ["estimate", "--layers", "32,256,256,1", "--world-size", "8",
+                                   "--compute-ms", "1", "--bench-json", str(bench), "--link-rate", "8gbit",
+                                   "--json"])
+    assert json.loads(res.output)["beta_bytes_per_second"] == 1e9 and "alpha_s" in res.output
+
+
+def test_estimate_takes_compute_time_from_a_summary(tmp_path):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"step_time_p50_s": 0.02, "exposed_comm_time_per_step_s": 0.005}))
+    res = CliRunner().invoke(cli, ["estimate", "--layers", "32,256,256,1", "--world-size", "2",
+                                   "--link-rate", "10gbit", "--summary", str(summary), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["compute_time_per_step_s"] == pytest.approx(0.015)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--link-rate", "400gbt"], "--link-rate: bad link rate '400gbt'"),
+    (["--world-size", "0"], "--world-size must be >= 1, got 0"),
+    (["--sweep", "depth=3"], "--sweep: bad sweep 'depth=3'"),
+    (["--sweep", "world-size=2,x"], "--sweep: bad sweep value 'x' for world-size"),
+    (["--layers", "8"], "--layers needs at least two positive widths"),
+    (["--compute-ms", "-1"], "--compute-ms: compute time must be >= 0 s, got -0.001"),
+    (["--backward-fraction", "2"], "--backward-fraction: backward fraction must be in [0, 1], got 2.0"),
+    (["--bench-json", "/nonexistent/bench.json"], "--bench-json /nonexistent/bench.json: cannot read"),
+    (["--plot", "x.png"], "--plot needs --sweep"),
+])
+def test_estimate_bad_input_is_one_line_exit_2(args, message):
+    base = {"--layers": "32,256,256,1", "--world-size": "8", "--link-rate": "10gbit", "--compute-ms": "5"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["estimate"] + [x for kv in base.items() for x in kv]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_estimate_missing_inputs_say_what_to_give():
+    res = CliRunner().invoke(cli, ["estimate", "--world-size", "8", "--compute-ms", "5"])
+    assert res.exit_code == 2 and "give --link-rate" in res.output
+    res = CliRunner().invoke(cli, ["estimate", "--world-size", "8", "--link-rate", "1gbit"])
+    assert res.exit_code == 2 and "--compute-ms" in res.output
+
+
+def test_estimate_error_line_from_the_real_entry_point():
+    proc = run_cli("estimate", "--world-size", "8", "--link-rate", "fast", "--compute-ms", "5", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ddp-fnn: error: --link-rate: bad link rate 'fast': expected a number and a tc unit such as "
+        "400gbit, 100mbit, 1gbit or 125mbps"]
+
+
+def test_estimate_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep.png"
+    res = CliRunner().invoke(cli, ["estimate", *BIG, "--sweep", "link-rate=10gbit,100gbit,400gbit",
+                                   "--plot", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_estimate_plot_without_matplotlib_says_how_to_install(tmp_path):
+    # A child interpreter where `import matplotlib` fails, whether or not it is installed here.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["matplotlib"] = None
+        from ddp_fnn.cli import main
+        main(sys.argv[1:])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, "estimate", *BIG, "--sweep", "world-size=2,8",
+                           "--plot", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "ddp-fnn: error: --plot needs matplotlib: pip install 'ddp-fnn[plot]'"
