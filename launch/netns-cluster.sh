@@ -34,8 +34,9 @@
 # After the run, each node's eth0 TX/RX bytes and packets during the run (counters read
 # before and after) are printed as a table and written to DIR/netstats.json. Every
 # namespace, veth, bridge, qdisc and /etc/netns entry is removed on every exit path
-# (success, failure, Ctrl-C, SIGTERM). Exit status: 0 if every node exited 0, 1 if any
-# failed, 2 for bad usage or a missing prerequisite, 128+signal when interrupted.
+# (success, failure, Ctrl-C, SIGTERM). When a node fails, the others are stopped rather
+# than left waiting for it until a timeout. Exit status: 0 if every node exited 0, 1 if
+# any failed, 2 for bad usage or a missing prerequisite, 128+signal when interrupted.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prog=netns-cluster.sh
@@ -173,6 +174,8 @@ hosts_file() {
     for ((j = 0; j < nodes; j++)); do echo "$subnet.$((j + 1)) node$j"; done
 }
 
+# A failing step leaves through the EXIT trap (cleanup); say which one it was.
+trap 'echo "$prog: error: network set-up failed at: $BASH_COMMAND" >&2' ERR
 ip netns add "$sw"
 ip netns exec "$sw" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;
                            echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
@@ -194,6 +197,8 @@ for ((k = 0; k < nodes; k++)); do
     ip -n "$ns" link set lo up
     ip -n "$ns" link set eth0 up
 done
+
+trap - ERR
 
 # ---- run launch/node.sh in every namespace ----------------------------------------------------
 stats_fields=(tx_bytes rx_bytes tx_packets rx_packets)
@@ -218,11 +223,29 @@ for ((k = 0; k < nodes; k++)); do
             "$repo/launch/node.sh" "$@" > "$out/node$k.log" 2>&1 < /dev/null &
     node_pids[k]=$!
 done
+# Wait for the nodes as they finish. When one fails the others would wait for it at the
+# next collective or rendezvous until a timeout, so they are stopped at once.
+declare -A node_of
+for ((k = 0; k < nodes; k++)); do node_of[${node_pids[k]}]=$k; done
 failed=0
-for ((k = 0; k < nodes; k++)); do
-    codes[k]=0
-    wait "${node_pids[k]}" || codes[k]=$?
-    [ "${codes[k]}" = 0 ] || failed=1
+first_failed=
+running=("${node_pids[@]}")
+while [ ${#running[@]} -gt 0 ]; do
+    code=0
+    wait -n -p done_pid "${running[@]}" || code=$?
+    k=${node_of[$done_pid]}
+    unset "node_of[$done_pid]"
+    running=("${!node_of[@]}")
+    codes[k]=$code
+    if [ "$code" != 0 ] && [ $failed = 0 ]; then
+        failed=1
+        first_failed=$k
+        echo "$prog: node$k exited $code; stopping the other nodes" >&2
+        for ((j = 0; j < nodes; j++)); do
+            pids=$(ip netns pids "${node_ns[j]}" 2>/dev/null) || continue
+            [ -z "$pids" ] || kill -TERM $pids 2>/dev/null || true
+        done
+    fi
 done
 for ((k = 0; k < nodes; k++)); do after[k]=$(read_stats "${node_ns[k]}"); done
 
@@ -251,8 +274,6 @@ tcp_ts=$(ip netns exec "${node_ns[0]}" cat /proc/sys/net/ipv4/tcp_timestamps)
 } > "$out/netstats.json"
 echo "$prog: wrote $out/netstats.json" >&2
 if [ $failed != 0 ]; then
-    for ((k = 0; k < nodes; k++)); do
-        [ "${codes[k]}" = 0 ] || echo "$prog: node$k exited ${codes[k]}; see $out/node$k.log" >&2
-    done
+    echo "$prog: node$first_failed failed first (exit ${codes[first_failed]}); see $out/node$first_failed.log" >&2
     exit 1
 fi

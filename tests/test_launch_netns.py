@@ -264,6 +264,38 @@ def test_interrupt_mid_run_removes_everything(sig, tmp_path):
     assert etc_netns() - before_etc == set()
 
 
+FAILING_NODE1 = """\
+import socket, sys
+if socket.gethostname() == "node1":
+    print("node1: failing on purpose", file=sys.stderr)
+    sys.exit(3)
+import torch.distributed as dist
+dist.init_process_group("gloo")     # the others wait here for node1's rank, which never comes
+"""
+
+
+def test_a_failing_node_stops_the_others(tmp_path):
+    """node1's worker exits 3 at once; the others would wait for it in the process-group
+    set-up for minutes. The script stops them and exits 1 naming node1."""
+    fake = tmp_path / "fake"
+    (fake / "ddp_fnn").mkdir(parents=True)
+    (fake / "ddp_fnn" / "__main__.py").write_text(FAILING_NODE1)
+    out = tmp_path / "run"
+    # `python -m ddp_fnn` looks in the working directory first, so the stand-in runs.
+    proc = subprocess.Popen([str(SCRIPT), "--nodes", "3", "--out", str(out), "--", "--max-steps", "5"],
+                            cwd=fake, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode == 1, stderr
+    assert "node1: failing on purpose" in (out / "node1.log").read_text()
+    assert "node1 failed first" in stderr
+    stats = json.loads((out / "netstats.json").read_text())
+    assert all(n["exit_code"] != 0 for n in stats["nodes"]), stats
+    assert not {ns for ns in netns_names() if ns.startswith(f"ddpfnn-{proc.pid}-")}
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
