@@ -18,10 +18,10 @@ Defaults scaled for the hardware: with NCCL (GPUs) the sweep is 4 KiB .. 256 MiB
 2 warm-up, so that two processes on a 2-core machine finish in well under a minute.
 
 After the sweep, unless ``--compare-bare 0``, the harness checks itself: at one size
-(default 8 MiB) it alternates its own timed iterations with a bare loop -- ``iters``
-back-to-back ``dist.all_reduce`` calls timed as a whole, nothing else -- for
-``--compare-rounds`` rounds (default 40), and reports harness busbw / bare busbw.
-Alternating puts both under the same load on a noisy machine (see ``_compare_bare``).
+(default 8 MiB) it alternates 5 calls timed one by one, as the sweep times them, with a
+bare loop -- 5 back-to-back ``dist.all_reduce`` calls timed as a whole, nothing else --
+for ``--compare-rounds`` rounds (default 60), and reports harness busbw / bare busbw.
+Alternating in short blocks puts both under the same load on a noisy machine.
 
 Rank 0 prints the table and writes the JSON. Its keys ``world_size``, ``backend``,
 ``results[].bytes``, ``results[].time_s``, ``results[].algbw_bytes_per_second``,
@@ -111,7 +111,7 @@ class BenchConfig:
     json_path: Path | None = None
     compare_bare: int = COMPARE_BARE_DEFAULT
     """Size in bytes of the harness-versus-bare check; 0 skips it."""
-    compare_rounds: int = 40
+    compare_rounds: int = 60
     timeout_s: float = 300.0
 
     def __post_init__(self):
@@ -310,13 +310,13 @@ def _run(cfg: BenchConfig, world: _World, wall0: float) -> dict:
 
     compare = None
     if cfg.compare_bare:
-        compare = _compare_bare(world, cfg.compare_bare, dtype, iters, warmup, cfg.compare_rounds)
+        compare = _compare_bare(world, cfg.compare_bare, dtype, warmup, cfg.compare_rounds)
         what = "busbw" if n >= 2 else "algbw"
         h_bw, b_bw = (compare["harness_busbw_bytes_per_second"], compare["bare_busbw_bytes_per_second"]) if n >= 2 \
             else (netmodel.algbw(cfg.compare_bare, compare["harness_time_s"]),
                   netmodel.algbw(cfg.compare_bare, compare["bare_time_s"]))
         out(f"# harness vs bare all_reduce loop at {cfg.compare_bare} B, {cfg.compare_rounds} alternating rounds "
-            f"of {iters}: mean {what} {h_bw / 1e9:.3f} vs {b_bw / 1e9:.3f} GB/s, ratio {compare['ratio']:.3f} "
+            f"of {COMPARE_BLOCK} + {COMPARE_BLOCK} calls: mean {what} {h_bw / 1e9:.3f} vs {b_bw / 1e9:.3f} GB/s, ratio {compare['ratio']:.3f} "
             f"(harness median time {compare['harness_median_s'] * 1e6:.1f} us, mean "
             f"{compare['harness_time_s'] * 1e6:.1f} us, bare mean {compare['bare_time_s'] * 1e6:.1f} us)")
 
@@ -343,31 +343,35 @@ def _run(cfg: BenchConfig, world: _World, wall0: float) -> dict:
     return report
 
 
-def _compare_bare(world: _World, nbytes: int, dtype: torch.dtype, iters: int, warmup: int,
-                  rounds: int) -> dict:
+COMPARE_BLOCK = 5
+"""Calls per side per round of the harness-versus-bare check: short blocks alternate often,
+so a burst of load from other processes falls on both sides alike."""
+
+
+def _compare_bare(world: _World, nbytes: int, dtype: torch.dtype, warmup: int, rounds: int) -> dict:
     """The harness's timing against a bare loop on one tensor, alternated ``rounds`` times.
 
-    Per round, after a barrier each: ``iters`` calls timed one by one by the sweep's own
-    code (``_timed_iters``), then ``iters`` back-to-back calls timed as a whole
-    (``_bare_loop``). Both sides are compared by their mean time per call over all rounds:
-    the same statistic on interleaved samples, so load from other processes falls on both
-    alike and the ratio shows only what timing each call does to the work. The sweep's own
-    statistic, the median of per-call times, is reported beside it (``harness_median_s``):
-    on a loaded machine per-call times are skewed to the right, and the median sits below
-    the mean. Figures are averaged over ranks.
+    Per round: ``COMPARE_BLOCK`` calls timed one by one by the sweep's own code
+    (``_timed_iters``), then ``COMPARE_BLOCK`` back-to-back calls timed as a whole
+    (``_bare_loop``); one barrier before the first round, none between (every all-reduce
+    keeps the ranks in step). Both sides are compared by their mean time per call over
+    all rounds: the same statistic on interleaved samples, so the ratio shows only what
+    timing each call does to the work. The sweep's own statistic, the median of per-call
+    times, is reported beside it (``harness_median_s``): on a loaded machine per-call
+    times are skewed to the right and the median sits below the mean. Figures are
+    averaged over ranks.
     """
     elt = torch.empty((), dtype=dtype).element_size()
     tensor = torch.zeros(nbytes // elt, dtype=dtype, device=world.device)
     _barrier(world)
     for _ in range(warmup):
         dist.all_reduce(tensor)
+    _barrier(world)
     harness: list[float] = []
     bare: list[float] = []
     for _ in range(rounds):
-        _barrier(world)
-        harness.extend(_timed_iters(tensor, iters))
-        _barrier(world)
-        bare.append(_bare_loop(tensor, iters))
+        harness.extend(_timed_iters(tensor, COMPARE_BLOCK))
+        bare.append(_bare_loop(tensor, COMPARE_BLOCK))
     h = statistics.fmean(_across_ranks(world, statistics.fmean(harness)))
     b = statistics.fmean(_across_ranks(world, statistics.fmean(bare)))
     h_median = statistics.fmean(_across_ranks(world, statistics.median(harness)))
@@ -375,7 +379,7 @@ def _compare_bare(world: _World, nbytes: int, dtype: torch.dtype, iters: int, wa
     return {
         "bytes": nbytes,
         "rounds": rounds,
-        "iters": iters,
+        "calls_per_round": COMPARE_BLOCK,
         "harness_time_s": h,
         "bare_time_s": b,
         "harness_busbw_bytes_per_second": netmodel.busbw(netmodel.algbw(nbytes, h), n),

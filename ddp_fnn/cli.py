@@ -344,6 +344,7 @@ def _plot_sweep(path: str, name: str, values: list, rows: list) -> None:
     top.plot(xs, [r.exposed_comm_time_per_step_s * 1e3 for r in rows], "o-", label="exposed")
     top.plot(xs, [r.compute_time_per_step_s * 1e3 for r in rows], "--", label="compute")
     top.set_ylabel("time per step (ms)")
+    top.set_ylim(bottom=0)
     top.legend()
     bottom.plot(xs, [r.scaling_efficiency * 100 for r in rows], "o-")
     bottom.set_ylabel("scaling efficiency (%)")
@@ -381,8 +382,8 @@ def _plot_sweep(path: str, name: str, values: list, rows: list) -> None:
 @click.option("--compare-bare", default="8M", show_default=True, metavar="SIZE",
               help="After the sweep, alternate the harness's timing with a bare all_reduce loop at this "
                    "size (bytes; K, M, G suffixes) and report their busbw ratio; 0 skips it.")
-@click.option("--compare-rounds", type=int, default=40, show_default=True,
-              help="Alternating harness/bare rounds of --compare-bare.")
+@click.option("--compare-rounds", type=int, default=60, show_default=True,
+              help="Rounds of --compare-bare, each 5 harness-timed calls then 5 bare ones.")
 @click.option("--timeout-s", type=float, default=300.0, show_default=True, envvar="DDP_FNN_TIMEOUT_S",
               help="Collective timeout in seconds: a dead or frozen peer fails the run after this.")
 def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare_rounds, timeout_s):

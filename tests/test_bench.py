@@ -1,0 +1,106 @@
+"""`ddp-fnn bench`: size parsing, a world-size-1 run without torchrun, and a real
+two-process Gloo run under torchrun checked against its JSON contract and against a bare
+all_reduce loop timed in the same run."""
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ddp_fnn import bench
+from ddp_fnn.cli import cli
+from tests.conftest import run_cli, torchrun
+
+
+def test_parse_sizes_ranges_and_lists():
+    assert bench.parse_sizes("4K:64K") == (4096, 8192, 16384, 32768, 65536)
+    assert bench.parse_sizes("1K:1M:4") == (1024, 4096, 16384, 65536, 262144, 1048576)
+    assert bench.parse_sizes("4K,1M,8M") == (4096, 2 ** 20, 8 * 2 ** 20)
+    assert bench.parse_sizes("512") == (512,)
+    assert bench.parse_sizes("1KiB:2KB") == (1024, 2048)
+    assert bench.parse_size("1G") == 2 ** 30
+
+
+@pytest.mark.parametrize("text, message", [
+    ("4Q", "bad size '4Q'"), ("64M:4K", "need 1 <= LO <= HI"), ("4K:8K:1", "FACTOR must be an integer >= 2"),
+    ("1:2:3:4", "expected LO:HI or LO:HI:FACTOR"), ("0,4K", "sizes must be >= 1 byte"),
+])
+def test_parse_sizes_bad_input_names_it(text, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_sizes(text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "4K:1Q"], "--sizes: bad size '1Q'"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--compare-bare", "huge"], "--compare-bare: bad size 'huge'"),
+    (["--timeout-s", "0"], "--timeout-s must be > 0, got 0.0"),
+])
+def test_bench_bad_options_are_one_line_exit_2(args, message):
+    res = CliRunner().invoke(cli, ["bench", *args])
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_bench_sizes_must_hold_whole_elements():
+    proc = run_cli("bench", "--sizes", "6", "--dtype", "float32", "--compare-bare", "0", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "ddp-fnn: error: size 6 B is not a whole number of float32 elements (4 B each)"
+
+
+def test_world_size_one_without_torchrun(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--sizes", "4K:64K", "--iters", "3", "--warmup", "1", "--dtype", "float16",
+                   "--compare-bare", "16K", "--compare-rounds", "2", "--json", str(out),
+                   env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 1 and report["backend"] == "gloo"
+    assert [r["bytes"] for r in report["results"]] == [4096, 8192, 16384, 32768, 65536]
+    assert [r["count"] for r in report["results"]] == [2048, 4096, 8192, 16384, 32768]
+    for r in report["results"]:
+        assert r["time_s"] > 0 and r["busbw_bytes_per_second"] == 0.0
+        assert r["algbw_bytes_per_second"] == pytest.approx(r["bytes"] / r["time_s"])
+    # Nothing crossed a network: no fit, and the table says why.
+    assert report["alpha_s"] is None and report["beta_bytes_per_second"] is None
+    assert "world size 1: nothing crosses the network" in proc.stdout
+    assert report["compare_bare"]["bytes"] == 16384
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_default_run_keeps_the_contract_and_matches_a_bare_loop(tmp_path):
+    out = tmp_path / "out.json"
+    t0 = time.monotonic()
+    proc = torchrun(2, "bench", "--json", str(out), timeout=300)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    print(proc.stdout)
+    print(f"default bench wall time {wall:.1f} s")
+
+    # The default run is sized for a small CPU machine.
+    assert wall < 60, f"default bench took {wall:.1f} s"
+    # The contract `estimate --bench-json` and others read.
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    sizes = [r["bytes"] for r in report["results"]]
+    assert sizes == [4096 * 2 ** k for k in range(14)]          # 4 KiB .. 32 MiB doubling
+    for r in report["results"]:
+        assert r["time_min_s"] <= r["time_s"] <= r["time_max_s"]
+        assert r["algbw_bytes_per_second"] == pytest.approx(r["bytes"] / r["time_s"])
+        assert r["busbw_bytes_per_second"] == pytest.approx(r["algbw_bytes_per_second"] * 2 * (2 - 1) / 2)
+        assert r["count"] == r["bytes"] // 4 and r["dtype"] == "float32"
+    assert report["alpha_s"] >= 0 and report["beta_bytes_per_second"] > 0
+    assert report["fit"]["points"] == 14 and report["fit"]["rms_error_s"] >= 0
+    # Rank 0 alone printed the table: one header, one row per size.
+    assert proc.stdout.count("# ddp-fnn bench:") == 1
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert [int(r[0]) for r in rows] == sizes and all(r[2] == "float" for r in rows)
+
+    # Timing each call one by one (the harness) against back-to-back calls timed as a
+    # whole, alternated in the same run: within 10%.
+    cmp = report["compare_bare"]
+    assert cmp["bytes"] == 8 * 2 ** 20
+    print(f"busbw at 8 MiB: harness {cmp['harness_busbw_bytes_per_second'] / 1e9:.3f} GB/s, "
+          f"bare {cmp['bare_busbw_bytes_per_second'] / 1e9:.3f} GB/s, ratio {cmp['ratio']:.3f}")
+    assert 0.9 <= cmp["ratio"] <= 1.1, cmp
