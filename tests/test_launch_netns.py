@@ -24,7 +24,9 @@ import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
-TRAIN = ("--max-steps", "30", "--metrics-port", "9400", "--progress", "json")
+# 100 steps: DDP's one-off start-up broadcast of the parameters (at most 2 copies from one
+# node at 4 nodes) is then under 2% of a node's ring traffic (150 copies' worth at N=4).
+TRAIN = ("--max-steps", "100", "--metrics-port", "9400", "--progress", "json")
 
 pytestmark = [
     pytest.mark.slow,
@@ -163,10 +165,10 @@ def test_every_node_trains_to_completion(cluster):
     assert summaries == [cluster.out / "node0" / "summary.json"], summaries
     summary = json.loads(summaries[0].read_text())
     assert summary["world_size"] == cluster.nodes
-    assert summary["steps"] == 30
+    assert summary["steps"] == 100
     if "ranks" in summary:                       # every rank's own figures, gathered by rank 0
         assert [r["rank"] for r in summary["ranks"]] == list(range(cluster.nodes))
-        assert [r["steps"] for r in summary["ranks"]] == [30] * cluster.nodes
+        assert [r["steps"] for r in summary["ranks"]] == [100] * cluster.nodes
 
 
 def test_counters_count_wire_frames(cluster):
@@ -196,8 +198,9 @@ def test_reported_wire_bytes_match_kernel_tx(cluster):
     the ring, DDP broadcasts rank 0's parameters once at start-up: every other rank
     receives them once, (N-1) x P bytes in all, sent along Gloo's broadcast tree, so one
     node may carry up to all of it. Store, rendezvous and the final gather add a little.
-    Hence: per node, at least its ring share less 5% and at most its share + 5% + the
-    whole broadcast; summed over nodes, within 5% of the ring shares + (N-1) x P.
+    Over 100 steps that is well under 5% of any node's ring traffic, so each node's TX
+    payload is within 5% of its rank's reported wire bytes; summed over nodes, within 5%
+    of the ring shares + (N-1) x P.
     """
     summary = json.loads((cluster.out / "node0" / "summary.json").read_text())
     if "allreduce_wire_bytes_total" not in summary:
@@ -216,7 +219,7 @@ def test_reported_wire_bytes_match_kernel_tx(cluster):
                        for k, (s, w) in enumerate(zip(sent, wire)))
     print(f"\nTX payload (header {header} B/packet) vs reported wire bytes: {report}")
     for k, (s, w) in enumerate(zip(sent, wire)):
-        assert 0.95 * w <= s <= 1.05 * w + (n - 1) * params, f"node{k}: {report}"
+        assert s == pytest.approx(w, rel=0.05), f"node{k}: {report}"
     assert sum(sent) == pytest.approx(sum(wire) + (n - 1) * params, rel=0.05), report
 
 
