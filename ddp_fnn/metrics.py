@@ -169,6 +169,8 @@ class Metrics:
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
         self._last_step = self.last_step.labels(self.rank)
+        if self.mfu is not None:
+            self.mfu.labels(self.rank)
         for split in ("train", "eval"):
             self.loss.labels(self.rank, split)
         self.world.labels(self.rank).set(world_size)

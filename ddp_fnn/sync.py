@@ -124,7 +124,7 @@ class Synchroniser:
             ps = None
             if compression == "powersgd":
                 # start_powerSGD_iter=2: the smallest DDP allows with error feedback; the first
-                # step all-reduces plainly so DDP can rebuild its buckets.
+                # two steps all-reduce plainly (DDP rebuilds its buckets after the first).
                 ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                                  start_powerSGD_iter=2, min_compression_rate=1)
             self.hook_state = _HookState(recorder, compression, ps)
