@@ -10,7 +10,6 @@ import textwrap
 from fractions import Fraction
 
 import pytest
-import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 
