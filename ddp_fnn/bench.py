@@ -32,17 +32,16 @@ contract (estimate reads them).
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ddp_fnn import dist as ddist
 from ddp_fnn import netmodel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -139,42 +138,17 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------
 # process group
 # ---------------------------------------------------------------------------------------
-# TODO(dist): use ddp_fnn.dist -- this private bring-up stands in until the shared one lands.
-
-@dataclass(frozen=True)
-class _World:
-    rank: int
-    world_size: int
-    backend: str
-    device: torch.device
+# ddp_fnn.dist brings the group up: torchrun's environment, or a group of one in an
+# in-process store outside torchrun (no port is opened).
+_World = ddist.DistContext
 
 
 def _bring_up(backend: str, timeout_s: float) -> _World:
-    """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or, outside
-    torchrun, a group of one in an in-process store (no port is opened)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError("--backend nccl needs CUDA, which this machine lacks (use gloo)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    timeout = timedelta(seconds=timeout_s)
-    device_id = device if device.type == "cuda" else None
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
-                                device_id=device_id)
-    return _World(dist.get_rank(), dist.get_world_size(), backend, device)
+    return ddist.setup(backend, "auto", timeout_s)
 
 
 def _tear_down() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    ddist.teardown()
 
 
 # ---------------------------------------------------------------------------------------
