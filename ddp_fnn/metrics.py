@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.exposition import push_to_gateway
@@ -53,7 +54,7 @@ class StepRecord:
     def calls(self) -> int:
         return sum(c[1] for c in self.collectives)
 
-    @property
+    @cached_property
     def comm_s(self) -> float:
         """Length of the union of the collectives' busy intervals."""
         total, cur_start, cur_end = 0.0, None, None
