@@ -161,7 +161,8 @@ class Metrics:
         if run_info.get("device", "").startswith("cuda"):
             self.mfu = Gauge("ddp_fnn_mfu_ratio", "Model FLOPs utilisation: achieved / device peak FLOP/s.",
                              r, registry=reg)
-        # Children created up front: every series exists from the first scrape.
+        # Children created up front: every counted or timed series exists from the first
+        # scrape. Loss and MFU appear when first known: a placeholder 0 would be a lie.
         self._steps, self._samples = self.steps.labels(self.rank), self.samples.labels(self.rank)
         self._step_duration = self.step_duration.labels(self.rank)
         self._phase = {p: self.phase_duration.labels(self.rank, p) for p in PHASES}
@@ -170,10 +171,6 @@ class Metrics:
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
         self._last_step = self.last_step.labels(self.rank)
-        if self.mfu is not None:
-            self.mfu.labels(self.rank)
-        for split in ("train", "eval"):
-            self.loss.labels(self.rank, split)
         self.world.labels(self.rank).set(world_size)
         self._server = None
 
