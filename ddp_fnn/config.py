@@ -79,6 +79,18 @@ class TrainConfig:
     device: str = opt("auto", "cpu, cuda, or auto (cuda:LOCAL_RANK when CUDA is available).",
                       choices=("auto", "cpu", "cuda"))
     timeout_s: float = opt(300.0, "Collective timeout in seconds: a dead or frozen peer fails the job after this.")
+    # ---- fault tolerance (checkpoint.py, docs/fault-tolerance.md) ------------------------
+    checkpoint_dir: Path | None = opt(None, "Directory where rank 0 writes checkpoints (step-00000120.pt: the whole "
+                                      "training state), atomically. With it, a restarted job resumes (--resume auto).")
+    checkpoint_every: int | None = opt(None, "Steps between checkpoints (needs --checkpoint-dir; without it, one "
+                                       "checkpoint at the end of the run).")
+    keep: int = opt(3, "Number of most recent checkpoints kept in --checkpoint-dir.")
+    resume: str = opt("auto", "auto: continue from the newest readable checkpoint in --checkpoint-dir, if any; "
+                      "never: start afresh; or the path of a checkpoint file.")
+    on_nan: str = opt("stop", "A NaN/Inf loss on any rank: stop the job (exit 1), or skip that step on every rank "
+                      "(no optimizer step; the step counts).", choices=("stop", "skip"))
+    check_replicas_every: int = opt(0, "Steps between checks that every rank holds the same parameters (a hash "
+                                    "compared across ranks; a mismatch stops the job). 0 turns it off.")
     # ---- observation and output -------------------------------------------------------
     output: Path | None = opt(None, "Directory where rank 0 writes model.pt and summary.json.")
     log_every: int = opt(10, "Steps between progress lines (rank 0).")
@@ -116,6 +128,15 @@ class TrainConfig:
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         need(0 <= self.metrics_port <= 65535, f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         need(self.metrics_linger >= 0.0, f"--metrics-linger must be >= 0, got {self.metrics_linger}")
+        if self.checkpoint_dir is not None:
+            object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
+        need(self.checkpoint_every is None or self.checkpoint_dir is not None,
+             f"--checkpoint-every {self.checkpoint_every} needs --checkpoint-dir (where to write them)")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.keep >= 1, f"--keep must be >= 1, got {self.keep}")
+        need(self.resume.strip() != "", "--resume must be auto, never or a checkpoint file, got ''")
+        need(self.check_replicas_every >= 0, f"--check-replicas-every must be >= 0, got {self.check_replicas_every}")
         need(self.compression == "none" or self.sync == "ddp",
              f"--compression {self.compression} needs --sync ddp (it is a DDP communication hook)")
         need(self.task != "classification" or self.layers[-1] >= 2,
@@ -133,6 +154,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["output"] = str(self.output) if self.output is not None else None
+        d["checkpoint_dir"] = str(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         return d
 
 

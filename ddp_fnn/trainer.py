@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
 from ddp_fnn import mfu
 from ddp_fnn.config import ConfigError, TrainConfig
@@ -93,18 +94,40 @@ def evaluate(cfg: TrainConfig, model: torch.nn.Module, ds: Dataset, rank: int, w
     return (t[0] / t[2]).item(), ((t[1] / t[2]).item() if cfg.task == "classification" else None)
 
 
-def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics
-          ) -> tuple[dict, torch.nn.Module]:
-    """Run the loop; returns the summary (rank 0 writes it) and the unwrapped model."""
+def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
+          resume: ckpt.Resume | None = None) -> tuple[dict, torch.nn.Module]:
+    """Run the loop (from ``resume``'s step, if given); returns the summary (rank 0 writes
+    it) and the unwrapped model."""
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
     total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.epochs, cfg.max_steps)
     model = build_fnn(cfg.layers, seed=cfg.seed).to(device)   # same seed: the same replica on every rank
+    if resume is not None:
+        # Before DDP wraps the model: DDP broadcasts rank 0's parameters when it wraps, and
+        # every rank loaded the same file, so the replicas start equal either way.
+        ckpt.restore(resume, model, device, rank, world)
     clock = Clock(device)
     recorder = CommRecorder(clock)
     syncer = Synchroniser(model, cfg.sync, world, recorder, bucket_mb=cfg.bucket_mb,
                           compression=cfg.compression, powersgd_rank=cfg.powersgd_rank, device=device)
     optimizer = make_optimizer(cfg, model.parameters())
+    start_step = 0
+    if resume is not None:
+        # Optimizer state, DDP's bucket layout (one throw-away backward), the hook's state.
+        hook_exact = ckpt.restore_after_wrap(resume, optimizer, syncer, device, rank, world, cfg.bucket_mb)
+        start_step = resume.step
+        if ctx.is_master:
+            _note(f"resuming from {resume.path} (step {start_step} of {total_steps})")
+            if resume.state["world_size"] != world:
+                _note(f"elastic resume: the checkpoint was written at world size {resume.state['world_size']}, "
+                      f"this run has {world}; the global batch ({cfg.global_batch_size}) and its order are the same")
+            if not hook_exact:
+                _note("PowerSGD restarts its error feedback and P/Q memories (another world size or "
+                      "--bucket-mb than the checkpoint's): not bitwise the uninterrupted run")
+    saver = (ckpt.Checkpointer(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep, rank, world, device,
+                               ckpt.fingerprint(cfg, ds.identity), cfg.bucket_mb,
+                               discard=[p for p, _ in resume.skipped] if resume is not None else None)
+             if cfg.checkpoint_dir is not None else None)
     metrics.set_gradient_bytes(gradient_bytes(model))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
@@ -119,14 +142,17 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     train_loss = float("nan")
     loss_sum, loss_count = 0.0, 0        # local, since the last global reduction
     pending: list = []                   # CUDA: a step's marks are read one step later
+    skipped_steps = 0                    # --on-nan skip
     t_run = time.perf_counter()
-    step = 0
+    step = start_step                    # the next step to run (0-based)
     while step < total_steps:
         epoch, pos = divmod(step, batches.steps_per_epoch)
         # ---- one optimizer step: K micro-steps, gradients synced on the last -----------
         marks = {"start": clock.mark()}
         phase_marks = []                       # (phase, start mark, end mark)
         last_backward_end = None
+        step_loss, step_rows = 0.0, 0
+        bad, skip = False, False               # a non-finite loss here / on any rank
         for k, rows in enumerate(batches.rank_micro_batches(epoch, pos)):
             t0 = clock.mark()
             x, y = ds.fetch(rows, device)
@@ -136,20 +162,44 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                 with autocast:
                     out = syncer.model(x)
                     loss = loss_fn(cfg.task, out, y)
+                # NaN/Inf is checked before backward because in ddp mode backward *is* the
+                # gradient sync: one rank's non-finite gradient would reach every replica (and
+                # PowerSGD's error-feedback memory). bool() waits for the device: one host
+                # sync per micro-step on CUDA, the price of that guarantee.
+                if not bool(torch.isfinite(loss.detach())):
+                    if cfg.on_nan == "stop":
+                        raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {step + 1} "
+                                            f"(micro-step {k + 1} of {cfg.grad_accum}); stopping (--on-nan stop)")
+                    bad = True
+                if sync_now and cfg.on_nan == "skip":
+                    bad_ranks = _ranks_with(bad, rank, world, device)   # the same answer on every rank
+                    skip = bool(bad_ranks)
                 t2 = clock.mark()
                 # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
                 # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
-                (loss / cfg.grad_accum).backward()
+                if not (bad or skip):          # DDP allows a forward with no backward
+                    (loss / cfg.grad_accum).backward()
             t3 = clock.mark()
             phase_marks += [("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3)]
-            loss_sum = loss_sum + loss.detach().double() * len(rows)   # a tensor: no sync here
-            loss_count += len(rows)
+            step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
+            step_rows += len(rows)
             last_backward_end = t3
-        syncer.after_backward()                # allreduce mode: the flat all-reduce
-        t4 = clock.mark()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t5 = clock.mark()
+        if skip:
+            # Every rank skips this step: no sync, no optimizer step, no gradients kept.
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            if ctx.is_master:
+                _note(f"step {step + 1}: non-finite loss on rank {','.join(map(str, bad_ranks))}; "
+                      f"skipped on every rank (--on-nan skip)")
+            t4 = t5 = clock.mark()
+        else:
+            syncer.after_backward()            # allreduce mode: the flat all-reduce
+            t4 = clock.mark()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t5 = clock.mark()
+            loss_sum = loss_sum + step_loss
+            loss_count += step_rows
         marks.update(backward_end=last_backward_end, synced=t4, end=t5)
         collectives = recorder.take()
         pending.append((step + 1, marks, phase_marks, collectives, time.time()))
@@ -176,6 +226,14 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                 stop_reason = "target-loss"
                 break
 
+        # ---- replicas still equal? checkpoint? ---------------------------------------
+        if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
+            ckpt.check_replicas(syncer.module, rank, world, step, device)
+        if saver is not None and saver.due(step):
+            saver.save(step, syncer.module, optimizer, syncer)
+
+    if saver is not None and saver.last_saved != step and step > start_step:
+        saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
     for item in pending:
         rec = _record(clock, cfg, item, batches.micro * cfg.grad_accum)
         metrics.observe(rec)
@@ -199,6 +257,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
         "samples_per_second": (summary.samples * world / sum(summary.step_s)) if summary.step_s else 0.0,
         "wall_time_s": elapsed, "data": ds.identity, **figures, "ranks": ranks,
         "mfu": (flops_per_sample * summary.samples / sum(summary.step_s) / peak) if peak and summary.step_s else None,
+        "resumed_from_step": start_step if resume is not None else None, "skipped_steps": skipped_steps,
+        "checkpoint": str(saver.last_path) if saver is not None and saver.last_path is not None else None,
     }
     progress.finish(result)
     return result, syncer.module
@@ -234,7 +294,10 @@ def _record(clock: Clock, cfg: TrainConfig, item, samples: int) -> StepRecord:
 
 
 def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> None:
-    """model.pt (the unwrapped FNN's state_dict) and summary.json, each written atomically."""
+    """model.pt (the unwrapped FNN's state_dict) and summary.json, each written atomically.
+    A model with NaN/Inf parameters is never exported."""
+    if not ckpt.all_finite(model):
+        raise ckpt.NonFiniteError("rank 0: parameters are not finite at the end of the run; not writing model.pt")
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.pt.tmp"
@@ -254,6 +317,13 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
     if cfg.output is not None:
         _check_writable(cfg.output)
+    if cfg.checkpoint_dir is not None:
+        ckpt.check_writable_dir(cfg.checkpoint_dir)
+    # Every rank reads the checkpoint itself (weights-only), before it joins the group.
+    resume = ckpt.find_resume(cfg, ckpt.fingerprint(cfg, ds.identity))
+    if resume is not None and rank == 0:
+        for path, why in resume.skipped:
+            _note(f"checkpoint {path} is unreadable ({why}); using {resume.path.name} instead", "warning")
     if dry_run:
         if rank == 0:
             print(json.dumps({"ok": True, "world_size": world, "data": ds.identity,
@@ -264,7 +334,7 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     metrics = NullMetrics()
     try:
         metrics = make_metrics(cfg, ctx)
-        result, model = train(cfg, ctx, ds, metrics)
+        result, model = train(cfg, ctx, ds, metrics, resume)
         if ctx.is_master and cfg.output is not None:
             write_outputs(cfg, result, model)
         if cfg.pushgateway:
@@ -272,12 +342,47 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
         if cfg.metrics_linger > 0 and metrics.registry is not None:
             time.sleep(cfg.metrics_linger)     # a feature: keeps /metrics up for a last scrape
         return 0
-    except TrainingError as e:
+    except (TrainingError, ckpt.NonFiniteError, ckpt.ReplicaMismatchError) as e:
         print(f"ddp-fnn: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:                  # DistBackendError and Gloo's plain RuntimeErrors
+        message = _collective_failure(e, ctx.rank, cfg.timeout_s)
+        if message is None:
+            raise
+        print(f"ddp-fnn: error: {message}", file=sys.stderr)
         return 1
     finally:
         metrics.close()
         ddist.teardown()
+
+
+def _note(message: str, kind: str = "note") -> None:
+    """One line on stderr (rank 0 calls it): resumes, skipped checkpoints, skipped steps."""
+    print(f"ddp-fnn: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+def _ranks_with(flag: bool, rank: int, world: int, device: torch.device) -> list[int]:
+    """The ranks whose ``flag`` is set, the same list on every rank (one all-reduce of
+    ``world`` int32s)."""
+    t = torch.zeros(world, dtype=torch.int32, device=device)
+    t[rank] = int(flag)
+    if world > 1:
+        dist.all_reduce(t)
+    return [r for r, v in enumerate(t.tolist()) if v]
+
+
+def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> str | None:
+    """The one-line message for a collective that failed because a peer died or froze,
+    or None for any other error (which then propagates with its traceback)."""
+    text = str(e).lower()
+    if "timed out" in text or "timeout" in text:
+        return (f"rank {rank}: a collective did not complete within --timeout-s {timeout_s:g} "
+                f"(a peer died or froze?)")
+    lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+    if any(s in text for s in lost):
+        first = str(e).strip().splitlines()[0][:200]
+        return f"rank {rank}: a peer left the job during a collective ({first})"
+    return None
 
 
 def make_metrics(cfg: TrainConfig, ctx: ddist.DistContext) -> Metrics | NullMetrics:
