@@ -223,6 +223,35 @@ class _Printer:
 
 
 # ---------------------------------------------------------------------------------------
+# the quick probe `ddp-fnn train` runs before training, for its prediction
+# ---------------------------------------------------------------------------------------
+
+def probe(world: _World, largest_bytes: int, points: int = 4, iters: int = 5, warmup: int = 2) -> dict:
+    """Fit alpha and beta to fp32 all-reduces of ``points`` sizes, halving down from
+    ``largest_bytes`` (the largest gradient bucket), in the group ``world`` has joined.
+
+    Returns ``{"alpha_s", "beta_bytes_per_second", "sizes", "times_s", "wire_bytes", ...}``
+    (the same on every rank: each size's time is the mean of the ranks' medians),
+    ``{"error": ...}`` when no fit is possible, or ``{}`` at world size 1, where nothing
+    crosses the network. ``wire_bytes`` is what the
+    probe itself sent from this rank, so a byte count can leave it out."""
+    n = world.world_size
+    if n < 2:
+        return {}
+    top = max(4096, largest_bytes - largest_bytes % 4)
+    sizes = sorted({max(4096, (top >> k) - (top >> k) % 4) for k in range(points)})
+    times = [statistics.fmean(_across_ranks(world, _measure_size(world, s, torch.float32, iters, warmup)))
+             for s in sizes]
+    try:
+        fit = netmodel.fit_alpha_beta(sizes, times, n)
+    except ValueError as e:               # e.g. times that do not grow with size on a noisy host
+        return {"error": str(e), "sizes": sizes, "times_s": times}
+    return {"alpha_s": fit.alpha_s, "beta_bytes_per_second": fit.beta_bytes_per_second,
+            "rms_relative_error": fit.rms_relative_error, "sizes": sizes, "times_s": times,
+            "world_size": n, "wire_bytes": netmodel.ring_wire_bytes(sum(sizes) * (iters + warmup), n)}
+
+
+# ---------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------
 

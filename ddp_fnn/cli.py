@@ -74,7 +74,8 @@ def _config_options(func):
         elif type_name.startswith("float"):
             kwargs.update(type=float, default=default)
         elif type_name.startswith("Path"):
-            kwargs.update(type=click.Path(file_okay=False, path_type=Path), default=default)
+            kind = dict(dir_okay=False) if meta.get("file") else dict(file_okay=False)
+            kwargs.update(type=click.Path(path_type=Path, **kind), default=default)
         else:
             kwargs.update(type=str, default=default)
         func = click.option(flag, name, **kwargs)(func)

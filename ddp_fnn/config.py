@@ -21,9 +21,10 @@ class ConfigError(ValueError):
     """A user's setting is wrong; the message is one line naming the option and value."""
 
 
-def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False):
-    """A config field with its CLI help (and choices, for string enums)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, file: bool = False):
+    """A config field with its CLI help (and choices for string enums; ``file`` for a Path
+    that names a file, where other Paths name directories)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "file": file})
 
 
 def parse_layers(text: str | tuple[int, ...]) -> tuple[int, ...]:
@@ -94,6 +95,11 @@ class TrainConfig:
     # ---- observation and output -------------------------------------------------------
     output: Path | None = opt(None, "Directory where rank 0 writes model.pt and summary.json.")
     log_every: int = opt(10, "Steps between progress lines (rank 0).")
+    eval_every: int = opt(0, "Steps between evaluations on the held-out split (0: only at the end).")
+    bench_json: Path | None = opt(None, "A `ddp-fnn bench --json` file: its alpha and beta feed the cost model's "
+                                  "prediction of this run's communication (summary.json predicted_*).", file=True)
+    probe: bool = opt(True, "Without --bench-json, time a few all-reduces before training to fit alpha and beta "
+                      "for the prediction (world size >= 2).", flag=True)
     progress: str = opt("auto", "Rank 0's progress: a bar on a terminal, JSON lines otherwise.",
                         choices=("auto", "bar", "json", "none"))
     metrics_port: int = opt(9400, "Base port of the Prometheus /metrics endpoint; each worker serves "
@@ -126,6 +132,9 @@ class TrainConfig:
         need(self.powersgd_rank >= 1, f"--powersgd-rank must be >= 1, got {self.powersgd_rank}")
         need(self.timeout_s > 0.0, f"--timeout-s must be > 0, got {self.timeout_s}")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.bench_json is not None:
+            object.__setattr__(self, "bench_json", Path(self.bench_json))
         need(0 <= self.metrics_port <= 65535, f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         need(self.metrics_linger >= 0.0, f"--metrics-linger must be >= 0, got {self.metrics_linger}")
         if self.checkpoint_dir is not None:
@@ -154,6 +163,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["output"] = str(self.output) if self.output is not None else None
+        d["bench_json"] = str(self.bench_json) if self.bench_json is not None else None
         d["checkpoint_dir"] = str(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         return d
 

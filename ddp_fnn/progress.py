@@ -1,5 +1,6 @@
 """Rank 0's progress: a bar on a terminal, one JSON line per logging interval otherwise,
-and the end-of-run table. Other ranks get ``Quiet``, so the loop has no rank checks."""
+and the end-of-run table (print_table, which trainer.main calls once the prediction is
+in). Other ranks get ``Quiet``, so the loop has no rank checks."""
 
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ class JsonLines(Quiet):
                           "step_time_p50_s": fig.get("step_time_p50_s"),
                           "exposed_comm_time_per_step_s": fig.get("exposed_comm_time_per_step_s")}), flush=True)
 
-    def finish(self, result):
-        print_table(result)
-
 
 class Bar(Quiet):
     def update(self, step, loss, summary):
@@ -48,7 +46,6 @@ class Bar(Quiet):
 
     def finish(self, result):
         sys.stderr.write("\n")
-        print_table(result)
 
 
 def _fmt(value, unit: str = "") -> str:

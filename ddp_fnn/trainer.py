@@ -31,12 +31,12 @@ import torch.nn.functional as F
 
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
-from ddp_fnn import mfu
+from ddp_fnn import mfu, predict
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
 from ddp_fnn.model import build_fnn
-from ddp_fnn.progress import make_progress
+from ddp_fnn.progress import make_progress, print_table
 from ddp_fnn.sync import CommRecorder, Synchroniser, gradient_bytes
 from ddp_fnn.timing import Clock
 
@@ -225,6 +225,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
             if cfg.target_loss is not None and train_loss <= cfg.target_loss:
                 stop_reason = "target-loss"
                 break
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            metrics.set_loss("eval", evaluate(cfg, syncer.module, ds, rank, world, device)[0])
 
         # ---- replicas still equal? checkpoint? ---------------------------------------
         if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
@@ -319,6 +321,7 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
         _check_writable(cfg.output)
     if cfg.checkpoint_dir is not None:
         ckpt.check_writable_dir(cfg.checkpoint_dir)
+    bench_data = predict.read_bench_json(cfg.bench_json) if cfg.bench_json is not None else None
     # Every rank reads the checkpoint itself (weights-only), before it joins the group.
     resume = ckpt.find_resume(cfg, ckpt.fingerprint(cfg, ds.identity))
     if resume is not None and rank == 0:
@@ -334,7 +337,11 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     metrics = NullMetrics()
     try:
         metrics = make_metrics(cfg, ctx)
+        net = predict.network(cfg, ctx, bench_data)       # alpha, beta: bench file or a probe
         result, model = train(cfg, ctx, ds, metrics, resume)
+        result.update(predict.prediction(cfg, ctx.world_size, net, result))
+        if ctx.is_master and cfg.progress != "none":
+            print_table(result)
         if ctx.is_master and cfg.output is not None:
             write_outputs(cfg, result, model)
         if cfg.pushgateway:
@@ -379,9 +386,9 @@ def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> str | 
         return (f"rank {rank}: a collective did not complete within --timeout-s {timeout_s:g} "
                 f"(a peer died or froze?)")
     lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
-    if any(s in text for s in lost):
-        first = str(e).strip().splitlines()[0][:200]
-        return f"rank {rank}: a peer left the job during a collective ({first})"
+    for s in lost:
+        if s in text:
+            return f"rank {rank}: a peer left the job during a collective ({s})"
     return None
 
 
