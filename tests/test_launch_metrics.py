@@ -544,7 +544,8 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule_on_a_live_run(tmp_p
     prom_port, base = prometheus
     # Trains until stopped: the rate windows need steps, not a lingering endpoint.
     job = jobs(tmp_path, base, "--layers", "32,64,64,1", "--global-batch-size", "64", "--lr", "1e-4",
-               "--max-steps", "10000000", "--log-every", "1000", "--progress", "none", name="run")
+               "--max-steps", "10000000", "--log-every", "5", "--eval-every", "50", "--progress", "none",
+               name="run")
     alerts = {rule["alert"]: rule["expr"] for rule in rules() if "alert" in rule}
     qs = queries()
     started = time.monotonic()
