@@ -70,7 +70,17 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = timedelta(seconds=timeout_s)
-    if "MASTER_ADDR" in os.environ:
+    if "MASTER_ADDR" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one TCPStore for the whole job, restarts included (torch
+        # 2.13), so after a restart the new workers would read the addresses the previous
+        # attempt's workers published there and connect to dead ports (Connection refused).
+        # One key prefix per attempt keeps each worker group to its own keys.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(be, store=dist.PrefixStore(f"ddp-fnn/attempt-{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+    elif "MASTER_ADDR" in os.environ:
         dist.init_process_group(be, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
     else:
         # Not launched by torchrun: a group of one in a HashStore (nothing listens).
