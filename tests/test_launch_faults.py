@@ -267,3 +267,43 @@ def test_diverged_replica_is_named(tmp_path):
     errors = sorted(line for line in job.stderr().splitlines() if line.startswith("ddp-fnn: error:"))
     assert errors == [f"ddp-fnn: error: rank {r}: replicas diverged at step 20: parameters differ between "
                       f"ranks 0,2 vs ranks 1 (--check-replicas-every)" for r in range(3)], job.stderr()[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# stop and resume at 3 ranks (where a gradient's place in a bucket decides the order of
+# the ring all-reduce's sums), and an elastic resume at another world size
+# ---------------------------------------------------------------------------------------
+
+def test_resume_at_three_ranks_is_bitwise_and_elastic_resume_is_announced(tmp_path):
+    args = ["--layers", "16,64,64,1", "--samples", "4096", "--global-batch-size", "96", "--momentum", "0.9",
+            "--checkpoint-every", "20", "--metrics-port", "0", "--progress", "none"]
+    ref = Job(tmp_path / "ref", [*args, "--max-steps", "60", "--checkpoint-dir", tmp_path / "ref" / "ck",
+                                 "--output", tmp_path / "ref" / "out"], nproc=3)
+    part = Job(tmp_path / "part", [*args, "--max-steps", "30", "--checkpoint-dir", tmp_path / "part" / "ck"], nproc=3)
+    try:
+        assert part.wait(300) == 0 or _aborted_at_exit(part), part.stderr()[-3000:]
+        assert ref.wait(300) == 0 or _aborted_at_exit(ref), ref.stderr()[-3000:]
+    finally:
+        part.cleanup()
+        ref.cleanup()
+    start = tmp_path / "part" / "ck" / "step-00000030.pt"
+    assert start.exists()
+    resumed = Job(tmp_path / "resumed", [*args, "--max-steps", "60", "--resume", start,
+                                         "--checkpoint-dir", tmp_path / "resumed" / "ck",
+                                         "--output", tmp_path / "resumed" / "out"], nproc=3)
+    elastic = Job(tmp_path / "elastic", [*args, "--max-steps", "60", "--resume", start,
+                                         "--checkpoint-dir", tmp_path / "elastic" / "ck",
+                                         "--output", tmp_path / "elastic" / "out"], nproc=2)
+    try:
+        assert resumed.wait(300) == 0 or _aborted_at_exit(resumed), resumed.stderr()[-3000:]
+        assert elastic.wait(300) == 0 or _aborted_at_exit(elastic), elastic.stderr()[-3000:]
+    finally:
+        resumed.cleanup()
+        elastic.cleanup()
+    a, b = _model(tmp_path / "resumed" / "out"), _model(tmp_path / "ref" / "out")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert "written at world size 3, this run has 2" in elastic.stderr()
+    e = _model(tmp_path / "elastic" / "out")
+    for k in e:                                  # the same math, summed in another order
+        assert torch.allclose(e[k], b[k], rtol=1e-4, atol=1e-5), k
