@@ -28,7 +28,13 @@ The last ``--keep`` checkpoints are kept.
 
 Saving is a collective (every rank calls ``Checkpointer.save``): rank 0 gathers each
 rank's RNG and hook state, then writes. Loading happens before the model is wrapped in
-DDP, on every rank, from the same file.
+DDP, on every rank, from the same file; after wrapping, ``settle_buckets`` gives DDP the
+bucket layout the uninterrupted run had (bitwise resume depends on it, see there).
+
+Also here, because they guard the same thing (a run's state being worth keeping):
+``all_finite`` (no NaN/Inf model is checkpointed or exported) and ``check_replicas``
+(``--check-replicas-every``: every rank's parameter hash compared).
+docs/fault-tolerance.md has the whole story.
 """
 
 from __future__ import annotations
@@ -235,15 +241,14 @@ def restore_hook(syncer, saved: dict | None, device: torch.device, exact: bool) 
     ps.total_numel_before_compression = saved["total_numel_before_compression"]
     ps.total_numel_after_compression = saved["total_numel_after_compression"]
     ps.next_stats_report = saved["next_stats_report"]
-    if exact:
-        ps.iter = saved["iter"]
-        ps.error_dict = {k: v.to(device) for k, v in saved["error"].items()}
-        ps.p_memory_dict = {k: v.to(device) for k, v in saved["p_memory"].items()}
-        ps.q_memory_dict = {k: v.to(device) for k, v in saved["q_memory"].items()}
-        return True
     ps.iter = saved["iter"]
-    ps.error_dict, ps.p_memory_dict, ps.q_memory_dict = {}, {}, {}
-    return False
+    if not exact:
+        ps.error_dict, ps.p_memory_dict, ps.q_memory_dict = {}, {}, {}
+        return False
+    ps.error_dict = {k: v.to(device) for k, v in saved["error"].items()}
+    ps.p_memory_dict = {k: v.to(device) for k, v in saved["p_memory"].items()}
+    ps.q_memory_dict = {k: v.to(device) for k, v in saved["q_memory"].items()}
+    return True
 
 
 # ---------------------------------------------------------------------------------------

@@ -346,3 +346,22 @@ def test_mismatched_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
                           "step-00000004.pt was written with other settings")
     assert "--layers 8,16,1 → 8,32,1" in line and "--lr 0.01 → 0.02" in line
     assert {p.name: p.read_bytes() for p in [*ck.iterdir(), *out.iterdir()]} == before
+
+
+def test_powersgd_state_at_another_world_size_keeps_iter_and_rng_and_drops_memories():
+    from types import SimpleNamespace
+
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    old = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+    old.iter, old.error_dict, old.p_memory_dict, old.q_memory_dict = 7, {0: torch.ones(5)}, {0: torch.ones(4)}, \
+        {0: torch.ones(3)}
+    old.rng.randint(10)
+    saved = ckpt.capture_hook(SimpleNamespace(hook_state=SimpleNamespace(powersgd=old)))
+    new = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+    syncer = SimpleNamespace(hook_state=SimpleNamespace(powersgd=new))
+    assert not ckpt.restore_hook(syncer, saved, torch.device("cpu"), exact=False)
+    assert new.iter == 7 and new.error_dict == new.p_memory_dict == new.q_memory_dict == {}
+    assert new.rng.randint(1 << 30) == old.rng.randint(1 << 30)
+    assert ckpt.restore_hook(syncer, saved, torch.device("cpu"), exact=True)
+    assert torch.equal(new.error_dict[0], torch.ones(5)) and torch.equal(new.q_memory_dict[0], torch.ones(3))
