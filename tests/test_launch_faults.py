@@ -264,9 +264,11 @@ def test_diverged_replica_is_named(tmp_path):
         assert job.wait(300) != 0
     finally:
         job.cleanup()
-    errors = sorted(line for line in job.stderr().splitlines() if line.startswith("ddp-fnn: error:"))
-    assert errors == [f"ddp-fnn: error: rank {r}: replicas diverged at step 20: parameters differ between "
-                      f"ranks 0,2 vs ranks 1 (--check-replicas-every)" for r in range(3)], job.stderr()[-2000:]
+    # Every rank reaches the same verdict; torchrun may stop the others once the first exits.
+    errors = {line for line in job.stderr().splitlines() if line.startswith("ddp-fnn: error:")}
+    expected = {f"ddp-fnn: error: rank {r}: replicas diverged at step 20: parameters differ between "
+                f"ranks 0,2 vs ranks 1 (--check-replicas-every)" for r in range(3)}
+    assert errors and errors <= expected, job.stderr()[-2000:]
 
 
 # ---------------------------------------------------------------------------------------
