@@ -350,13 +350,13 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
             time.sleep(cfg.metrics_linger)     # a feature: keeps /metrics up for a last scrape
         return 0
     except (TrainingError, ckpt.NonFiniteError, ckpt.ReplicaMismatchError) as e:
-        print(f"ddp-fnn: error: {e}", file=sys.stderr)
+        _say(f"ddp-fnn: error: {e}")
         return 1
     except RuntimeError as e:                  # DistBackendError and Gloo's plain RuntimeErrors
         message = _collective_failure(e, ctx.rank, cfg.timeout_s)
         if message is None:
             raise
-        print(f"ddp-fnn: error: {message}", file=sys.stderr)
+        _say(f"ddp-fnn: error: {message}")
         return 1
     finally:
         metrics.close()
@@ -365,7 +365,14 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
 
 def _note(message: str, kind: str = "note") -> None:
     """One line on stderr (rank 0 calls it): resumes, skipped checkpoints, skipped steps."""
-    print(f"ddp-fnn: {kind}: {message}", file=sys.stderr, flush=True)
+    _say(f"ddp-fnn: {kind}: {message}")
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks share torchrun's stderr, and print()'s
+    separate write of the newline lets another rank's line land in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _ranks_with(flag: bool, rank: int, world: int, device: torch.device) -> list[int]:
