@@ -194,8 +194,8 @@ def _bare_loop(tensor: torch.Tensor, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _measure_size(world: _World, nbytes: int, dtype: torch.dtype, iters: int, warmup: int) -> float:
-    """This rank's median seconds for an all-reduce of ``nbytes``."""
+def _warm_tensor(world: _World, nbytes: int, dtype: torch.dtype, warmup: int) -> torch.Tensor:
+    """A tensor of ``nbytes`` after ``warmup`` all-reduces, every rank past a barrier."""
     elt = torch.empty((), dtype=dtype).element_size()
     # Zeros: repeated sums stay finite and never go subnormal (which is slow on CPUs).
     tensor = torch.zeros(nbytes // elt, dtype=dtype, device=world.device)
@@ -203,7 +203,12 @@ def _measure_size(world: _World, nbytes: int, dtype: torch.dtype, iters: int, wa
     for _ in range(warmup):
         dist.all_reduce(tensor)
     _barrier(world)
-    return statistics.median(_timed_iters(tensor, iters))
+    return tensor
+
+
+def _measure_size(world: _World, nbytes: int, dtype: torch.dtype, iters: int, warmup: int) -> float:
+    """This rank's median seconds for an all-reduce of ``nbytes``."""
+    return statistics.median(_timed_iters(_warm_tensor(world, nbytes, dtype, warmup), iters))
 
 
 def _across_ranks(world: _World, value: float) -> list[float]:
@@ -364,12 +369,7 @@ def _compare_bare(world: _World, nbytes: int, dtype: torch.dtype, warmup: int, r
     times are skewed to the right and the median sits below the mean. Figures are
     averaged over ranks.
     """
-    elt = torch.empty((), dtype=dtype).element_size()
-    tensor = torch.zeros(nbytes // elt, dtype=dtype, device=world.device)
-    _barrier(world)
-    for _ in range(warmup):
-        dist.all_reduce(tensor)
-    _barrier(world)
+    tensor = _warm_tensor(world, nbytes, dtype, warmup)
     harness: list[float] = []
     bare: list[float] = []
     for _ in range(rounds):
