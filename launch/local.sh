@@ -25,13 +25,8 @@ if [ "${1:-}" = -n ]; then
     shift 2
 fi
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "the worker count (-n or NPROC_PER_NODE) must be a positive integer, got '$nproc'"
-if [ -n "${PYTHON:-}" ]; then
-    python=${PYTHON}
-elif [ -x "$repo/.venv/bin/python" ]; then
-    python=$repo/.venv/bin/python
-else
-    python=python3
-fi
+python=${PYTHON:-$repo/.venv/bin/python}      # PYTHON, else the repo's venv, else python3
+[ -n "${PYTHON:-}" ] || [ -x "$python" ] || python=python3
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for arg in "$@"; do
     if [ "$arg" = -h ] || [ "$arg" = --help ]; then

@@ -44,13 +44,8 @@ output_dir=${OUTPUT_DIR:-}
 max_restarts=${MAX_RESTARTS:-0}
 link_rate=${LINK_RATE:-}
 link_iface=${LINK_IFACE:-eth0}
-if [ -n "${PYTHON:-}" ]; then
-    python=${PYTHON}
-elif [ -x "$repo/.venv/bin/python" ]; then
-    python=$repo/.venv/bin/python
-else
-    python=python3
-fi
+python=${PYTHON:-$repo/.venv/bin/python}      # PYTHON, else the repo's venv, else python3
+[ -n "${PYTHON:-}" ] || [ -x "$python" ] || python=python3
 
 [[ $nnodes =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || die "NNODES must be N or MIN:MAX (positive integers), got '$nnodes'"
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
