@@ -118,9 +118,15 @@ class Synchroniser:
         self.world_size = world_size
         self.recorder = recorder
         self.hook_state: _HookState | None = None
+        self.bucket_mb = bucket_mb
         if mode == "ddp":
+            if compression == "powersgd" and dist.get_backend() == "gloo":
+                # PowerSGD's hook waits on an all-reduce inside another's completion callback;
+                # on Gloo, with several buckets in flight, those waits can hold every worker
+                # thread and the step deadlocks. One bucket has nothing in flight beside it.
+                self.bucket_mb = max(bucket_mb, gradient_bytes(model) / 2 ** 20 + 1)
             device_ids = [device.index] if device is not None and device.type == "cuda" else None
-            self.model = DDP(model, device_ids=device_ids, bucket_cap_mb=bucket_mb)
+            self.model = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
             ps = None
             if compression == "powersgd":
                 # start_powerSGD_iter=2: the smallest DDP allows with error feedback; the first

@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     dist.all_gather_object(ranks, mine)
     result = {
         "world_size": world, "backend": ctx.backend, "device": str(device), "sync": cfg.sync,
-        "compression": cfg.compression, "layers": list(cfg.layers), "parameters": syncer.module.num_parameters(),
+        "compression": cfg.compression, "bucket_mb": syncer.bucket_mb, "layers": list(cfg.layers), "parameters": syncer.module.num_parameters(),
         "gradient_bytes": gradient_bytes(syncer.module), "global_batch_size": cfg.global_batch_size,
         "grad_accum": cfg.grad_accum, "steps": step, "stop_reason": stop_reason,
         "samples": step * cfg.global_batch_size, "epochs_completed": step / batches.steps_per_epoch,
