@@ -235,8 +235,16 @@ def probe(world: _World, largest_bytes: int, points: int = 4, iters: int = 5, wa
     """Fit alpha and beta to fp32 all-reduces of ``points`` sizes, halving down from
     ``largest_bytes`` (the largest gradient bucket), in the group ``world`` has joined.
 
+    What it predicts is a run's mean communication time per step, a sum of bucket
+    all-reduce times dominated by the largest buckets. So each size's time is the mean of
+    its calls, not the median (per-call times on a loaded host are skewed to the right and
+    their median sits below the mean the run reports), and the line is fitted by plain
+    least squares (``relative=False``): the sizes span one decade, and a fit on relative
+    error weights the smallest size as much as the largest, which on a fabric whose cost
+    per byte grows with the size (CPU caches) puts the line below the largest buckets.
+
     Returns ``{"alpha_s", "beta_bytes_per_second", "sizes", "times_s", "wire_bytes", ...}``
-    (the same on every rank: each size's time is the mean of the ranks' medians),
+    (the same on every rank: each size's time is the mean over ranks of each rank's mean),
     ``{"error": ...}`` when no fit is possible, or ``{}`` at world size 1, where nothing
     crosses the network. ``wire_bytes`` is what the
     probe itself sent from this rank, so a byte count can leave it out."""
@@ -245,10 +253,11 @@ def probe(world: _World, largest_bytes: int, points: int = 4, iters: int = 5, wa
         return {}
     top = max(4096, largest_bytes - largest_bytes % 4)
     sizes = sorted({max(4096, (top >> k) - (top >> k) % 4) for k in range(points)})
-    times = [statistics.fmean(_across_ranks(world, _measure_size(world, s, torch.float32, iters, warmup)))
+    times = [statistics.fmean(_across_ranks(world, statistics.fmean(
+                 _timed_iters(_warm_tensor(world, s, torch.float32, warmup), iters))))
              for s in sizes]
     try:
-        fit = netmodel.fit_alpha_beta(sizes, times, n)
+        fit = netmodel.fit_alpha_beta(sizes, times, n, relative=False)
     except ValueError as e:               # e.g. times that do not grow with size on a noisy host
         return {"error": str(e), "sizes": sizes, "times_s": times}
     return {"alpha_s": fit.alpha_s, "beta_bytes_per_second": fit.beta_bytes_per_second,
