@@ -2,9 +2,10 @@
 with each node's egress unshaped, capped at 1 Gbit/s and at 100 Mbit/s.
 
 Needs root, iproute2 (ip, tc) and util-linux (unshare), as launch/netns-cluster.sh does.
-The figures in README.md and docs/links.md came from this command:
+The figures in README.md and docs/links.md came from this command, run as root (--out
+only chooses where the runs' logs and summaries go):
 
-    sudo .venv/bin/python benchmarks/netns_links.py --json links.json
+    .venv/bin/python benchmarks/netns_links.py --out DIR --json links.json
 
 For every (nodes, link rate) it runs, one after the other (the runs share the machine's
 cores, so they must not overlap),
