@@ -8,12 +8,19 @@ opens no port.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: imported later (DDP's constructor
+# does it), torch.distributed.nn's functions capture the default group in their default
+# arguments and keep it, and its Gloo threads, alive past destroy_process_group(); those
+# threads then die in interpreter finalisation and abort the process ("terminate called
+# without an active exception"). docs/shutdown.md has the measurements.
+import torch.distributed.nn  # noqa: F401
 
 from ddp_fnn.config import ConfigError
 
@@ -90,6 +97,11 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0)
 
 
 def teardown() -> None:
-    """Leave the process group (a no-op if it was never joined or is already gone)."""
+    """Leave the process group (a no-op if it was never joined or is already gone).
+
+    Collect garbage first: a DDP wrapper or a communication hook's state that is only
+    unreachable, not yet freed, still holds the group, and destroy_process_group() can
+    free the group and join its threads only when nothing else does."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
