@@ -85,7 +85,7 @@ def test_powersgd_runs_and_converges(tmp_path):
 
 
 def test_target_loss_stops_every_rank_on_the_same_step(tmp_path):
-    args = ("train", "--layers", "16,64,1", "--samples", "4096", "--global-batch-size", "64", "--epochs", "20",
+    args = ("train", "--layers", "16,64,1", "--samples", "4096", "--global-batch-size", "48", "--epochs", "20",
             "--lr", "0.05", "--metrics-port", "0", "--progress", "none", "--target-loss", "0.3",
             "--output", str(tmp_path))
     r = torchrun(3, *args)
@@ -93,7 +93,7 @@ def test_target_loss_stops_every_rank_on_the_same_step(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     steps = [rank["steps"] for rank in s["ranks"]]
     assert s["stop_reason"] == "target-loss" and s["final_train_loss"] <= 0.3
-    assert len(set(steps)) == 1 and steps[0] < 20 * (3276 // 64)
+    assert len(set(steps)) == 1 and steps[0] < 20 * (3277 // 48)
 
 
 def test_real_csv_classification_two_ranks_match_one(tmp_path):
