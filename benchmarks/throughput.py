@@ -36,7 +36,7 @@ from ddp_fnn import dist as ddist
 from ddp_fnn import trainer
 from ddp_fnn.config import TrainConfig
 from ddp_fnn.data import GlobalBatches, load_dataset
-from ddp_fnn.metrics import Metrics, NullMetrics
+from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
 from ddp_fnn.model import build_fnn
 
 
@@ -52,6 +52,19 @@ def bare_ddp(cfg: TrainConfig, ctx: ddist.DistContext, ds) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def observe_cost_us(world_size: int, steps: int = 20000) -> float:
+    """Microseconds one step's metrics cost on their own: Metrics.observe and Summary.add
+    of a step record like a real one (4 phases, one collective), in a fresh registry."""
+    m, summary = Metrics(0, world_size, {"device": "cpu"}), Summary(world_size)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        rec = StepRecord(step=i + 1, samples=256, step_s=0.05, phases=dict.fromkeys(PHASES, 0.01),
+                         exposed_s=0.002, collectives=[(4_000_000, 1, 0.03, 0.045)], timestamp=time.time())
+        m.observe(rec)
+        summary.add(rec)
+    return (time.perf_counter() - t0) / steps * 1e6
 
 
 def main() -> None:
@@ -93,6 +106,7 @@ def main() -> None:
             dist.barrier()
             rates[name].append(args.steps * args.global_batch_size / (time.perf_counter() - t0))
     metrics.close()
+    observe_us = observe_cost_us(ctx.world_size)
     if ctx.is_master:
         med = {n: statistics.median(v) for n, v in rates.items()}
         print(f"world size {ctx.world_size}, layers {args.layers}, global batch {args.global_batch_size}, "
@@ -101,12 +115,16 @@ def main() -> None:
             print(f"  {n:<15} {med[n]:>10,.0f}   {min(rates[n]):,.0f}..{max(rates[n]):,.0f}")
         on_off = med["metrics on"] / med["metrics off"]
         on_bare = med["metrics on"] / med["bare DDP loop"]
+        step_us = args.global_batch_size / med["metrics on"] * 1e6
+        print(f"  metrics' own cost per step (observe + summary, timed alone): {observe_us:.1f} us "
+              f"= {observe_us / step_us:.3%} of a {step_us / 1e3:.1f} ms step")
         print(f"  ratio metrics on / metrics off:   {on_off:.3f}")
         print(f"  ratio metrics on / bare DDP loop: {on_bare:.3f}")
         if args.json_file:
             with open(args.json_file, "w") as f:
                 json.dump({"config": dataclasses.asdict(cfg) | {"output": None}, "rates": rates, "median": med,
-                           "ratio_on_off": on_off, "ratio_on_bare": on_bare, "world_size": ctx.world_size},
+                           "ratio_on_off": on_off, "ratio_on_bare": on_bare, "world_size": ctx.world_size,
+                           "observe_cost_us": observe_us},
                           f, indent=2, default=str)
     ddist.teardown()
 
