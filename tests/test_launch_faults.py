@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -107,13 +106,6 @@ class Job:
                         pass
             self.proc.kill()
             self.proc.wait(timeout=30)
-
-
-def _aborted_at_exit(job: Job) -> bool:
-    """A worker died of SIGABRT ("terminate called without an active exception") after the
-    run had finished its work: an exit-time abort in the Gloo teardown that is not this
-    test's subject. The outputs were written before it."""
-    return "terminate called without an active exception" in job.stderr() and "(SIGABRT)" in job.stderr()
 
 
 def _model(out: Path) -> dict:
@@ -225,7 +217,7 @@ def test_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path):
         rc = job.wait(300)
     finally:
         job.cleanup()
-    assert rc == 0 or _aborted_at_exit(job), job.stderr()[-3000:]
+    assert rc == 0, job.stderr()[-3000:]
     for step, rank in hits:
         assert f"step {step}: non-finite loss on rank {rank}; skipped on every rank" in job.stderr()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -283,8 +275,8 @@ def test_resume_at_three_ranks_is_bitwise_and_elastic_resume_is_announced(tmp_pa
                                  "--output", tmp_path / "ref" / "out"], nproc=3)
     part = Job(tmp_path / "part", [*args, "--max-steps", "30", "--checkpoint-dir", tmp_path / "part" / "ck"], nproc=3)
     try:
-        assert part.wait(300) == 0 or _aborted_at_exit(part), part.stderr()[-3000:]
-        assert ref.wait(300) == 0 or _aborted_at_exit(ref), ref.stderr()[-3000:]
+        assert part.wait(300) == 0, part.stderr()[-3000:]
+        assert ref.wait(300) == 0, ref.stderr()[-3000:]
     finally:
         part.cleanup()
         ref.cleanup()
@@ -297,8 +289,8 @@ def test_resume_at_three_ranks_is_bitwise_and_elastic_resume_is_announced(tmp_pa
                                          "--checkpoint-dir", tmp_path / "elastic" / "ck",
                                          "--output", tmp_path / "elastic" / "out"], nproc=2)
     try:
-        assert resumed.wait(300) == 0 or _aborted_at_exit(resumed), resumed.stderr()[-3000:]
-        assert elastic.wait(300) == 0 or _aborted_at_exit(elastic), elastic.stderr()[-3000:]
+        assert resumed.wait(300) == 0, resumed.stderr()[-3000:]
+        assert elastic.wait(300) == 0, elastic.stderr()[-3000:]
     finally:
         resumed.cleanup()
         elastic.cleanup()

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port
 from ddp_fnn.netmodel import bucket_layout, parameter_count, ring_wire_bytes
-from test_deploy import PROM_DIR, RULE_FILES, dashboard_queries, rules
+from test_deploy import PROM_DIR, dashboard_queries, rules
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 NPROC = 2
