@@ -17,22 +17,15 @@ benchmark's own runner, so the test checks the figures the README's table shows.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import sys
 
 import pytest
 
 from conftest import REPO
+from test_launch_netns import pytestmark as netns_marks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="network namespaces need Linux"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs 'ip' (iproute2)"),
-    pytest.mark.skipif(shutil.which("tc") is None, reason="needs 'tc' (iproute2)"),
-    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs 'unshare' (util-linux)"),
-]
+# What the namespace cluster needs (test_launch_netns), and tc for the shaping.
+pytestmark = [*netns_marks, pytest.mark.skipif(shutil.which("tc") is None, reason="needs 'tc' (iproute2)")]
 
 RATE = "1gbit"
 LINK_BYTES_PER_SECOND = 125e6          # 1 Gbit/s
