@@ -59,12 +59,13 @@ class Dataset:
 
     def fetch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows as float32 features and targets on ``device``; reads only those rows."""
-        order = np.sort(rows)                      # sequential reads from a memmap
-        x = np.asarray(self.x[order], dtype=np.float32)
-        y = np.asarray(self.y[order])
+        order = np.argsort(rows)                   # read in ascending rows: sequential on a memmap
+        x = np.asarray(self.x[rows[order]], dtype=np.float32)
+        y = np.asarray(self.y[rows[order]])
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        back = np.argsort(np.argsort(rows))        # restore the sampler's order
+        back = np.empty_like(order)                # then restore the sampler's order
+        back[order] = np.arange(len(order))
         xt = torch.from_numpy(np.ascontiguousarray(x[back]))
         yt = torch.from_numpy(np.ascontiguousarray(y[back]))
         yt = yt.long() if self.task == "classification" else yt.float()
