@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch.distributed as dist
 
 from ddp_fnn import dist as ddist
 from ddp_fnn import netmodel
+from ddp_fnn.observe import Clock, Stopwatch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -164,21 +164,13 @@ def _barrier(world: _World) -> None:
 
 def _timed_iters(tensor: torch.Tensor, iters: int) -> list[float]:
     """Seconds of each of ``iters`` all-reduces of ``tensor``, one at a time."""
-    if tensor.is_cuda:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            dist.all_reduce(tensor)
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1000.0 for start, end in events]
-    times = []
+    clock = Clock(tensor.device)
+    marks = []
     for _ in range(iters):
-        t0 = time.perf_counter()
-        dist.all_reduce(tensor)  # Gloo: returns when the reduced data is in `tensor`
-        times.append(time.perf_counter() - t0)
-    return times
+        start = clock.mark()
+        dist.all_reduce(tensor)  # Gloo: returns when the reduced data is in `tensor`; CUDA: events
+        marks.append((start, clock.mark()))
+    return [clock.seconds(start, end) for start, end in marks]
 
 
 def _bare_loop(tensor: torch.Tensor, iters: int) -> float:
@@ -186,12 +178,12 @@ def _bare_loop(tensor: torch.Tensor, iters: int) -> float:
     loop anyone would write, with nothing of the harness in it."""
     if tensor.is_cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     for _ in range(iters):
         dist.all_reduce(tensor)
     if tensor.is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+    return watch.seconds() / iters
 
 
 def _warm_tensor(world: _World, nbytes: int, dtype: torch.dtype, warmup: int) -> torch.Tensor:
@@ -274,15 +266,15 @@ def probe(world: _World, largest_bytes: int, points: int = 4, iters: int = 5, wa
 
 def run(cfg: BenchConfig) -> dict:
     """Run the sweep in this process's group; every rank returns the same report dict."""
-    wall0 = time.perf_counter()
+    wall = Stopwatch()
     world = _bring_up(cfg.backend, cfg.timeout_s)
     try:
-        return _run(cfg, world, wall0)
+        return _run(cfg, world, wall)
     finally:
         _tear_down()
 
 
-def _run(cfg: BenchConfig, world: _World, wall0: float) -> dict:
+def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
     default_sizes, default_iters, default_warmup = DEFAULTS[world.backend]
     sizes = parse_sizes(cfg.sizes if cfg.sizes is not None else default_sizes)
     iters = cfg.iters if cfg.iters is not None else default_iters
@@ -354,7 +346,7 @@ def _run(cfg: BenchConfig, world: _World, wall0: float) -> dict:
         "beta_bytes_per_second": fit.beta_bytes_per_second if fit else None,
         "fit": fit.to_dict() if fit else None,
         "compare_bare": compare,
-        "wall_time_s": time.perf_counter() - wall0,
+        "wall_time_s": wall.seconds(),
     }
     if world.rank == 0 and cfg.json_path is not None:
         cfg.json_path.parent.mkdir(parents=True, exist_ok=True)

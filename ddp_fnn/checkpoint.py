@@ -28,7 +28,7 @@ The last ``--keep`` checkpoints are kept.
 
 Saving is a collective (every rank calls ``Checkpointer.save``): rank 0 gathers each
 rank's RNG and hook state, then writes. Loading happens before the model is wrapped in
-DDP, on every rank, from the same file; after wrapping, ``settle_buckets`` gives DDP the
+DDP, on every rank, from the same file; after wrapping, ``Synchroniser.settle_buckets`` gives DDP the
 bucket layout the uninterrupted run had (bitwise resume depends on it, see there).
 
 Also here, because they guard the same thing (a run's state being worth keeping):
@@ -181,13 +181,15 @@ def prune(directory: Path, newest_step: int, keep: int) -> list[Path]:
 # RNG and communication-hook state as plain tensors and numbers
 # ---------------------------------------------------------------------------------------
 
-def _np_state(state: tuple) -> dict:
+def np_state(state: tuple) -> dict:
+    """A NumPy RandomState's get_state() as tensors and numbers (weights-only loadable)."""
     kind, keys, pos, has_gauss, cached = state
     return {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
-def _np_tuple(d: dict) -> tuple:
+def np_tuple(d: dict) -> tuple:
+    """The inverse of ``np_state``."""
     return (d["kind"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached_gaussian"])
 
 
@@ -195,7 +197,7 @@ def capture_rng(device: torch.device) -> dict:
     version, internal, gauss = random.getstate()
     st = {"torch": torch.get_rng_state(),
           "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-          "numpy": _np_state(np.random.get_state())}
+          "numpy": np_state(np.random.get_state())}
     if device.type == "cuda":
         st["cuda"] = torch.cuda.get_rng_state(device)
     return st
@@ -205,50 +207,9 @@ def restore_rng(st: dict, device: torch.device) -> None:
     torch.set_rng_state(st["torch"])
     py = st["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    np.random.set_state(_np_tuple(st["numpy"]))
+    np.random.set_state(np_tuple(st["numpy"]))
     if device.type == "cuda" and st.get("cuda") is not None:
         torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def _cpu_dict(d: dict) -> dict:
-    return {int(k): v.detach().cpu().clone() for k, v in d.items()}
-
-
-def capture_hook(syncer) -> dict | None:
-    """This rank's communication-hook state (PowerSGD), or None for stateless hooks."""
-    hs = getattr(syncer, "hook_state", None)
-    if hs is None or hs.powersgd is None:
-        return None
-    ps = hs.powersgd
-    return {"kind": "powersgd", "iter": int(ps.iter), "rng": _np_state(ps.rng.get_state()),
-            "error": _cpu_dict(ps.error_dict), "p_memory": _cpu_dict(ps.p_memory_dict),
-            "q_memory": _cpu_dict(ps.q_memory_dict),
-            "total_numel_before_compression": int(ps.total_numel_before_compression),
-            "total_numel_after_compression": int(ps.total_numel_after_compression),
-            "next_stats_report": int(ps.next_stats_report)}
-
-
-def restore_hook(syncer, saved: dict | None, device: torch.device, exact: bool) -> bool:
-    """Put a saved PowerSGD state into ``syncer``'s hook. With ``exact`` false (another world
-    size, whose ranks' error feedback cannot be mapped, or another bucket layout), the
-    per-bucket memories are dropped: PowerSGD goes on with zero error feedback and fresh
-    random Qs from its restored RNG. Returns whether the state was restored exactly."""
-    hs = getattr(syncer, "hook_state", None)
-    if hs is None or hs.powersgd is None or saved is None or saved.get("kind") != "powersgd":
-        return True
-    ps = hs.powersgd
-    ps.rng.set_state(_np_tuple(saved["rng"]))
-    ps.total_numel_before_compression = saved["total_numel_before_compression"]
-    ps.total_numel_after_compression = saved["total_numel_after_compression"]
-    ps.next_stats_report = saved["next_stats_report"]
-    ps.iter = saved["iter"]
-    if not exact:
-        ps.error_dict, ps.p_memory_dict, ps.q_memory_dict = {}, {}, {}
-        return False
-    ps.error_dict = {k: v.to(device) for k, v in saved["error"].items()}
-    ps.p_memory_dict = {k: v.to(device) for k, v in saved["p_memory"].items()}
-    ps.q_memory_dict = {k: v.to(device) for k, v in saved["q_memory"].items()}
-    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,40 +292,19 @@ def restore(resume: Resume, model: torch.nn.Module, device: torch.device, rank: 
     restore_rng(mine["rng"], device)
 
 
-def settle_buckets(syncer, device: torch.device) -> None:
-    """Collective. DDP reduces its first iteration in one bucket holding every gradient in
-    parameter order, then rebuilds its buckets in the order the gradients became ready.
-    The uninterrupted run computed step s with the rebuilt layout, so a resumed run must
-    too: PowerSGD's memories are flat per-bucket buffers, and with 3+ ranks a gradient's
-    position in a bucket decides the order in which the ring all-reduce adds it up. One
-    throw-away forward and backward (all-reduced plainly, gradients discarded, no RNG
-    drawn) makes DDP rebuild before the first real step."""
-    if getattr(syncer, "mode", None) != "ddp":
-        return
-    hs = syncer.hook_state
-    compression, hs.compression = hs.compression, "none"
-    try:
-        x = torch.zeros(1, syncer.module.widths[0], device=device)
-        syncer.model(x).sum().backward()
-    finally:
-        hs.compression = compression
-    syncer.module.zero_grad(set_to_none=True)
-    syncer.recorder.take()
-
-
 def restore_after_wrap(resume: Resume, optimizer: torch.optim.Optimizer, syncer, device: torch.device,
                        rank: int, world_size: int, bucket_mb: float) -> bool:
     """Collective, after DDP wraps the model: the optimizer's state, DDP's bucket layout,
     the hook's state. Returns whether the hook state was restored exactly (see
-    ``restore_hook``): it is when the world size and ``--bucket-mb`` are those of the run
+    ``Synchroniser.load_state_dict``): it is when the world size and ``--bucket-mb`` are those of the run
     that wrote the checkpoint."""
     optimizer.load_state_dict(resume.state["optimizer"])
-    settle_buckets(syncer, device)
+    syncer.settle_buckets(device)
     ranks = resume.state["ranks"]
     same_world = world_size == resume.state["world_size"]
     mine = ranks[rank] if same_world else ranks[0]
     exact = same_world and resume.state.get("bucket_mb") == bucket_mb
-    return restore_hook(syncer, mine.get("hook"), device, exact)
+    return syncer.load_state_dict(mine.get("hook"), device, exact)
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,7 +335,7 @@ class Checkpointer:
         if not all_finite(model):
             raise NonFiniteError(f"rank {self.rank}: parameters are not finite after step {step}; "
                                  f"not writing a checkpoint")
-        mine = {"rng": capture_rng(self.device), "hook": capture_hook(syncer)}
+        mine = {"rng": capture_rng(self.device), "hook": syncer.state_dict()}
         ranks = [None] * self.world_size if self.rank == 0 else None
         if self.world_size > 1:
             dist.gather_object(mine, ranks, dst=0)

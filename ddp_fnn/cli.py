@@ -64,7 +64,8 @@ def _config_options(func):
         kwargs = dict(help=meta["help"], envvar="DDP_FNN_" + name.upper(), show_default=True)
         if meta.get("flag"):
             kwargs.update(is_flag=True, default=default)
-            flag = f"{flag}/--no-{name.replace('_', '-')}"
+            if not meta.get("single"):
+                flag = f"{flag}/--no-{name.replace('_', '-')}"
         elif meta.get("choices"):
             kwargs.update(type=click.Choice(meta["choices"]), default=default)
         elif type_name.startswith("tuple"):

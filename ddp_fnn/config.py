@@ -21,10 +21,13 @@ class ConfigError(ValueError):
     """A user's setting is wrong; the message is one line naming the option and value."""
 
 
-def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, file: bool = False):
+def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, file: bool = False,
+        single: bool = False):
     """A config field with its CLI help (and choices for string enums; ``file`` for a Path
-    that names a file, where other Paths name directories)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "file": file})
+    that names a file, where other Paths name directories; ``single`` for a flag that has
+    no --no- twin, such as --no-steps-file)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "file": file,
+                                            "single": single})
 
 
 def parse_layers(text: str | tuple[int, ...]) -> tuple[int, ...]:
@@ -94,7 +97,16 @@ class TrainConfig:
                                     "compared across ranks; a mismatch stops the job). 0 turns it off.")
     # ---- observation and output -------------------------------------------------------
     output: Path | None = opt(None, "Directory where rank 0 writes model.pt and summary.json.")
-    log_every: int = opt(10, "Steps between progress lines (rank 0).")
+    steps_file: Path | None = opt(None, "Where this rank writes its step file (one JSON object per optimizer step; "
+                                  "{rank} in the name is replaced). Default: DIR/steps-rank{R}.jsonl with "
+                                  "--output DIR.", file=True)
+    no_steps_file: bool = opt(False, "Write no step file.", flag=True, single=True)
+    timeline: str | None = opt(None, "A:B: write DIR/timeline.json (--output DIR; Chrome Trace Event Format, "
+                               "opens in ui.perfetto.dev) for optimizer steps A..B of every rank.")
+    ddp_logger: bool = opt(False, "Witness: sample PyTorch DDP's own logger every iteration and write its timings "
+                           "to DIR/ddp-logger-rank{R}.jsonl beside the step file (--sync ddp, --output DIR).",
+                           flag=True)
+    log_every: int = opt(10, "Steps between progress lines (rank 0) and step-file writes.")
     eval_every: int = opt(0, "Steps between evaluations on the held-out split (0: only at the end).")
     bench_json: Path | None = opt(None, "A `ddp-fnn bench --json` file: its alpha and beta feed the cost model's "
                                   "prediction of this run's communication (summary.json predicted_*).", file=True)
@@ -131,6 +143,19 @@ class TrainConfig:
         need(self.bucket_mb > 0.0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
         need(self.powersgd_rank >= 1, f"--powersgd-rank must be >= 1, got {self.powersgd_rank}")
         need(self.timeout_s > 0.0, f"--timeout-s must be > 0, got {self.timeout_s}")
+        if self.steps_file is not None:
+            object.__setattr__(self, "steps_file", Path(self.steps_file))
+        need(not (self.no_steps_file and self.steps_file is not None),
+             f"--no-steps-file and --steps-file {self.steps_file} contradict each other")
+        if self.timeline is not None:
+            from ddp_fnn.timeline import parse_range
+            try:
+                parse_range(self.timeline)
+            except ValueError as e:
+                raise ConfigError(f"--timeline {self.timeline}: {e}") from None
+            need(self.output is not None, f"--timeline {self.timeline} needs --output DIR (where timeline.json goes)")
+        need(not self.ddp_logger or (self.sync == "ddp" and self.output is not None),
+             "--ddp-logger needs --sync ddp and --output DIR (where ddp-logger-rank{R}.jsonl goes)")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         if self.bench_json is not None:
@@ -159,12 +184,27 @@ class TrainConfig:
                               f"grad-accum = {world_size} x {self.grad_accum}")
         return self.global_batch_size // div
 
+    @property
+    def timeline_steps(self) -> tuple[int, int] | None:
+        """--timeline A:B as (A, B), or None."""
+        from ddp_fnn.timeline import parse_range
+        return parse_range(self.timeline) if self.timeline is not None else None
+
+    def steps_file_path(self, rank: int) -> Path | None:
+        """This rank's step file, or None when there is none."""
+        if self.no_steps_file:
+            return None
+        if self.steps_file is not None:
+            return Path(str(self.steps_file).replace("{rank}", str(rank)))
+        return self.output / f"steps-rank{rank}.jsonl" if self.output is not None else None
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["output"] = str(self.output) if self.output is not None else None
         d["bench_json"] = str(self.bench_json) if self.bench_json is not None else None
         d["checkpoint_dir"] = str(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        d["steps_file"] = str(self.steps_file) if self.steps_file is not None else None
         return d
 
 

@@ -4,13 +4,9 @@ The only module that imports prometheus_client. Every metric carries ``rank`` (t
 global rank); names carry base units and Prometheus' type suffixes. The names are a
 contract: deploy/prometheus rules, the Grafana dashboard and users' queries use them.
 
-Definitions (per step, on this rank):
+Every figure comes from ``observe.StepRecord``s; the definitions (comm time, comm span,
+exposed communication, sync tail) are in observe.py and docs/metrics.md. Here:
 
-* comm time: the length of the union of the step's collectives' [launch, completion]
-  intervals, i.e. the time the network was busy with this step's gradients.
-* exposed comm: time the step waited for gradient sync after this rank's own gradient
-  computation had finished (ddp: end of backward minus the last bucket's launch;
-  allreduce: the whole flat all-reduce).
 * wire bytes: bytes this rank sends, from the algorithm's formula. Gloo and NCCL's ring
   all-reduce send 2(N-1)/N x payload per rank (reduce-scatter then all-gather, each
   N-1 steps of payload/N); see docs/metrics.md and ddp_fnn/netmodel.py.
@@ -22,52 +18,16 @@ from __future__ import annotations
 import errno
 import statistics
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.exposition import push_to_gateway
 
 from ddp_fnn.config import ConfigError
 from ddp_fnn.netmodel import busbw_factor, ring_wire_bytes
+from ddp_fnn.observe import PHASES, StepRecord
 
-PHASES = ("data", "forward", "backward", "optimizer")
 # 100 us .. 10 s: an FNN step on CPU is often well under the client's default 5 ms floor.
 TIME_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass
-class StepRecord:
-    """What one optimizer step took on this rank (seconds, bytes)."""
-    step: int                                  # 1-based optimizer step
-    samples: int                               # this rank's samples in the step
-    step_s: float
-    phases: dict[str, float]                   # PHASES -> seconds
-    exposed_s: float
-    collectives: list[tuple[int, int, float, float]]  # (payload bytes, calls, start s, end s) from step start
-    timestamp: float                           # unix time at the end of the step
-
-    @property
-    def payload_bytes(self) -> int:
-        return sum(c[0] for c in self.collectives)
-
-    @property
-    def calls(self) -> int:
-        return sum(c[1] for c in self.collectives)
-
-    @cached_property
-    def comm_s(self) -> float:
-        """Length of the union of the collectives' busy intervals."""
-        total, cur_start, cur_end = 0.0, None, None
-        for _, _, start, end in sorted(self.collectives, key=lambda c: c[2]):
-            if cur_end is None or start > cur_end:
-                if cur_end is not None:
-                    total += cur_end - cur_start
-                cur_start, cur_end = start, end
-            else:
-                cur_end = max(cur_end, end)
-        if cur_end is not None:
-            total += cur_end - cur_start
-        return total
 
 
 @dataclass
@@ -77,6 +37,8 @@ class Summary:
     step_s: list[float] = field(default_factory=list)
     exposed_s: list[float] = field(default_factory=list)
     comm_s: list[float] = field(default_factory=list)
+    span_s: list[float] = field(default_factory=list)
+    tail_s: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     payload: list[int] = field(default_factory=list)
     samples: int = 0
@@ -85,6 +47,8 @@ class Summary:
         self.step_s.append(rec.step_s)
         self.exposed_s.append(rec.exposed_s)
         self.comm_s.append(rec.comm_s)
+        self.span_s.append(rec.comm_span_s)
+        self.tail_s.append(rec.tail_s)
         self.calls.append(rec.calls)
         self.payload.append(rec.payload_bytes)
         self.samples += rec.samples
@@ -110,7 +74,9 @@ class Summary:
             "allreduce_payload_bytes_total": sum(self.payload),
             "allreduce_wire_bytes_total": ring_wire_bytes(sum(self.payload), self.world_size),
             "comm_time_per_step_s": statistics.fmean(comm),
+            "comm_span_per_step_s": statistics.fmean(self.span_s[t]),
             "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
+            "sync_tail_per_step_s": statistics.fmean(self.tail_s[t]),
             "algbw_bytes_per_second": algbw,
             "busbw_bytes_per_second": algbw * busbw_factor(self.world_size),
         }
@@ -134,8 +100,13 @@ class Metrics:
                                         "for gradient sync is ddp_fnn_sync_exposed_duration_seconds).",
                                         r + ["phase"], buckets=TIME_BUCKETS, registry=reg)
         self.exposed = Histogram("ddp_fnn_sync_exposed_duration_seconds",
-                                 "Time a step waited for gradient sync after this rank's gradients were computed.",
+                                 "Exposed communication: the part of a step's all-reduce time after this rank's "
+                                 "gradients were all handed over (never more than the comm time).",
                                  r, buckets=TIME_BUCKETS, registry=reg)
+        self.tail = Histogram("ddp_fnn_sync_tail_duration_seconds",
+                              "Sync wait of a step that is not communication: DDP's finalize (reduced buckets "
+                              "copied back) or the flat mode's flatten and copy-back.",
+                              r, buckets=TIME_BUCKETS, registry=reg)
         self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
@@ -167,6 +138,7 @@ class Metrics:
         self._step_duration = self.step_duration.labels(self.rank)
         self._phase = {p: self.phase_duration.labels(self.rank, p) for p in PHASES}
         self._exposed = self.exposed.labels(self.rank)
+        self._tail = self.tail.labels(self.rank)
         self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
@@ -181,18 +153,19 @@ class Metrics:
         for p in PHASES:
             self._phase[p].observe(rec.phases[p])
         self._exposed.observe(rec.exposed_s)
+        self._tail.observe(rec.tail_s)
         payload = rec.payload_bytes
         if rec.collectives:
             self._calls.inc(rec.calls)
             self._payload.inc(payload)
             self._wire.inc(ring_wire_bytes(payload, self.world_size))
-            for _, _, start, end in rec.collectives:
-                self._ar_duration.observe(end - start)
+            for c in rec.collectives:
+                self._ar_duration.observe(c.duration_s)
             comm = rec.comm_s
             if comm > 0:
                 self._algbw.set(payload / comm)
                 self._busbw.set(payload / comm * busbw_factor(self.world_size))
-        self._last_step.set(rec.timestamp)
+        self._last_step.set(rec.time_unix_s + rec.step_s)
 
     def set_gradient_bytes(self, nbytes: int) -> None:
         self.grad_bytes.labels(self.rank).set(nbytes)

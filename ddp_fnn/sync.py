@@ -10,15 +10,19 @@ Two ways, chosen by ``--sync``:
   one buffer, all-reduced once (SUM), divided by the world size and copied back. Nothing
   overlaps: the whole all-reduce is exposed.
 
-Every collective lands in a ``CommRecorder`` as (payload bytes, launch, completion) in
-the clock's units; ``metrics.py`` turns those into Prometheus figures. This module does
-not import Prometheus.
+Every collective is reported to an ``observe.Observer`` (bucket index, payload bytes,
+launch and completion marks); observe.py turns those into seconds and metrics.py into
+Prometheus figures. This module does not import Prometheus.
+
+The Synchroniser owns its own state: ``state_dict()``/``load_state_dict()`` (PowerSGD's
+error feedback, P/Q memories, iteration and RNG, for checkpoints) and ``settle_buckets()``
+(DDP's rebuilt bucket layout before a resumed run's first step).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,37 +30,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_fnn.timing import Clock
-
-
-@dataclass
-class Collective:
-    payload_bytes: int    # bytes of the tensors handed to all-reduce (after compression)
-    calls: int            # all-reduce calls behind this record (PowerSGD makes 3 per bucket)
-    launched: object      # clock mark: when the hook handed the bucket over
-    done: object = None   # clock mark: when the reduced bucket was back
-
-
-@dataclass
-class CommRecorder:
-    """Collects this step's collectives. Written from DDP's hook (autograd thread) and
-    its completion callbacks (the backend's thread); list.append is atomic in CPython."""
-
-    clock: Clock
-    records: list[Collective] = field(default_factory=list)
-
-    def launch(self, payload_bytes: int, calls: int = 1) -> Collective:
-        rec = Collective(payload_bytes=payload_bytes, calls=calls, launched=self.clock.mark())
-        self.records.append(rec)
-        return rec
-
-    def complete(self, rec: Collective) -> None:
-        rec.done = self.clock.mark()
-
-    def take(self) -> list[Collective]:
-        """This step's collectives, in launch order; starts a new step."""
-        out, self.records = self.records, []
-        return out
+from ddp_fnn.checkpoint import np_state, np_tuple
+from ddp_fnn.observe import Observer
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,7 +40,7 @@ class CommRecorder:
 
 @dataclass
 class _HookState:
-    recorder: CommRecorder
+    observer: Observer
     compression: str
     powersgd: powerSGD_hook.PowerSGDState | None
 
@@ -74,12 +49,12 @@ def _observed_hook(state, bucket):
     """Run the configured hook on ``bucket`` and record what it put on the wire.
 
     (No annotations: DDP checks them, and this module's postponed annotations are strings.)"""
-    buf = bucket.buffer()
+    buf, index = bucket.buffer(), bucket.index()
     if state.compression == "powersgd":
         ps = state.powersgd
         vanilla = ps.iter < ps.start_powerSGD_iter    # PowerSGD all-reduces plainly until then
         before = ps.total_numel_after_compression
-        rec = state.recorder.launch(0)
+        rec = state.observer.launch(index, 0)
         fut = powerSGD_hook.powerSGD_hook(ps, bucket)
         if vanilla:
             rec.payload_bytes = buf.numel() * buf.element_size()
@@ -88,15 +63,15 @@ def _observed_hook(state, bucket):
             rec.payload_bytes = (ps.total_numel_after_compression - before) * buf.element_size()
             rec.calls = 3
     elif state.compression in ("fp16", "bf16"):
-        rec = state.recorder.launch(buf.numel() * 2)
+        rec = state.observer.launch(index, buf.numel() * 2)
         hook = default_hooks.fp16_compress_hook if state.compression == "fp16" else default_hooks.bf16_compress_hook
         fut = hook(None, bucket)
     else:
-        rec = state.recorder.launch(buf.numel() * buf.element_size())
+        rec = state.observer.launch(index, buf.numel() * buf.element_size())
         fut = default_hooks.allreduce_hook(None, bucket)
 
     def completed(f: torch.futures.Future) -> torch.Tensor:
-        state.recorder.complete(rec)
+        state.observer.complete(rec)
         return f.value()
 
     return fut.then(completed)
@@ -110,13 +85,13 @@ class Synchroniser:
     mode, where the hook already did it during backward).
     """
 
-    def __init__(self, model: nn.Module, mode: str, world_size: int, recorder: CommRecorder,
+    def __init__(self, model: nn.Module, mode: str, world_size: int, observer: Observer,
                  bucket_mb: float = 25.0, compression: str = "none", powersgd_rank: int = 2,
                  device: torch.device | None = None):
         self.module = model          # the unwrapped FNN: what gets saved
         self.mode = mode
         self.world_size = world_size
-        self.recorder = recorder
+        self.observer = observer
         self.hook_state: _HookState | None = None
         self.bucket_mb = bucket_mb
         if mode == "ddp":
@@ -133,7 +108,7 @@ class Synchroniser:
                 # two steps all-reduce plainly (DDP rebuilds its buckets after the first).
                 ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                                  start_powerSGD_iter=2, min_compression_rate=1)
-            self.hook_state = _HookState(recorder, compression, ps)
+            self.hook_state = _HookState(observer, compression, ps)
             self.model.register_comm_hook(self.hook_state, _observed_hook)
         elif mode == "allreduce":
             self.model = model
@@ -148,14 +123,75 @@ class Synchroniser:
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        rec = self.recorder.launch(flat.numel() * flat.element_size())
+        rec = self.observer.launch(0, flat.numel() * flat.element_size())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        self.recorder.complete(rec)
+        self.observer.complete(rec)
         flat.div_(self.world_size)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+    # ---- its own state: checkpoints and resume ---------------------------------------
+    def state_dict(self) -> dict | None:
+        """This rank's communication-hook state as tensors and numbers (weights-only
+        loadable), or None for stateless hooks. PowerSGD: iter, its NumPy RandomState, P
+        and Q memories and the rank's own error feedback."""
+        ps = self.hook_state.powersgd if self.hook_state is not None else None
+        if ps is None:
+            return None
+        return {"kind": "powersgd", "iter": int(ps.iter), "rng": np_state(ps.rng.get_state()),
+                "error": _cpu_dict(ps.error_dict), "p_memory": _cpu_dict(ps.p_memory_dict),
+                "q_memory": _cpu_dict(ps.q_memory_dict),
+                "total_numel_before_compression": int(ps.total_numel_before_compression),
+                "total_numel_after_compression": int(ps.total_numel_after_compression),
+                "next_stats_report": int(ps.next_stats_report)}
+
+    def load_state_dict(self, saved: dict | None, device: torch.device, exact: bool) -> bool:
+        """Put a saved hook state back. With ``exact`` false (another world size, whose
+        ranks' error feedback cannot be mapped, or another bucket layout), the per-bucket
+        memories are dropped: PowerSGD goes on with zero error feedback and fresh random
+        Qs from its restored RNG. Returns whether the state was restored exactly."""
+        ps = self.hook_state.powersgd if self.hook_state is not None else None
+        if ps is None or saved is None or saved.get("kind") != "powersgd":
+            return True
+        ps.rng.set_state(np_tuple(saved["rng"]))
+        ps.total_numel_before_compression = saved["total_numel_before_compression"]
+        ps.total_numel_after_compression = saved["total_numel_after_compression"]
+        ps.next_stats_report = saved["next_stats_report"]
+        ps.iter = saved["iter"]
+        if not exact:
+            ps.error_dict, ps.p_memory_dict, ps.q_memory_dict = {}, {}, {}
+            return False
+        ps.error_dict = {k: v.to(device) for k, v in saved["error"].items()}
+        ps.p_memory_dict = {k: v.to(device) for k, v in saved["p_memory"].items()}
+        ps.q_memory_dict = {k: v.to(device) for k, v in saved["q_memory"].items()}
+        return True
+
+    def settle_buckets(self, device: torch.device) -> None:
+        """Collective. DDP reduces its first iteration in one bucket holding every gradient
+        in parameter order, then rebuilds its buckets in the order the gradients became
+        ready. The uninterrupted run computed step s with the rebuilt layout, so a resumed
+        run must too: PowerSGD's memories are flat per-bucket buffers, and with 3+ ranks a
+        gradient's position in a bucket decides the order in which the ring all-reduce
+        adds it up. One throw-away forward and backward (all-reduced plainly, gradients
+        discarded, no RNG drawn) makes DDP rebuild before the first real step."""
+        if self.mode != "ddp":
+            return
+        hs = self.hook_state
+        compression, hs.compression = hs.compression, "none"
+        try:
+            x = torch.zeros(1, self.module.widths[0], device=device)
+            self.model(x).sum().backward()
+        finally:
+            hs.compression = compression
+        self.module.zero_grad(set_to_none=True)
+        self.observer.discard_stray()
+
+
+def _cpu_dict(d: dict) -> dict:
+    return {int(k): v.detach().cpu().clone() for k, v in d.items()}
 
 
 def gradient_bytes(model: nn.Module) -> int:

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,11 +35,15 @@ from ddp_fnn import dist as ddist
 from ddp_fnn import mfu, predict
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
-from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
+from ddp_fnn.metrics import Metrics, NullMetrics, Summary
 from ddp_fnn.model import build_fnn
+from ddp_fnn.observe import Clock, DdpLoggerWitness, Observer, Stopwatch
 from ddp_fnn.progress import make_progress, print_table
-from ddp_fnn.sync import CommRecorder, Synchroniser, gradient_bytes
-from ddp_fnn.timing import Clock
+from ddp_fnn.report import Accounting, gather_ranks, peak_flops
+from ddp_fnn.stepfile import JsonLines, StepFile
+from ddp_fnn.sync import Synchroniser, gradient_bytes
+from ddp_fnn.timeline import Timeline
+from ddp_fnn.timeline import anchor as timeline_anchor
 
 
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,10 +99,28 @@ def evaluate(cfg: TrainConfig, model: torch.nn.Module, ds: Dataset, rank: int, w
     return (t[0] / t[2]).item(), ((t[1] / t[2]).item() if cfg.task == "classification" else None)
 
 
-def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
-          resume: ckpt.Resume | None = None) -> tuple[dict, torch.nn.Module]:
-    """Run the loop (from ``resume``'s step, if given); returns the summary (rank 0 writes
-    it) and the unwrapped model."""
+@dataclass
+class Run:
+    """What the loop works with, built by ``setup``."""
+    cfg: TrainConfig
+    ctx: ddist.DistContext
+    ds: Dataset
+    batches: GlobalBatches
+    total_steps: int
+    start_step: int                     # the next step to run (0-based)
+    syncer: Synchroniser                # .model: what the loop calls; .module: the plain FNN
+    optimizer: torch.optim.Optimizer
+    obs: Observer
+    acct: Accounting
+    progress: object
+    saver: ckpt.Checkpointer | None
+    autocast: object
+    resumed: bool
+
+
+def setup(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
+          resume: ckpt.Resume | None) -> Run:
+    """Model, sync, optimizer, checkpoints and accounting, restored from ``resume`` if given."""
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
     total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.epochs, cfg.max_steps)
@@ -106,9 +129,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
         # Before DDP wraps the model: DDP broadcasts rank 0's parameters when it wraps, and
         # every rank loaded the same file, so the replicas start equal either way.
         ckpt.restore(resume, model, device, rank, world)
-    clock = Clock(device)
-    recorder = CommRecorder(clock)
-    syncer = Synchroniser(model, cfg.sync, world, recorder, bucket_mb=cfg.bucket_mb,
+    obs = Observer(Clock(device))
+    syncer = Synchroniser(model, cfg.sync, world, obs, bucket_mb=cfg.bucket_mb,
                           compression=cfg.compression, powersgd_rank=cfg.powersgd_rank, device=device)
     optimizer = make_optimizer(cfg, model.parameters())
     start_step = 0
@@ -129,61 +151,66 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                                discard=[p for p, _ in resume.skipped] if resume is not None else None)
              if cfg.checkpoint_dir is not None else None)
     metrics.set_gradient_bytes(gradient_bytes(model))
+    steps_path = cfg.steps_file_path(rank)
+    steps_file = StepFile(steps_path, start_step) if steps_path is not None else None
+    timeline = Timeline(*cfg.timeline_steps, rank, timeline_anchor()) if cfg.timeline_steps else None
+    witness = ((DdpLoggerWitness(syncer.model), JsonLines(cfg.output / f"ddp-logger-rank{rank}.jsonl", start_step))
+               if cfg.ddp_logger else None)
+    acct = Accounting(metrics, Summary(world), steps_file, timeline,
+                      mfu.train_flops_per_sample(cfg.layers), peak_flops(device, cfg.precision), witness)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
-
     progress = make_progress(cfg.progress if ctx.is_master else "none", total_steps)
-    # MFU (CUDA only): model FLOPs per step over the device's peak for this precision.
-    peak = mfu.peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
-    flops_per_sample = mfu.train_flops_per_sample(cfg.layers)
-    summary = Summary(world)
+    return Run(cfg, ctx, ds, batches, total_steps, start_step, syncer, optimizer, obs, acct, progress, saver,
+               autocast, resume is not None)
 
-    stop_reason = "max-steps" if cfg.max_steps is not None and total_steps == cfg.max_steps else "epochs"
+
+def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
+          resume: ckpt.Resume | None = None) -> tuple[dict, torch.nn.Module]:
+    """Run the loop (from ``resume``'s step, if given); returns the summary (rank 0 writes
+    it) and the unwrapped model."""
+    run = setup(cfg, ctx, ds, metrics, resume)
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    syncer, optimizer, obs, acct = run.syncer, run.optimizer, run.obs, run.acct
+    stop_reason = "max-steps" if cfg.max_steps is not None and run.total_steps == cfg.max_steps else "epochs"
     train_loss = float("nan")
     loss_sum, loss_count = 0.0, 0        # local, since the last global reduction
-    pending: list = []                   # CUDA: a step's marks are read one step later
     skipped_steps = 0                    # --on-nan skip
-    t_run = time.perf_counter()
-    step = start_step                    # the next step to run (0-based)
-    while step < total_steps:
-        epoch, pos = divmod(step, batches.steps_per_epoch)
+    wall = Stopwatch()
+    step = run.start_step                # the next step to run (0-based)
+    while step < run.total_steps:
+        epoch, pos = divmod(step, run.batches.steps_per_epoch)
         # ---- one optimizer step: K micro-steps, gradients synced on the last -----------
-        marks = {"start": clock.mark()}
-        phase_marks = []                       # (phase, start mark, end mark)
-        last_backward_end = None
+        obs.begin_step(step + 1)
         step_loss, step_rows = 0.0, 0
         bad, skip = False, False               # a non-finite loss here / on any rank
-        for k, rows in enumerate(batches.rank_micro_batches(epoch, pos)):
-            t0 = clock.mark()
-            x, y = ds.fetch(rows, device)
-            t1 = clock.mark()
+        for k, rows in enumerate(run.batches.rank_micro_batches(epoch, pos)):
             sync_now = k == cfg.grad_accum - 1
+            with obs.phase("data"):
+                x, y = ds.fetch(rows, device)
             with syncer.no_sync() if not sync_now else contextlib.nullcontext():
-                with autocast:
-                    out = syncer.model(x)
-                    loss = loss_fn(cfg.task, out, y)
-                # NaN/Inf is checked before backward because in ddp mode backward *is* the
-                # gradient sync: one rank's non-finite gradient would reach every replica (and
-                # PowerSGD's error-feedback memory). bool() waits for the device: one host
-                # sync per micro-step on CUDA, the price of that guarantee.
-                if not bool(torch.isfinite(loss.detach())):
-                    if cfg.on_nan == "stop":
-                        raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {step + 1} "
-                                            f"(micro-step {k + 1} of {cfg.grad_accum}); stopping (--on-nan stop)")
-                    bad = True
-                if sync_now and cfg.on_nan == "skip":
-                    bad_ranks = _ranks_with(bad, rank, world, device)   # the same answer on every rank
-                    skip = bool(bad_ranks)
-                t2 = clock.mark()
-                # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
-                # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
-                if not (bad or skip):          # DDP allows a forward with no backward
-                    (loss / cfg.grad_accum).backward()
-            t3 = clock.mark()
-            phase_marks += [("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3)]
+                with obs.phase("forward"):
+                    with run.autocast:
+                        loss = loss_fn(cfg.task, syncer.model(x), y)
+                    # NaN/Inf is checked before backward because in ddp mode backward *is* the
+                    # gradient sync: one rank's non-finite gradient would reach every replica (and
+                    # PowerSGD's error-feedback memory). bool() waits for the device: one host
+                    # sync per micro-step on CUDA, the price of that guarantee.
+                    if not bool(torch.isfinite(loss.detach())):
+                        if cfg.on_nan == "stop":
+                            raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {step + 1} "
+                                                f"(micro-step {k + 1} of {cfg.grad_accum}); stopping (--on-nan stop)")
+                        bad = True
+                    if sync_now and cfg.on_nan == "skip":
+                        bad_ranks = _ranks_with(bad, rank, world, device)   # the same answer on every rank
+                        skip = bool(bad_ranks)
+                with obs.phase("backward"):
+                    # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
+                    # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
+                    if not (bad or skip):          # DDP allows a forward with no backward
+                        (loss / cfg.grad_accum).backward()
             step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
             step_rows += len(rows)
-            last_backward_end = t3
         if skip:
             # Every rank skips this step: no sync, no optimizer step, no gradients kept.
             optimizer.zero_grad(set_to_none=True)
@@ -191,108 +218,88 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
             if ctx.is_master:
                 _note(f"step {step + 1}: non-finite loss on rank {','.join(map(str, bad_ranks))}; "
                       f"skipped on every rank (--on-nan skip)")
-            t4 = t5 = clock.mark()
         else:
-            syncer.after_backward()            # allreduce mode: the flat all-reduce
-            t4 = clock.mark()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t5 = clock.mark()
+            with obs.phase("sync"):
+                syncer.after_backward()        # allreduce mode: the flat all-reduce
+            with obs.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             loss_sum = loss_sum + step_loss
             loss_count += step_rows
-        marks.update(backward_end=last_backward_end, synced=t4, end=t5)
-        collectives = recorder.take()
-        pending.append((step + 1, marks, phase_marks, collectives, time.time()))
+        obs.end_step(step_rows, step_loss / step_rows)
         step += 1
-
-        # ---- step accounting (CPU: now; CUDA: the previous step's events) -------------
-        while len(pending) > (1 if clock.cuda else 0):
-            rec = _record(clock, cfg, pending.pop(0), batches.micro * cfg.grad_accum)
-            metrics.observe(rec)
-            summary.add(rec)
-            if peak:
-                metrics.set_mfu(flops_per_sample * rec.samples / rec.step_s / peak)
+        acct.add(obs.finished())               # CPU: this step; CUDA: the previous one
+        acct.witness_step(step)                # --ddp-logger: DDP's own view of the previous step
 
         # ---- the global loss: every step when --target-loss decides, else when logging
-        log_now = step % cfg.log_every == 0 or step == total_steps
+        log_now = step % cfg.log_every == 0 or step == run.total_steps
         if cfg.target_loss is not None or log_now:
             train_loss = global_mean(float(loss_sum), loss_count, device)
             loss_sum, loss_count = 0.0, 0
             if not math.isfinite(train_loss):
                 raise TrainingError(f"rank {rank}: training loss is {train_loss} at step {step}")
             metrics.set_loss("train", train_loss)
-            progress.update(step, train_loss, summary)
+            run.progress.update(step, train_loss, acct.summary)
             if cfg.target_loss is not None and train_loss <= cfg.target_loss:
                 stop_reason = "target-loss"
                 break
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        if log_now:
+            acct.flush()                       # the step file, between steps
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
             metrics.set_loss("eval", evaluate(cfg, syncer.module, ds, rank, world, device)[0])
 
         # ---- replicas still equal? checkpoint? ---------------------------------------
         if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
             ckpt.check_replicas(syncer.module, rank, world, step, device)
-        if saver is not None and saver.due(step):
-            saver.save(step, syncer.module, optimizer, syncer)
+        if run.saver is not None and run.saver.due(step):
+            run.saver.save(step, syncer.module, optimizer, syncer)
 
-    if saver is not None and saver.last_saved != step and step > start_step:
-        saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
-    for item in pending:
-        rec = _record(clock, cfg, item, batches.micro * cfg.grad_accum)
-        metrics.observe(rec)
-        summary.add(rec)
-    elapsed = time.perf_counter() - t_run
+    # ---- the end: last checkpoint, last records, held-out evaluation, the result -------
+    if run.saver is not None and run.saver.last_saved != step and step > run.start_step:
+        run.saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
+    acct.add(obs.flush())
+    acct.flush()
+    elapsed = wall.seconds()
     eval_loss, eval_acc = evaluate(cfg, syncer.module, ds, rank, world, device)
     if math.isfinite(eval_loss):
         metrics.set_loss("eval", eval_loss)
-    figures = summary.figures()
-    # Every rank's own figures, gathered to rank 0 once at the end (a few hundred bytes).
-    mine = {"rank": rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures}
-    ranks = [None] * world
-    dist.all_gather_object(ranks, mine)
-    result = {
-        "world_size": world, "backend": ctx.backend, "device": str(device), "sync": cfg.sync,
-        "compression": cfg.compression, "bucket_mb": syncer.bucket_mb, "layers": list(cfg.layers), "parameters": syncer.module.num_parameters(),
-        "gradient_bytes": gradient_bytes(syncer.module), "global_batch_size": cfg.global_batch_size,
-        "grad_accum": cfg.grad_accum, "steps": step, "stop_reason": stop_reason,
-        "samples": step * cfg.global_batch_size, "epochs_completed": step / batches.steps_per_epoch,
-        "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
-        "samples_per_second": (summary.samples * world / sum(summary.step_s)) if summary.step_s else 0.0,
-        "wall_time_s": elapsed, "data": ds.identity, **figures, "ranks": ranks,
-        "mfu": (flops_per_sample * summary.samples / sum(summary.step_s) / peak) if peak and summary.step_s else None,
-        "resumed_from_step": start_step if resume is not None else None, "skipped_steps": skipped_steps,
-        "checkpoint": str(saver.last_path) if saver is not None and saver.last_path is not None else None,
-    }
-    progress.finish(result)
+    if acct.timeline is not None:
+        acct.timeline.gather(cfg.output / "timeline.json" if ctx.is_master else None, world)
+    result = result_dict(run, step, stop_reason, train_loss, eval_loss, eval_acc, elapsed, skipped_steps)
+    run.progress.finish(result)
     return result, syncer.module
+
+
+def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_loss: float,
+                eval_acc: float | None, elapsed: float, skipped_steps: int) -> dict:
+    """summary.json's keys (rank 0 writes them). Collective: every rank's own figures are
+    gathered (``ranks``)."""
+    cfg, ctx, summary = run.cfg, run.ctx, run.acct.summary
+    figures = summary.figures()
+    mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures}
+    module = run.syncer.module
+    return {
+        "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device), "sync": cfg.sync,
+        "compression": cfg.compression, "bucket_mb": run.syncer.bucket_mb, "layers": list(cfg.layers),
+        "parameters": module.num_parameters(), "gradient_bytes": gradient_bytes(module),
+        "global_batch_size": cfg.global_batch_size, "grad_accum": cfg.grad_accum, "steps": step,
+        "stop_reason": stop_reason, "samples": step * cfg.global_batch_size,
+        "epochs_completed": step / run.batches.steps_per_epoch,
+        "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
+        "samples_per_second": (summary.samples * ctx.world_size / sum(summary.step_s)) if summary.step_s else 0.0,
+        "wall_time_s": elapsed, "data": run.ds.identity, **figures,
+        "ranks": gather_ranks(mine, ctx.world_size),
+        "mfu": run.acct.mfu(),
+        "resumed_from_step": run.start_step if run.resumed else None, "skipped_steps": skipped_steps,
+        "checkpoint": (str(run.saver.last_path) if run.saver is not None and run.saver.last_path is not None
+                       else None),
+        "steps_file": str(cfg.steps_file_path(ctx.rank)) if cfg.steps_file_path(ctx.rank) else None,
+        "timeline": str(cfg.output / "timeline.json") if cfg.timeline_steps else None,
+    }
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, diverged replicas): exit status 1."""
-
-
-def _record(clock: Clock, cfg: TrainConfig, item, samples: int) -> StepRecord:
-    """Turn a step's clock marks into seconds."""
-    step, marks, phase_marks, collectives, ts = item
-    start = marks["start"]
-    phases = dict.fromkeys(PHASES, 0.0)
-    for name, a, b in phase_marks:
-        phases[name] += clock.seconds(a, b)
-    phases["optimizer"] = clock.seconds(marks["synced"], marks["end"])
-    coll = [(c.payload_bytes, c.calls, clock.seconds(start, c.launched), clock.seconds(start, c.done))
-            for c in collectives]
-    if cfg.sync == "allreduce":
-        exposed = clock.seconds(marks["backward_end"], marks["synced"])
-    elif coll:
-        # ddp: backward returned only after every bucket was reduced; the rank's own
-        # gradients were all computed when the last bucket was handed over.
-        last_launch = max(c[2] for c in coll)
-        backward_end = clock.seconds(start, marks["backward_end"])
-        exposed = max(0.0, backward_end - last_launch)
-        phases["backward"] -= exposed
-    else:
-        exposed = 0.0
-    return StepRecord(step=step, samples=samples, step_s=clock.seconds(start, marks["end"]), phases=phases,
-                      exposed_s=exposed, collectives=coll, timestamp=ts)
 
 
 def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> None:

@@ -180,8 +180,8 @@ def test_powersgd_and_optimizer_state_resume_bitwise(group_of_one, tmp_path):
     """Train 6 steps, checkpoint, train 4 more; a fresh process-state restored from the file
     must produce the same 4 steps bit for bit (PowerSGD error feedback, P/Q memories, its
     RNG, Adam's moments)."""
-    from ddp_fnn.sync import CommRecorder, Synchroniser
-    from ddp_fnn.timing import Clock
+    from ddp_fnn.observe import Clock, Observer
+    from ddp_fnn.sync import Synchroniser
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
@@ -189,7 +189,7 @@ def test_powersgd_and_optimizer_state_resume_bitwise(group_of_one, tmp_path):
 
     def fresh():
         model = build_fnn((8, 32, 32, 1), seed=0)
-        syncer = Synchroniser(model, "ddp", 1, CommRecorder(Clock(cpu)), compression="powersgd", powersgd_rank=2)
+        syncer = Synchroniser(model, "ddp", 1, Observer(Clock(cpu)), compression="powersgd", powersgd_rank=2)
         return model, syncer, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     model, syncer, opt = fresh()
@@ -206,7 +206,7 @@ def test_powersgd_and_optimizer_state_resume_bitwise(group_of_one, tmp_path):
     resume = ckpt.Resume(path, state)
     model2 = build_fnn((8, 32, 32, 1), seed=0)
     ckpt.restore(resume, model2, cpu, 0, 1)
-    syncer2 = Synchroniser(model2, "ddp", 1, CommRecorder(Clock(cpu)), compression="powersgd", powersgd_rank=2)
+    syncer2 = Synchroniser(model2, "ddp", 1, Observer(Clock(cpu)), compression="powersgd", powersgd_rank=2)
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
     assert ckpt.restore_after_wrap(resume, opt2, syncer2, cpu, 0, 1, bucket_mb=25.0)
     for x, y in data[6:]:
@@ -351,17 +351,19 @@ def test_mismatched_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
 def test_powersgd_state_at_another_world_size_keeps_iter_and_rng_and_drops_memories():
     from types import SimpleNamespace
 
+    from ddp_fnn.sync import Synchroniser
+
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
     old = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
     old.iter, old.error_dict, old.p_memory_dict, old.q_memory_dict = 7, {0: torch.ones(5)}, {0: torch.ones(4)}, \
         {0: torch.ones(3)}
     old.rng.randint(10)
-    saved = ckpt.capture_hook(SimpleNamespace(hook_state=SimpleNamespace(powersgd=old)))
+    saved = Synchroniser.state_dict(SimpleNamespace(hook_state=SimpleNamespace(powersgd=old)))
     new = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
     syncer = SimpleNamespace(hook_state=SimpleNamespace(powersgd=new))
-    assert not ckpt.restore_hook(syncer, saved, torch.device("cpu"), exact=False)
+    assert not Synchroniser.load_state_dict(syncer, saved, torch.device("cpu"), exact=False)
     assert new.iter == 7 and new.error_dict == new.p_memory_dict == new.q_memory_dict == {}
     assert new.rng.randint(1 << 30) == old.rng.randint(1 << 30)
-    assert ckpt.restore_hook(syncer, saved, torch.device("cpu"), exact=True)
+    assert Synchroniser.load_state_dict(syncer, saved, torch.device("cpu"), exact=True)
     assert torch.equal(new.error_dict[0], torch.ones(5)) and torch.equal(new.q_memory_dict[0], torch.ones(3))

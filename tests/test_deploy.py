@@ -45,7 +45,8 @@ needs_promtool = pytest.mark.skipif(
 COUNTERS = ("ddp_fnn_steps_total", "ddp_fnn_samples_total", "ddp_fnn_allreduce_calls_total",
             "ddp_fnn_allreduce_payload_bytes_total", "ddp_fnn_allreduce_wire_bytes_total")
 HISTOGRAMS = ("ddp_fnn_step_duration_seconds", "ddp_fnn_phase_duration_seconds",
-              "ddp_fnn_sync_exposed_duration_seconds", "ddp_fnn_allreduce_duration_seconds")
+              "ddp_fnn_sync_exposed_duration_seconds", "ddp_fnn_sync_tail_duration_seconds",
+              "ddp_fnn_allreduce_duration_seconds")
 GAUGES = ("ddp_fnn_allreduce_algbw_bytes_per_second", "ddp_fnn_allreduce_busbw_bytes_per_second",
           "ddp_fnn_gradient_bytes", "ddp_fnn_loss", "ddp_fnn_world_size", "ddp_fnn_last_step_timestamp_seconds",
           "ddp_fnn_run_info", "ddp_fnn_mfu_ratio")

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from ddp_fnn.config import ConfigError
-from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
+from ddp_fnn.metrics import Metrics, NullMetrics, Summary
+from ddp_fnn.observe import PHASES, CollectiveRecord, StepRecord, union_length
 from test_deploy import CONTRACT_SERIES
 
 RANK, WORLD = 1, 4                      # 2(N-1)/N = 3/2 at N = 4: wire bytes differ from payload
@@ -33,11 +34,21 @@ def value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
 
 
 def record(step: int, collectives: list[tuple[int, int, float, float]], step_s: float = 0.5,
-           exposed_s: float = 0.125, samples: int = 32, timestamp: float = 1_700_000_000.0) -> StepRecord:
+           exposed_s: float = 0.125, samples: int = 32, timestamp: float = 1_700_000_000.0,
+           tail_s: float = 0.0) -> StepRecord:
+    """A hand-made record: ``collectives`` as (payload, calls, start, end); ``timestamp``
+    is when the step ended. (observe.make_record, tested in test_observe.py, makes the
+    real ones from marks.)"""
     # Binary fractions throughout, so sums and ratios are exact in floating point.
     phases = {"data": 0.0625, "forward": 0.125, "backward": 0.25, "optimizer": 0.03125}
-    return StepRecord(step=step, samples=samples, step_s=step_s, phases=phases, exposed_s=exposed_s,
-                      collectives=collectives, timestamp=timestamp)
+    colls = [CollectiveRecord(i, p, c, a, b) for i, (p, c, a, b) in enumerate(collectives)]
+    spans = [(c.start_s, c.end_s) for c in colls]
+    return StepRecord(step=step, samples=samples, time_unix_s=timestamp - step_s, start_s=100.0, step_s=step_s,
+                      phases=phases, intervals=[], collectives=colls,
+                      ready_s=max((a for a, _ in spans), default=None), sync_start_s=0.0, sync_end_s=0.0,
+                      comm_s=union_length(spans),
+                      comm_span_s=(max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0,
+                      exposed_s=exposed_s, tail_s=tail_s)
 
 
 # Three buckets: the second overlaps the first, the third stands alone; the middle one
@@ -199,8 +210,8 @@ def test_registries_are_independent():
 FIGURE_KEYS = {
     "step_time_p50_s", "step_time_p95_s", "step_time_mean_s", "allreduce_calls_per_step",
     "allreduce_payload_bytes_per_step", "allreduce_wire_bytes_per_step", "allreduce_payload_bytes_total",
-    "allreduce_wire_bytes_total", "comm_time_per_step_s", "exposed_comm_time_per_step_s",
-    "algbw_bytes_per_second", "busbw_bytes_per_second",
+    "allreduce_wire_bytes_total", "comm_time_per_step_s", "comm_span_per_step_s", "exposed_comm_time_per_step_s",
+    "sync_tail_per_step_s", "algbw_bytes_per_second", "busbw_bytes_per_second",
 }
 
 
@@ -221,6 +232,7 @@ def test_summary_leaves_the_first_step_out_of_timings_but_not_out_of_bytes():
     assert f["step_time_p95_s"] == pytest.approx(1.2)           # inclusive method: 1 + 0.8 x 0.25
     assert f["comm_time_per_step_s"] == 0.5
     assert f["exposed_comm_time_per_step_s"] == 0.125
+    assert f["comm_span_per_step_s"] == 0.625                  # 0.125 .. 0.75, the gap included
     assert f["algbw_bytes_per_second"] == 5 * PAYLOAD / (5 * 0.5)
     assert f["busbw_bytes_per_second"] == f["algbw_bytes_per_second"] * 3 / 2
     # Bytes and calls: every step, the first included.

@@ -1,0 +1,69 @@
+"""Where a step's record goes, and the run's result (summary.json's keys).
+
+``Accounting`` hands every ``observe.StepRecord`` to each consumer: Prometheus
+(metrics.py), the running summary figures (metrics.Summary, which also feed the progress
+line), the step file (stepfile.py), the timeline (timeline.py) and MFU on CUDA. The
+training loop calls ``add`` once per step and ``flush`` at log intervals; nothing here
+runs inside a step.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ddp_fnn import mfu
+from ddp_fnn.metrics import Summary
+from ddp_fnn.observe import StepRecord
+
+
+class Accounting:
+    def __init__(self, metrics, summary: Summary, steps_file=None, timeline=None,
+                 flops_per_sample: float | None = None, peak_flops: float | None = None, witness=None):
+        self.metrics, self.summary = metrics, summary
+        self.steps_file, self.timeline = steps_file, timeline
+        self.witness = witness          # (DdpLoggerWitness, JsonLines) with --ddp-logger
+        self.flops_per_sample, self.peak = flops_per_sample, peak_flops
+
+    def add(self, records: list[StepRecord]) -> None:
+        for rec in records:
+            self.metrics.observe(rec)
+            self.summary.add(rec)
+            if self.steps_file is not None:
+                self.steps_file.add(rec)
+            if self.timeline is not None:
+                self.timeline.add(rec)
+            if self.peak:
+                self.metrics.set_mfu(self.flops_per_sample * rec.samples / rec.step_s / self.peak)
+
+    def witness_step(self, step: int) -> None:
+        """--ddp-logger: DDP's own figures of the previous step, buffered (a dict read)."""
+        if self.witness is not None:
+            found = self.witness[0].read(step)
+            if found is not None:
+                self.witness[1].add_line(found)
+
+    def flush(self) -> None:
+        """At a log interval: buffered step-file lines to disk."""
+        for f in (self.steps_file, self.witness[1] if self.witness else None):
+            if f is not None:
+                f.flush()
+
+    def mfu(self) -> float | None:
+        s = self.summary
+        if not self.peak or not s.step_s:
+            return None
+        return self.flops_per_sample * s.samples / sum(s.step_s) / self.peak
+
+
+def peak_flops(device, precision: str) -> float | None:
+    """The device's peak FLOP/s for MFU (CUDA only; None where unknown)."""
+    import torch
+
+    return mfu.peak_flops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+
+
+def gather_ranks(mine: dict, world_size: int) -> list[dict]:
+    """Collective: every rank's own figures, on every rank (a few hundred bytes each)."""
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, mine)
+    return ranks

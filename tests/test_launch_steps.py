@@ -1,0 +1,134 @@
+"""Every step seen: a real 2-rank torchrun with several DDP buckets a step writes step
+files, a timeline and its Prometheus counters (pushed to a real HTTP receiver at the
+end); they agree with each other, and ddp-fnn's comm span and exposed time agree with
+PyTorch DDP's own C++ logger (--ddp-logger), the independent witness."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import statistics
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import torchrun
+from ddp_fnn import stepfile
+from test_metrics import _Gateway
+from test_observe import check_trace
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+WARMUP = 5          # DDP's first step (one bucket, then the rebuild) and the allocator's warm-up
+# 2.4 M parameters; with a 1 MiB cap DDP makes 3 buckets (each 1024x1024 weight is one).
+RUN = ("--layers", "256,1024,1024,1024,10", "--bucket-mb", "1", "--global-batch-size", "64",
+       "--max-steps", str(STEPS), "--metrics-port", "0", "--progress", "none", "--no-probe",
+       "--ddp-logger", "--timeline", "20:23", "--log-every", "7")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("steps")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Gateway.received = []
+    try:
+        r = torchrun(2, "train", *RUN, "--output", str(out),
+                     "--pushgateway", f"127.0.0.1:{server.server_address[1]}", timeout=600)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pushed = {}
+    for _method, path, body in _Gateway.received:
+        rank = int(path.rsplit("/", 1)[1])
+        pushed[rank] = {(s.name, s.labels.get("phase")): s.value
+                        for f in text_string_to_metric_families(body) for s in f.samples}
+    steps = {r: stepfile.read(out / f"steps-rank{r}.jsonl") for r in (0, 1)}
+    witness = {r: {d["step"]: d for d in stepfile.read(out / f"ddp-logger-rank{r}.jsonl")} for r in (0, 1)}
+    return out, steps, pushed, witness
+
+
+def test_every_rank_writes_every_step_once(run):
+    _, steps, _, _ = run
+    for r in (0, 1):
+        assert [d["step"] for d in steps[r]] == list(range(1, STEPS + 1))
+        assert all(d["samples"] == 32 for d in steps[r])
+        # DDP's first step is one bucket; then the rebuilt layout: at least 3 a step.
+        assert all(len(d["collectives"]) >= 3 for d in steps[r][1:])
+
+
+def test_prometheus_counters_equal_the_sums_over_the_step_file(run):
+    _, steps, pushed, _ = run
+    assert sorted(pushed) == [0, 1]
+    for r in (0, 1):
+        p, lines = pushed[r], steps[r]
+        assert p[("ddp_fnn_steps_total", None)] == len(lines)
+        assert p[("ddp_fnn_samples_total", None)] == sum(d["samples"] for d in lines)
+        assert p[("ddp_fnn_allreduce_calls_total", None)] == sum(d["calls"] for d in lines)
+        assert p[("ddp_fnn_allreduce_payload_bytes_total", None)] == sum(d["payload_bytes"] for d in lines)
+        assert p[("ddp_fnn_allreduce_duration_seconds_count", None)] == sum(len(d["collectives"]) for d in lines)
+        for metric, key in [("ddp_fnn_step_duration_seconds", "step_s"),
+                            ("ddp_fnn_sync_exposed_duration_seconds", "exposed_s"),
+                            ("ddp_fnn_sync_tail_duration_seconds", "tail_s")]:
+            assert p[(metric + "_count", None)] == len(lines)
+            assert p[(metric + "_sum", None)] == pytest.approx(sum(d[key] for d in lines), rel=1e-9)
+        for phase in ("data", "forward", "backward", "optimizer"):
+            assert p[("ddp_fnn_phase_duration_seconds_sum", phase)] == pytest.approx(
+                sum(d[f"{phase}_s"] for d in lines), rel=1e-9)
+
+
+def test_buckets_overlap_backward_so_exposed_is_less_than_comm(run):
+    _, steps, _, _ = run
+    for r in (0, 1):
+        for d in steps[r]:
+            assert 0 <= d["exposed_s"] <= d["comm_s"] + 1e-12, d
+            assert d["comm_s"] <= d["comm_span_s"] + 1e-12
+        later = steps[r][WARMUP:]
+        # At least one bucket went on the wire while backward still computed the rest.
+        assert statistics.fmean(d["exposed_s"] for d in later) < statistics.fmean(d["comm_s"] for d in later)
+        assert any(c["start_s"] < d["ready_s"] for d in later for c in d["collectives"])
+
+
+def test_comm_span_and_exposed_agree_with_ddps_own_logger(run):
+    """DDP's logger: comm interval = first bucket launch .. end of finalize (a span);
+    its exposed = comm end - compute end. Means after warm-up within 10%."""
+    _, steps, _, witness = run
+    for r in (0, 1):
+        ours = {d["step"]: d for d in steps[r]}
+        common = [s for s in witness[r] if s > WARMUP]
+        assert len(common) >= STEPS - WARMUP - 2
+        span = statistics.fmean(ours[s]["comm_span_s"] for s in common)
+        ddp_span = statistics.fmean(witness[r][s]["backward_comm_span_s"] for s in common)
+        exposed = statistics.fmean(ours[s]["exposed_s"] for s in common)
+        ddp_exposed = statistics.fmean(witness[r][s]["exposed_s"] for s in common)
+        print(f"rank {r}: comm span {span * 1e3:.3f} ms vs DDP {ddp_span * 1e3:.3f} ms; "
+              f"exposed {exposed * 1e3:.3f} ms vs DDP {ddp_exposed * 1e3:.3f} ms")
+        assert span == pytest.approx(ddp_span, rel=0.10)
+        assert exposed == pytest.approx(ddp_exposed, rel=0.10)
+
+
+def test_timeline_is_trace_event_format_and_matches_the_step_files(run):
+    out, steps, _, _ = run
+    trace = json.loads((out / "timeline.json").read_text())
+    complete = check_trace(trace)
+    assert {e["pid"] for e in complete} == {0, 1}
+    base = min(d["start_s"] for r in (0, 1) for d in steps[r] if d["step"] == 20)
+    for r in (0, 1):
+        expected = sorted((d["step"], c["bucket"], c["payload_bytes"], c["start_s"] + d["start_s"], c["end_s"]
+                           + d["start_s"]) for d in steps[r] if 20 <= d["step"] <= 23 for c in d["collectives"])
+        comm = [e for e in complete if e["pid"] == r and e["cat"] == "comm"]
+        assert len(comm) == len(expected)
+        got = sorted((e["args"]["step"], e["args"]["bucket"], e["args"]["payload_bytes"], e["ts"], e["ts"] + e["dur"])
+                     for e in comm)
+        shift = got[0][3] - (expected[0][3] - base) * 1e6      # the file's origin: the anchor barrier
+        for g, x in zip(got, expected):
+            assert g[:3] == x[:3]
+            assert g[3] == pytest.approx((x[3] - base) * 1e6 + shift, abs=0.01)
+            assert g[4] == pytest.approx((x[4] - base) * 1e6 + shift, abs=0.01)
+        step_slices = sorted(e["args"]["step"] for e in complete if e["pid"] == r and e["cat"] == "step")
+        assert step_slices == [20, 21, 22, 23]
