@@ -83,6 +83,9 @@ class TrainConfig:
     device: str = opt("auto", "cpu, cuda, or auto (cuda:LOCAL_RANK when CUDA is available).",
                       choices=("auto", "cpu", "cuda"))
     timeout_s: float = opt(300.0, "Collective timeout in seconds: a dead or frozen peer fails the job after this.")
+    slow_rank: int | None = opt(None, "Fault injection for studying stragglers: this rank idles --slow-ms in every "
+                                "step's forward, as a slower device would (docs/metrics.md).")
+    slow_ms: float = opt(0.0, "Milliseconds rank --slow-rank idles in each step's forward.")
     # ---- fault tolerance (checkpoint.py, docs/fault-tolerance.md) ------------------------
     checkpoint_dir: Path | None = opt(None, "Directory where rank 0 writes checkpoints (step-00000120.pt: the whole "
                                       "training state), atomically. With it, a restarted job resumes (--resume auto).")
@@ -156,6 +159,10 @@ class TrainConfig:
             need(self.output is not None, f"--timeline {self.timeline} needs --output DIR (where timeline.json goes)")
         need(not self.ddp_logger or (self.sync == "ddp" and self.output is not None),
              "--ddp-logger needs --sync ddp and --output DIR (where ddp-logger-rank{R}.jsonl goes)")
+        need(self.slow_ms >= 0.0 and math.isfinite(self.slow_ms), f"--slow-ms must be >= 0, got {self.slow_ms}")
+        need((self.slow_rank is None) == (self.slow_ms == 0.0),
+             f"--slow-rank and --slow-ms go together (got --slow-rank {self.slow_rank}, --slow-ms {self.slow_ms:g})")
+        need(self.slow_rank is None or self.slow_rank >= 0, f"--slow-rank must be >= 0, got {self.slow_rank}")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         if self.bench_json is not None:
@@ -178,6 +185,8 @@ class TrainConfig:
 
     def check_world(self, world_size: int) -> int:
         """Per-rank micro-batch size for this world size, or ConfigError."""
+        if self.slow_rank is not None and self.slow_rank >= world_size:
+            raise ConfigError(f"--slow-rank {self.slow_rank} is not a rank of this job (world size {world_size})")
         div = world_size * self.grad_accum
         if self.global_batch_size % div:
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by world size x "

@@ -39,6 +39,10 @@ class Summary:
     comm_s: list[float] = field(default_factory=list)
     span_s: list[float] = field(default_factory=list)
     tail_s: list[float] = field(default_factory=list)
+    wait_s: list[float] = field(default_factory=list)
+    transfer_s: list[float] = field(default_factory=list)
+    last_ready: int = 0                  # steps in which this rank was the last one ready
+    rank: int | None = None
     calls: list[int] = field(default_factory=list)
     payload: list[int] = field(default_factory=list)
     samples: int = 0
@@ -49,6 +53,10 @@ class Summary:
         self.comm_s.append(rec.comm_s)
         self.span_s.append(rec.comm_span_s)
         self.tail_s.append(rec.tail_s)
+        if rec.wait_s is not None:
+            self.wait_s.append(rec.wait_s)
+            self.transfer_s.append(rec.transfer_s)
+            self.last_ready += rec.last_ready_rank == self.rank
         self.calls.append(rec.calls)
         self.payload.append(rec.payload_bytes)
         self.samples += rec.samples
@@ -77,6 +85,10 @@ class Summary:
             "comm_span_per_step_s": statistics.fmean(self.span_s[t]),
             "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
             "sync_tail_per_step_s": statistics.fmean(self.tail_s[t]),
+            "wait_for_peers_per_step_s": statistics.fmean(self.wait_s[t]) if self.wait_s[t] else None,
+            "transfer_per_step_s": statistics.fmean(self.transfer_s[t]) if self.transfer_s[t] else None,
+            "last_ready_steps": self.last_ready,
+            "last_ready_share": self.last_ready / len(self.wait_s) if self.wait_s else None,
             "algbw_bytes_per_second": algbw,
             "busbw_bytes_per_second": algbw * busbw_factor(self.world_size),
         }
@@ -107,6 +119,16 @@ class Metrics:
                               "Sync wait of a step that is not communication: DDP's finalize (reduced buckets "
                               "copied back) or the flat mode's flatten and copy-back.",
                               r, buckets=TIME_BUCKETS, registry=reg)
+        self.wait = Histogram("ddp_fnn_peer_wait_duration_seconds",
+                              "Waiting for peers: the latest rank's ready time minus this rank's, per step "
+                              "(0 on the slowest rank).", r, buckets=TIME_BUCKETS, registry=reg)
+        self.transfer = Histogram("ddp_fnn_transfer_duration_seconds",
+                                  "Transfer: this rank's last all-reduce completion minus the latest rank's ready "
+                                  "time, per step (what the network needed once every rank was there).",
+                                  r, buckets=TIME_BUCKETS, registry=reg)
+        self.last_ready_steps = Counter("ddp_fnn_last_ready_steps",
+                                        "Steps in which this rank was the last one to hand its gradients over.",
+                                        r, registry=reg)
         self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
@@ -139,6 +161,8 @@ class Metrics:
         self._phase = {p: self.phase_duration.labels(self.rank, p) for p in PHASES}
         self._exposed = self.exposed.labels(self.rank)
         self._tail = self.tail.labels(self.rank)
+        self._wait, self._transfer = self.wait.labels(self.rank), self.transfer.labels(self.rank)
+        self._last_ready = self.last_ready_steps.labels(self.rank)
         self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
@@ -154,6 +178,11 @@ class Metrics:
             self._phase[p].observe(rec.phases[p])
         self._exposed.observe(rec.exposed_s)
         self._tail.observe(rec.tail_s)
+        if rec.wait_s is not None:
+            self._wait.observe(rec.wait_s)
+            self._transfer.observe(rec.transfer_s)
+            if str(rec.last_ready_rank) == self.rank:
+                self._last_ready.inc()
         payload = rec.payload_bytes
         if rec.collectives:
             self._calls.inc(rec.calls)

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,10 +54,23 @@ import torch
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
+def _clock_shift() -> float:
+    """Fault injection for tests of clock alignment: ``DDP_FNN_CLOCK_SHIFT=R:SECONDS``
+    moves rank R's clock by SECONDS, as another host's clock would be (docs/metrics.md)."""
+    spec = os.environ.get("DDP_FNN_CLOCK_SHIFT")
+    if not spec:
+        return 0.0
+    rank, _, seconds = spec.partition(":")
+    return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
+
+
+_SHIFT_S = _clock_shift()
+
+
 def now() -> float:
     """This host's monotonic clock in seconds: the time base of marks, step records and
     timelines (shared by every process on one host)."""
-    return time.perf_counter()
+    return time.perf_counter() + _SHIFT_S
 
 
 def wall() -> float:
@@ -164,6 +179,10 @@ class StepRecord:
     exposed_s: float                            # comm after ready
     tail_s: float                               # sync wait that is not communication
     loss: float | None = None                   # this rank's mean loss over its rows (None: not read)
+    # Filled in when the ranks exchange their ready times (peers.py), every --log-every steps:
+    wait_s: float | None = None                 # waiting for peers: last ready - this rank's ready
+    transfer_s: float | None = None             # the network's part: last completion - last ready
+    last_ready_rank: int | None = None          # the rank whose gradients came last
 
     @property
     def payload_bytes(self) -> int:
@@ -188,6 +207,7 @@ class StepRecord:
             "sync_start_s": self.sync_start_s, "sync_end_s": self.sync_end_s,
             "payload_bytes": self.payload_bytes, "calls": self.calls,
             "loss": _finite_or_none(self.loss),
+            "wait_s": self.wait_s, "transfer_s": self.transfer_s, "last_ready_rank": self.last_ready_rank,
             "phases": [[name, a, b] for name, a, b in self.intervals],
             "collectives": [{"bucket": c.bucket, "payload_bytes": c.payload_bytes, "calls": c.calls,
                              "start_s": c.start_s, "end_s": c.end_s, "exposed_s": c.exposed_s}
@@ -240,6 +260,48 @@ def make_record(step: int, samples: int, time_unix_s: float, start_s: float, ste
                       phases=phases, intervals=clipped, collectives=list(collectives), ready_s=ready,
                       sync_start_s=wait_from, sync_end_s=sync_end_s, comm_s=comm, comm_span_s=span, exposed_s=min(exposed, comm),
                       tail_s=tail, loss=loss)
+
+
+# ---------------------------------------------------------------------------------------
+# waiting for peers vs transfer, and clock offsets
+# ---------------------------------------------------------------------------------------
+
+def ready_time(rec: StepRecord) -> float:
+    """The rank's ready instant on its own monotonic clock (NaN if nothing was synced)."""
+    return rec.start_s + rec.ready_s if rec.ready_s is not None else math.nan
+
+
+def done_time(rec: StepRecord) -> float:
+    """When the rank's last all-reduce of the step completed, on its own clock (NaN: none)."""
+    return rec.start_s + max(c.end_s for c in rec.collectives) if rec.collectives else math.nan
+
+
+def split_wait(rec: StepRecord, ready_all: list[float], offset_s: float) -> None:
+    """Fill ``rec``'s wait_s, transfer_s and last_ready_rank from every rank's ready time
+    (``ready_all[r]``, on rank 0's clock; NaN where a rank synced nothing). ``offset_s``
+    is this rank's clock minus rank 0's.
+
+    An all-reduce cannot finish before the last rank hands its gradients over, so the
+    time from this rank's ready to the last rank's is spent waiting for a peer, and only
+    what follows the last ready is the network's: wait = last_ready - ready (>= 0),
+    transfer = done - last_ready."""
+    known = [(t, r) for r, t in enumerate(ready_all) if not math.isnan(t)]
+    if rec.ready_s is None or not known:
+        return
+    last, last_rank = max(known)
+    mine = ready_time(rec) - offset_s
+    rec.wait_s = max(0.0, last - mine)
+    rec.transfer_s = max(0.0, done_time(rec) - offset_s - max(last, mine))
+    rec.last_ready_rank = last_rank
+
+
+def cristian(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Clock offset from ping-pong samples (t1 sent, ts the server's time, t2 received; t1
+    and t2 on this rank's clock, ts on the server's): the sample with the smallest round
+    trip, offset = (t1 + t2) / 2 - ts, error bound half its round trip (Cristian 1989;
+    NTP's minimum-delay filter). Returns (offset, bound, round trip)."""
+    t1, ts, t2 = min(samples, key=lambda s: s[2] - s[0])
+    return (t1 + t2) / 2 - ts, (t2 - t1) / 2, t2 - t1
 
 
 # ---------------------------------------------------------------------------------------

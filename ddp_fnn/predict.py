@@ -10,8 +10,10 @@ which summary.json records beside the measured figures:
     predicted_comm_time_per_step_s          vs comm_time_per_step_s
     predicted_exposed_comm_time_per_step_s  vs exposed_comm_time_per_step_s
 
-The compute time fed to the model is the measured step time less the measured
-exposed communication (what the step would take on an infinitely fast network).
+The compute time fed to the model is the measured step time less the exposed
+communication that was the network's: exposed minus the time spent waiting for a slower
+peer (peers.py). Waiting is compute on the critical path (the slowest rank's), not
+network, so a straggler does not make the model think the link is slow.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dic
     # The fit's alpha is a whole all-reduce's latency at the fit's N; the model wants the
     # latency of one message step (a ring pays 2(N-1) of them).
     alpha_step = net["alpha_s"] / netmodel.latency_steps(net["world_size"], "ring")
-    compute = max(0.0, figures["step_time_mean_s"] - figures["exposed_comm_time_per_step_s"])
+    wait = figures.get("wait_for_peers_per_step_s") or 0.0
+    network_exposed = max(0.0, figures["exposed_comm_time_per_step_s"] - wait)
+    compute = max(0.0, figures["step_time_mean_s"] - network_exposed)
     # --sync allreduce is one bucket of everything, launched when backward ends.
     bucket_mb = cfg.bucket_mb if cfg.sync == "ddp" else netmodel.parameter_bytes(cfg.layers) / 2 ** 20 + 1
     est = netmodel.estimate_step(cfg.layers, world_size=world_size, alpha_s=alpha_step,

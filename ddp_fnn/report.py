@@ -3,8 +3,9 @@
 ``Accounting`` hands every ``observe.StepRecord`` to each consumer: Prometheus
 (metrics.py), the running summary figures (metrics.Summary, which also feed the progress
 line), the step file (stepfile.py), the timeline (timeline.py) and MFU on CUDA. The
-training loop calls ``add`` once per step and ``flush`` at log intervals; nothing here
-runs inside a step.
+training loop calls ``add`` once per step and ``flush`` at log intervals (a collective:
+the ranks exchange ready times there, peers.py, which completes the held records);
+nothing here runs inside a step.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from ddp_fnn.observe import StepRecord
 
 class Accounting:
     def __init__(self, metrics, summary: Summary, steps_file=None, timeline=None,
-                 flops_per_sample: float | None = None, peak_flops: float | None = None, witness=None):
+                 flops_per_sample: float | None = None, peak_flops: float | None = None, witness=None,
+                 peers=None):
         self.metrics, self.summary = metrics, summary
+        self.peers = peers              # peers.PeerExchange: wait for peers vs transfer
+        self._held: list[StepRecord] = []
         self.steps_file, self.timeline = steps_file, timeline
         self.witness = witness          # (DdpLoggerWitness, JsonLines) with --ddp-logger
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops
 
     def add(self, records: list[StepRecord]) -> None:
+        """Hold the records until the next exchange of ready times (``flush``)."""
+        self._held += records
+
+    def _emit(self, records: list[StepRecord]) -> None:
         for rec in records:
             self.metrics.observe(rec)
             self.summary.add(rec)
@@ -43,7 +51,13 @@ class Accounting:
                 self.witness[1].add_line(found)
 
     def flush(self) -> None:
-        """At a log interval: buffered step-file lines to disk."""
+        """Collective, at a log interval and at the end: the ranks exchange ready times
+        (the held records get wait and transfer), then every consumer gets them, and the
+        buffered step-file lines go to disk."""
+        held, self._held = self._held, []
+        if self.peers is not None:
+            self.peers.exchange(held)
+        self._emit(held)
         for f in (self.steps_file, self.witness[1] if self.witness else None):
             if f is not None:
                 f.flush()

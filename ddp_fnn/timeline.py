@@ -14,12 +14,11 @@ ui.perfetto.dev and chrome://tracing open (offline: ``vizviewer timeline.json`` 
 Every slice is built from a ``StepRecord``: the timeline and the step file agree by
 construction (and a test checks it).
 
-Time base: timestamps are microseconds since rank 0's clock anchor, a barrier before the
-first step. On one host every rank reads the same monotonic clock (CLOCK_MONOTONIC,
-shared by network namespaces too), so their slices are placed exactly. Across hosts the
-clocks differ by an unknown offset; each rank's events are then aligned at that barrier
-(``otherData.clock`` says which), which is off by the barrier's own skew between ranks
-(up to one network round trip).
+Time base: rank 0's monotonic clock, in microseconds from the first step shown. Every
+other rank's times are moved by its measured clock offset to rank 0 (peers.py: Cristian's
+method, error bound half the best ping-pong round trip, in ``otherData.clock_offsets``).
+On one host every rank reads the same CLOCK_MONOTONIC (network namespaces too), so the
+offsets come out 0 within their bounds; across hosts they are what aligns the ranks.
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
-from ddp_fnn import observe
 from ddp_fnn.observe import StepRecord
 
 # Thread ids: never equal to a pid (a rank), which Perfetto would show as the main thread.
@@ -54,37 +51,14 @@ def parse_range(text: str) -> tuple[int, int]:
     return a, b
 
 
-@dataclass
-class Anchor:
-    """A rank's clock anchor: its monotonic time right after a barrier, and its host."""
-    t_s: float
-    boot_id: str
-    host: str
-
-
-def anchor() -> Anchor:
-    """Collective: a barrier, then this rank's monotonic time."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    return Anchor(observe.now(), _boot_id(), socket.gethostname())
-
-
-def _boot_id() -> str:
-    """The kernel's boot id: equal boot ids mean one kernel, hence one monotonic clock."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return socket.gethostname()
-
-
 def _us(seconds: float) -> float:
     """Seconds to microseconds, rounded to the nanosecond (exact enough, and monotonic)."""
     return round(seconds * 1e6, 3)
 
 
 class Timeline:
-    def __init__(self, first: int, last: int, rank: int, anchor: Anchor):
-        self.first, self.last, self.rank, self.anchor = first, last, rank, anchor
+    def __init__(self, first: int, last: int, rank: int, offset):
+        self.first, self.last, self.rank, self.offset = first, last, rank, offset
         self.records: list[StepRecord] = []
 
     def add(self, rec: StepRecord) -> None:
@@ -93,7 +67,8 @@ class Timeline:
 
     def gather(self, path: Path | None, world_size: int) -> Path | None:
         """Collective: every rank's records to rank 0, which writes the merged file."""
-        mine = {"rank": self.rank, "anchor": self.anchor.__dict__, "records": self.records}
+        mine = {"rank": self.rank, "host": socket.gethostname(), "offset_s": self.offset.offset_s,
+                "bound_s": self.offset.bound_s, "records": self.records}
         every = [None] * world_size if self.rank == 0 else None
         if world_size > 1:
             dist.gather_object(mine, every, dst=0)
@@ -110,14 +85,14 @@ class Timeline:
 
 def build_trace(ranks: list[dict], steps: tuple[int, int]) -> dict:
     """The Trace Event Format object for every rank's records (``ranks``: dicts of rank,
-    anchor (t_s, boot_id, host) and records)."""
-    shared = len({r["anchor"]["boot_id"] for r in ranks}) == 1
-    base0 = min(r["anchor"]["t_s"] for r in ranks) if shared else 0.0
+    host, offset_s (its clock - rank 0's), bound_s and records)."""
+    starts = [rec.start_s - r["offset_s"] for r in ranks for rec in r["records"]]
+    origin = min(starts) if starts else 0.0
     events: list[dict] = []
     for r in ranks:
-        rank, a = r["rank"], r["anchor"]
-        base = base0 if shared else a["t_s"]
-        events += _meta(rank, f"rank {rank} ({a['host']})")
+        rank = r["rank"]
+        base = origin + r["offset_s"]      # rank 0's origin, on this rank's clock
+        events += _meta(rank, f"rank {rank} ({r['host']})")
         lanes: list[float] = []            # each comm lane's last end, for non-overlapping slices
         for rec in r["records"]:
             events += _step_events(rec, rank, base, lanes)
@@ -127,11 +102,12 @@ def build_trace(ranks: list[dict], steps: tuple[int, int]) -> dict:
                            "args": {"name": name}})
             events.append({"ph": "M", "name": "thread_sort_index", "pid": rank, "tid": COMM_TID + k, "ts": 0,
                            "args": {"sort_index": COMM_TID + k}})
-    clock = ("one host: every rank reads the same monotonic clock" if shared else
-             "several hosts: each rank aligned at a barrier before the first step (error up to the "
-             "barrier's skew, about one network round trip)")
+    offsets = [{"rank": r["rank"], "host": r["host"], "offset_s": r["offset_s"], "bound_s": r["bound_s"]}
+               for r in ranks]
     return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"producer": "ddp-fnn", "steps": f"{steps[0]}:{steps[1]}", "clock": clock}}
+            "otherData": {"producer": "ddp-fnn", "steps": f"{steps[0]}:{steps[1]}",
+                          "clock": "rank 0's monotonic clock; other ranks moved by their measured offsets",
+                          "clock_offsets": offsets}}
 
 
 def _meta(rank: int, name: str) -> list[dict]:
@@ -156,15 +132,17 @@ def _step_events(rec: StepRecord, rank: int, base: float, lanes: list[float]) ->
     t = rec.start_s - base
     out = [_slice(f"step {rec.step}", "step", rank, COMPUTE_TID, t, t + rec.step_s,
                   {"step": rec.step, "step_s": rec.step_s, "comm_s": rec.comm_s, "comm_span_s": rec.comm_span_s,
-                   "exposed_s": rec.exposed_s, "tail_s": rec.tail_s, "payload_bytes": rec.payload_bytes})]
+                   "exposed_s": rec.exposed_s, "tail_s": rec.tail_s, "payload_bytes": rec.payload_bytes,
+                   "wait_s": rec.wait_s, "transfer_s": rec.transfer_s, "last_ready_rank": rec.last_ready_rank})]
     for name, a, b in rec.intervals:
         out.append(_slice(name, "phase", rank, COMPUTE_TID, t + a, t + b))
     if rec.sync_end_s > rec.sync_start_s:
         out.append(_slice("sync wait", "sync", rank, COMPUTE_TID, t + rec.sync_start_s, t + rec.sync_end_s,
                           {"exposed_s": rec.exposed_s, "tail_s": rec.tail_s}))
     if rec.ready_s is not None:
-        out.append({"ph": "i", "s": "t", "name": "ready", "cat": "sync", "pid": rank, "tid": COMPUTE_TID,
-                    "ts": _us(t + rec.ready_s)})
+        last = rec.last_ready_rank == rank
+        out.append({"ph": "i", "s": "t", "name": "ready (last rank)" if last else "ready", "cat": "sync",
+                    "pid": rank, "tid": COMPUTE_TID, "ts": _us(t + rec.ready_s)})
     for c in sorted(rec.collectives, key=lambda c: c.start_s):
         start, end = t + c.start_s, t + c.end_s
         lane = next((k for k, last in enumerate(lanes) if last <= _us(start)), None)

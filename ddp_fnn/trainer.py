@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
-from ddp_fnn import mfu, predict
+from ddp_fnn import mfu, peers, predict
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import Metrics, NullMetrics, Summary
@@ -43,7 +43,6 @@ from ddp_fnn.report import Accounting, gather_ranks, peak_flops
 from ddp_fnn.stepfile import JsonLines, StepFile
 from ddp_fnn.sync import Synchroniser, gradient_bytes
 from ddp_fnn.timeline import Timeline
-from ddp_fnn.timeline import anchor as timeline_anchor
 
 
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,6 +115,8 @@ class Run:
     saver: ckpt.Checkpointer | None
     autocast: object
     resumed: bool
+    clock: peers.ClockOffset            # this rank's clock - rank 0's, at the start
+    slow_s: float                       # --slow-rank: this rank idles so long in each forward
 
 
 def setup(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
@@ -153,16 +154,20 @@ def setup(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     metrics.set_gradient_bytes(gradient_bytes(model))
     steps_path = cfg.steps_file_path(rank)
     steps_file = StepFile(steps_path, start_step) if steps_path is not None else None
-    timeline = Timeline(*cfg.timeline_steps, rank, timeline_anchor()) if cfg.timeline_steps else None
+    clock = peers.estimate_offset(rank, world, device)       # collective: ping-pongs with rank 0
+    timeline = Timeline(*cfg.timeline_steps, rank, clock) if cfg.timeline_steps else None
     witness = ((DdpLoggerWitness(syncer.model), JsonLines(cfg.output / f"ddp-logger-rank{rank}.jsonl", start_step))
                if cfg.ddp_logger else None)
     acct = Accounting(metrics, Summary(world), steps_file, timeline,
-                      mfu.train_flops_per_sample(cfg.layers), peak_flops(device, cfg.precision), witness)
+                      mfu.train_flops_per_sample(cfg.layers), peak_flops(device, cfg.precision), witness,
+                      peers.PeerExchange(rank, world, device, clock))
+    acct.summary.rank = rank
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
     progress = make_progress(cfg.progress if ctx.is_master else "none", total_steps)
+    slow_s = cfg.slow_ms / 1000 if cfg.slow_rank == rank else 0.0
     return Run(cfg, ctx, ds, batches, total_steps, start_step, syncer, optimizer, obs, acct, progress, saver,
-               autocast, resume is not None)
+               autocast, resume is not None, clock, slow_s)
 
 
 def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metrics | NullMetrics,
@@ -192,6 +197,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                 with obs.phase("forward"):
                     with run.autocast:
                         loss = loss_fn(cfg.task, syncer.model(x), y)
+                    if run.slow_s:
+                        time.sleep(run.slow_s)         # --slow-rank: a straggler, injected
                     # NaN/Inf is checked before backward because in ddp mode backward *is* the
                     # gradient sync: one rank's non-finite gradient would reach every replica (and
                     # PowerSGD's error-feedback memory). bool() waits for the device: one host
@@ -244,7 +251,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                 stop_reason = "target-loss"
                 break
         if log_now:
-            acct.flush()                       # the step file, between steps
+            acct.flush()                       # collective: ready times exchanged; records out
         if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
             metrics.set_loss("eval", evaluate(cfg, syncer.module, ds, rank, world, device)[0])
 
@@ -260,23 +267,27 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     acct.add(obs.flush())
     acct.flush()
     elapsed = wall.seconds()
+    clock_end = peers.estimate_offset(rank, world, device)   # again: the drift over the run
     eval_loss, eval_acc = evaluate(cfg, syncer.module, ds, rank, world, device)
     if math.isfinite(eval_loss):
         metrics.set_loss("eval", eval_loss)
     if acct.timeline is not None:
         acct.timeline.gather(cfg.output / "timeline.json" if ctx.is_master else None, world)
-    result = result_dict(run, step, stop_reason, train_loss, eval_loss, eval_acc, elapsed, skipped_steps)
+    result = result_dict(run, step, stop_reason, train_loss, eval_loss, eval_acc, elapsed, skipped_steps,
+                         peers.offsets_json(run.clock, clock_end))
     run.progress.finish(result)
     return result, syncer.module
 
 
 def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_loss: float,
-                eval_acc: float | None, elapsed: float, skipped_steps: int) -> dict:
+                eval_acc: float | None, elapsed: float, skipped_steps: int, clock: dict) -> dict:
     """summary.json's keys (rank 0 writes them). Collective: every rank's own figures are
     gathered (``ranks``)."""
     cfg, ctx, summary = run.cfg, run.ctx, run.acct.summary
     figures = summary.figures()
-    mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures}
+    mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures,
+            "clock": clock}
+    ranks = gather_ranks(mine, ctx.world_size)
     module = run.syncer.module
     return {
         "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device), "sync": cfg.sync,
@@ -288,7 +299,8 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
         "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
         "samples_per_second": (summary.samples * ctx.world_size / sum(summary.step_s)) if summary.step_s else 0.0,
         "wall_time_s": elapsed, "data": run.ds.identity, **figures,
-        "ranks": gather_ranks(mine, ctx.world_size),
+        "ranks": ranks,
+        "clock_offsets": [r["clock"] for r in ranks],
         "mfu": run.acct.mfu(),
         "resumed_from_step": run.start_step if run.resumed else None, "skipped_steps": skipped_steps,
         "checkpoint": (str(run.saver.last_path) if run.saver is not None and run.saver.last_path is not None

@@ -4,12 +4,15 @@
 # crosses real (virtual) interfaces whose kernel counters can be read. Needs root.
 #
 #   launch/netns-cluster.sh --nodes N [--nproc-per-node P] [--link-rate RATE]
-#                           [--port PORT] [--out DIR] [-- TRAIN_ARGS...]
+#                           [--cpu-quota K:PERCENT]... [--port PORT] [--out DIR] [-- TRAIN_ARGS...]
 #   launch/netns-cluster.sh --cleanup
 #
 #   --nodes N           nodes (namespaces), 1..250
 #   --nproc-per-node P  workers per node (default 1)
 #   --link-rate RATE    cap each node's egress with a tc token bucket, e.g. 1gbit, 100mbit
+#   --cpu-quota K:PCT   a slow node: node K's processes together get PCT % of one CPU
+#                       (a cgroup's CFS quota: cgroup v1 cpu.cfs_quota_us, or v2 cpu.max),
+#                       a real straggler; repeat for several nodes
 #   --port PORT         rendezvous port on node0 (default 29400)
 #   --out DIR           where results go (default: a new directory under ${TMPDIR:-/tmp}):
 #                       DIR/nodeK.log, DIR/nodeK/ (the node's --output; rank 0 writes
@@ -106,6 +109,7 @@ fi
 nodes=
 nproc=1
 link_rate=
+declare -A quota=()
 port=29400
 out=
 while [ $# -gt 0 ]; do
@@ -113,6 +117,9 @@ while [ $# -gt 0 ]; do
         --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes=$2; shift 2 ;;
         --nproc-per-node) [ $# -ge 2 ] || die "--nproc-per-node needs a value"; nproc=$2; shift 2 ;;
         --link-rate) [ $# -ge 2 ] || die "--link-rate needs a value"; link_rate=$2; shift 2 ;;
+        --cpu-quota) [ $# -ge 2 ] || die "--cpu-quota needs K:PERCENT"
+            [[ $2 =~ ^([0-9]+):([1-9][0-9]*)$ ]] || die "--cpu-quota must be K:PERCENT (e.g. 1:30), got '$2'"
+            quota[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; shift 2 ;;
         --port) [ $# -ge 2 ] || die "--port needs a value"; port=$2; shift 2 ;;
         --out) [ $# -ge 2 ] || die "--out needs a value"; out=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -127,6 +134,20 @@ done
 check_prereqs
 if [ -n "$link_rate" ]; then
     command -v tc >/dev/null || die "--link-rate needs tc (iproute2), not found"
+fi
+for k in "${!quota[@]}"; do
+    [ "$k" -lt "$nodes" ] || die "--cpu-quota $k:${quota[$k]}: there is no node$k (--nodes $nodes)"
+done
+# Where CPU quotas go: cgroup v1's cpu controller, else cgroup v2 (unified) with cpu enabled.
+cg_kind=
+if [ ${#quota[@]} -gt 0 ]; then
+    if [ -w /sys/fs/cgroup/cpu/cpu.cfs_quota_us ] || [ -e /sys/fs/cgroup/cpu/cpu.cfs_period_us ]; then
+        cg_kind=v1; cg_root=/sys/fs/cgroup/cpu
+    elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        cg_kind=v2; cg_root=/sys/fs/cgroup
+    else
+        die "--cpu-quota needs cgroup v1's cpu controller (/sys/fs/cgroup/cpu) or cgroup v2 with cpu; neither is here"
+    fi
 fi
 if [ -z "$out" ]; then
     out=$(mktemp -d "${TMPDIR:-/tmp}/ddp-fnn-cluster.XXXXXX")
@@ -154,6 +175,9 @@ cleanup() {
         remove_ns "$ns"
     done
     rmdir /etc/netns 2>/dev/null || true
+    for k in "${!quota[@]}"; do              # empty once the node's processes are gone
+        [ -d "$cg_root/$tag-$k" ] && rmdir "$cg_root/$tag-$k" 2>/dev/null || true
+    done
 }
 on_signal() {
     local sig=$1 code=$2
@@ -196,6 +220,16 @@ for ((k = 0; k < nodes; k++)); do
     ip -n "$ns" addr add "$subnet.$((k + 1))/24" dev eth0
     ip -n "$ns" link set lo up
     ip -n "$ns" link set eth0 up
+    if [ -n "${quota[$k]:-}" ]; then
+        cg="$cg_root/$tag-$k"
+        mkdir -p "$cg"
+        if [ $cg_kind = v1 ]; then
+            echo 100000 > "$cg/cpu.cfs_period_us"
+            echo $((quota[$k] * 1000)) > "$cg/cpu.cfs_quota_us"
+        else
+            echo "$((quota[$k] * 1000)) 100000" > "$cg/cpu.max"
+        fi
+    fi
 done
 
 trap - ERR
@@ -212,11 +246,20 @@ read_stats() {   # the four counters of eth0 in namespace $1, space-separated
 declare -a before after codes
 for ((k = 0; k < nodes; k++)); do before[k]=$(read_stats "${node_ns[k]}"); done
 
-echo "$prog: $nodes node(s) x $nproc worker(s), rendezvous node0:$port, subnet $subnet.0/24${link_rate:+, links $link_rate}; logs in $out" >&2
+quotas=""
+for k in "${!quota[@]}"; do quotas+=", node$k at ${quota[$k]}% of a CPU"; done
+echo "$prog: $nodes node(s) x $nproc worker(s), rendezvous node0:$port, subnet $subnet.0/24${link_rate:+, links $link_rate}$quotas; logs in $out" >&2
 for ((k = 0; k < nodes; k++)); do
     ns=${node_ns[k]}
     mkdir -p "$out/node$k"
-    ip netns exec "$ns" unshare --uts sh -c 'hostname "$1" && shift && exec "$@"' sh "node$k" \
+    # A throttled node enters its cgroup before it starts anything, so every process of
+    # the node inherits it; before `ip netns exec`, which mounts a sysfs of its own
+    # without the cgroup hierarchy.
+    enter=()
+    if [ -n "${quota[$k]:-}" ]; then
+        enter=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg_root/$tag-$k")
+    fi
+    "${enter[@]}" ip netns exec "$ns" unshare --uts sh -c 'hostname "$1" && shift && exec "$@"' sh "node$k" \
         env NNODES="$nodes" NPROC_PER_NODE="$nproc" RDZV_ENDPOINT="node0:$port" RDZV_ID="$tag" \
             METRICS_ADDR="$subnet.$((k + 1))" OUTPUT_DIR="$out/node$k" \
             LINK_IFACE=eth0 LINK_RATE="$link_rate" \
@@ -266,8 +309,10 @@ tcp_ts=$(ip netns exec "${node_ns[0]}" cat /proc/sys/net/ipv4/tcp_timestamps)
     done
 }
 {
-    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "tcp_timestamps": %d, "link_rate": "%s",\n "nproc_per_node": %d, "nodes": [\n  ' \
-        "$mtu" "$tcp_ts" "$link_rate" "$nproc"
+    cpu_json=""
+    for k in "${!quota[@]}"; do cpu_json+="${cpu_json:+, }\"node$k\": ${quota[$k]}"; done
+    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "tcp_timestamps": %d, "link_rate": "%s",\n "cpu_quota_percent": {%s}, "nproc_per_node": %d, "nodes": [\n  ' \
+        "$mtu" "$tcp_ts" "$link_rate" "$cpu_json" "$nproc"
     sep=""
     for j in "${json_nodes[@]}"; do printf '%s%s' "$sep" "$j"; sep=$',\n  '; done
     printf '\n]}\n'

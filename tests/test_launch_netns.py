@@ -130,8 +130,9 @@ class Run:
                          for k in range(self.nodes) if (self.out / f"node{k}.log").exists())
 
 
-def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300) -> Run:
-    cmd = [str(SCRIPT), "--nodes", str(nodes), "--out", str(out), "--", *train]
+def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300, extra: tuple[str, ...] = ()) -> Run:
+    """netns-cluster.sh with ``extra`` options (e.g. --link-rate) and ``train`` arguments."""
+    cmd = [str(SCRIPT), "--nodes", str(nodes), "--out", str(out), *extra, "--", *train]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -212,6 +212,7 @@ FIGURE_KEYS = {
     "allreduce_payload_bytes_per_step", "allreduce_wire_bytes_per_step", "allreduce_payload_bytes_total",
     "allreduce_wire_bytes_total", "comm_time_per_step_s", "comm_span_per_step_s", "exposed_comm_time_per_step_s",
     "sync_tail_per_step_s", "algbw_bytes_per_second", "busbw_bytes_per_second",
+    "wait_for_peers_per_step_s", "transfer_per_step_s", "last_ready_steps", "last_ready_share",
 }
 
 
@@ -242,6 +243,24 @@ def test_summary_leaves_the_first_step_out_of_timings_but_not_out_of_bytes():
     assert f["allreduce_wire_bytes_per_step"] == PAYLOAD * 3 / 2
     assert f["allreduce_calls_per_step"] == (1 + 5 * 5) / 6
     assert s.samples == 6 * 32
+
+
+def test_peer_figures_feed_histograms_the_last_ready_counter_and_the_summary():
+    m, reg = make()
+    s = Summary(world_size=WORLD, rank=RANK)
+    for step, (wait, transfer, last) in enumerate([(0.0, 0.25, RANK), (0.125, 0.25, 0), (0.0, 0.5, RANK)], 1):
+        rec = record(step, COLLECTIVES)
+        rec.wait_s, rec.transfer_s, rec.last_ready_rank = wait, transfer, last
+        m.observe(rec)
+        s.add(rec)
+    m.observe(record(4, COLLECTIVES))                 # not exchanged yet: no peer figures
+    assert value(reg, "ddp_fnn_peer_wait_duration_seconds_count") == 3
+    assert value(reg, "ddp_fnn_peer_wait_duration_seconds_sum") == 0.125
+    assert value(reg, "ddp_fnn_transfer_duration_seconds_sum") == 1.0
+    assert value(reg, "ddp_fnn_last_ready_steps_total") == 2
+    f = s.figures()                                   # steps 2 and 3 (the first is left out)
+    assert f["wait_for_peers_per_step_s"] == 0.0625 and f["transfer_per_step_s"] == 0.375
+    assert f["last_ready_steps"] == 2 and f["last_ready_share"] == 2 / 3
 
 
 def test_summary_of_one_step_uses_it():

@@ -150,6 +150,42 @@ def test_collectives_outside_a_step_are_not_counted():
 
 
 # ---------------------------------------------------------------------------------------
+# waiting for peers vs transfer; clock offsets
+# ---------------------------------------------------------------------------------------
+
+def test_split_wait_on_the_fast_and_the_slow_rank():
+    fast = ddp_step()                         # ready at 10.5 s, its last bucket back at 10.6875 s
+    slow = ddp_step()
+    slow.start_s = 10.125                     # the same step, 0.125 s later: ready at 10.625 s
+    ready_all = [observe.ready_time(fast), observe.ready_time(slow)]
+    observe.split_wait(fast, ready_all, offset_s=0.0)
+    observe.split_wait(slow, ready_all, offset_s=0.0)
+    assert (fast.wait_s, fast.last_ready_rank) == (0.125, 1)
+    assert fast.transfer_s == 0.6875 - 0.625  # what the network needed once rank 1 was there
+    assert (slow.wait_s, slow.transfer_s, slow.last_ready_rank) == (0.0, 0.1875, 1)
+
+
+def test_split_wait_moves_this_ranks_times_by_its_offset():
+    rec = ddp_step()
+    rec.start_s += 3.5                        # this rank's clock is 3.5 s ahead of rank 0's
+    observe.split_wait(rec, [10.5, 10.5 + 0.0625], offset_s=3.5)
+    assert rec.wait_s == 0.0625 and rec.transfer_s == 0.125 and rec.last_ready_rank == 1
+
+
+def test_a_rank_that_synced_nothing_is_left_out():
+    rec = ddp_step()
+    observe.split_wait(rec, [10.5, float("nan")], offset_s=0.0)
+    assert rec.wait_s == 0.0 and rec.last_ready_rank == 0
+
+
+def test_cristian_takes_the_smallest_round_trip():
+    # (t1, server time, t2): the server's clock is 2 s behind; round trips 0.5, 0.125, 0.25 s
+    samples = [(0.0, -1.75, 0.5), (1.0, -0.9375, 1.125), (2.0, 0.125, 2.25)]
+    offset, bound, rtt = observe.cristian(samples)
+    assert (offset, bound, rtt) == (1.0625 - (-0.9375), 0.0625, 0.125)
+
+
+# ---------------------------------------------------------------------------------------
 # the step file: strict lines, and a resumed run keeps what it does not redo
 # ---------------------------------------------------------------------------------------
 
@@ -211,15 +247,15 @@ def check_trace(trace: dict) -> list[dict]:
 def test_trace_of_hand_made_records_nests_and_carries_the_collectives():
     a, b = ddp_step(), ddp_step()
     b.step, b.start_s = 4, a.end_s
-    anchor = {"t_s": 9.5, "boot_id": "one-kernel", "host": "h"}
-    trace = timeline.build_trace([{"rank": 0, "anchor": anchor, "records": [a, b]},
-                                  {"rank": 1, "anchor": {**anchor, "t_s": 9.75}, "records": [a]}], (3, 4))
+    trace = timeline.build_trace([{"rank": 0, "host": "h", "offset_s": 0.0, "bound_s": 0.0, "records": [a, b]},
+                                  {"rank": 1, "host": "h", "offset_s": 0.0, "bound_s": 1e-5, "records": [a]}],
+                                 (3, 4))
     complete = check_trace(trace)
     comm = [e for e in complete if e["cat"] == "comm"]
     assert len(comm) == 3 + 3 + 3
     first = sorted((e for e in comm if e["pid"] == 0 and e["args"]["step"] == 3), key=lambda e: e["ts"])
-    # one host: one time base, rank 0's anchor (the earliest); microseconds
-    assert first[0]["ts"] == pytest.approx((10.0 + 0.375 - 9.5) * 1e6)
+    # one time base: microseconds from the first step shown (rank 0's step 3 at 10.0 s)
+    assert first[0]["ts"] == pytest.approx(0.375 * 1e6)
     assert [e["args"]["bucket"] for e in first] == [2, 1, 0]
     assert [e["args"]["payload_bytes"] for e in first] == [1024, 2048, 4096]
     # overlapping buckets go to separate comm lanes
@@ -228,14 +264,15 @@ def test_trace_of_hand_made_records_nests_and_carries_the_collectives():
     assert sum(e["dur"] for e in exposed) == pytest.approx(2 * (0.125 + 0.1875) * 1e6)
 
 
-def test_trace_across_hosts_aligns_each_rank_at_its_anchor():
-    rec = ddp_step()
-    ranks = [{"rank": 0, "anchor": {"t_s": 9.0, "boot_id": "a", "host": "n0"}, "records": [rec]},
-             {"rank": 1, "anchor": {"t_s": 1009.0, "boot_id": "b", "host": "n1"}, "records": [rec]}]
+def test_trace_moves_each_rank_by_its_clock_offset():
+    a, b = ddp_step(), ddp_step()
+    b.start_s = a.start_s + 1000.25          # rank 1's clock runs 1000 s ahead; it started 0.25 s later
+    ranks = [{"rank": 0, "host": "n0", "offset_s": 0.0, "bound_s": 0.0, "records": [a]},
+             {"rank": 1, "host": "n1", "offset_s": 1000.0, "bound_s": 5e-5, "records": [b]}]
     trace = timeline.build_trace(ranks, (3, 3))
     steps = {e["pid"]: e["ts"] for e in trace["traceEvents"] if e.get("cat") == "step"}
-    assert steps[0] == pytest.approx(1e6) and steps[1] == pytest.approx(1e6 - 1000 * 1e6)
-    assert "several hosts" in trace["otherData"]["clock"]
+    assert steps[0] == 0.0 and steps[1] == pytest.approx(0.25e6)
+    assert trace["otherData"]["clock_offsets"][1] == {"rank": 1, "host": "n1", "offset_s": 1000.0, "bound_s": 5e-5}
 
 
 @pytest.mark.parametrize("text,why", [("5", "expected A:B"), ("a:b", "integers"), ("0:3", "1 <= A <= B"),
