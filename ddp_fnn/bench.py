@@ -223,41 +223,67 @@ class _Printer:
 # the quick probe `ddp-fnn train` runs before training, for its prediction
 # ---------------------------------------------------------------------------------------
 
-def probe(world: _World, largest_bytes: int, points: int = 4, iters: int = 5, warmup: int = 2) -> dict:
-    """Fit alpha and beta to fp32 all-reduces of ``points`` sizes, halving down from
-    ``largest_bytes`` (the largest gradient bucket), in the group ``world`` has joined.
+# Below about a MiB, loopback and namespace all-reduces cost mostly latency and
+# scheduling: their times barely grow with the size, and a line through them alone can
+# come out flat or falling. So the probe always reaches at least this size.
+PROBE_MIN_TOP_BYTES = 1 << 20
+
+
+def probe(world: _World, largest_bytes: int, points: int = 5, iters: int = 5, warmup: int = 2) -> dict:
+    """Fit alpha and beta to fp32 all-reduces of ``points`` sizes, a factor 4 apart, down
+    from the largest gradient bucket or 1 MiB, whichever is larger, in the group ``world``
+    has joined.
 
     What it predicts is a run's mean communication time per step, a sum of bucket
     all-reduce times dominated by the largest buckets. So each size's time is the mean of
     its calls, not the median (per-call times on a loaded host are skewed to the right and
     their median sits below the mean the run reports), and the line is fitted by plain
-    least squares (``relative=False``): the sizes span one decade, and a fit on relative
-    error weights the smallest size as much as the largest, so the small sizes' noise, or
-    a cost per byte that changes with the size (CPU caches), moves the line where the
-    largest buckets are. On namespace nodes of a loaded 2-core host, medians and a
-    relative fit missed the measured comm time by up to 22 %, this by up to 13 %
-    (docs/links.md).
+    least squares (``relative=False``), so that the largest sizes, not the small sizes'
+    noise, decide it (docs/links.md).
 
-    Returns ``{"alpha_s", "beta_bytes_per_second", "sizes", "times_s", "wire_bytes", ...}``
-    (the same on every rank: each size's time is the mean over ranks of each rank's mean),
-    ``{"error": ...}`` when no fit is possible, or ``{}`` at world size 1, where nothing
-    crosses the network. ``wire_bytes`` is what the
-    probe itself sent from this rank, so a byte count can leave it out."""
+    It always answers. Where least squares finds no growing line (the times do not grow
+    with the size on a noisy host), it falls back, and ``method`` says how:
+    ``two-point`` takes alpha from the smallest size and beta from the largest;
+    ``largest`` (when even those two do not grow) takes alpha = 0 and beta from the
+    largest size alone, an upper bound on the time per byte.
+
+    Returns ``{"alpha_s", "beta_bytes_per_second", "method", "sizes", "times_s",
+    "wire_bytes", "payload_bytes", "calls", ...}``, the same on every rank (each size's
+    time is the mean over ranks of each rank's mean), or ``{}`` at world size 1, where
+    nothing crosses the network. ``wire_bytes`` is what the probe itself sent from this
+    rank (ring formula), so a byte count can add it or leave it out."""
     n = world.world_size
     if n < 2:
         return {}
-    top = max(4096, largest_bytes - largest_bytes % 4)
-    sizes = sorted({max(4096, (top >> k) - (top >> k) % 4) for k in range(points)})
+    top = max(PROBE_MIN_TOP_BYTES, largest_bytes - largest_bytes % 4)
+    sizes = sorted({max(4096, (top >> (2 * k)) - (top >> (2 * k)) % 4) for k in range(points)})
     times = [statistics.fmean(_across_ranks(world, statistics.fmean(
                  _timed_iters(_warm_tensor(world, s, torch.float32, warmup), iters))))
              for s in sizes]
+    payload = sum(sizes) * (iters + warmup)
+    traffic = {"sizes": sizes, "times_s": times, "world_size": n, "payload_bytes": payload,
+               "calls": len(sizes) * (iters + warmup), "wire_bytes": netmodel.ring_wire_bytes(payload, n)}
+    return {**fit_probe(sizes, times, n), **traffic}
+
+
+def fit_probe(sizes: list[int], times: list[float], n: int) -> dict:
+    """alpha and beta from the probe's (size, mean time) points, always: least squares,
+    else the two-point or the largest-size fallback (see ``probe``)."""
+    factor = netmodel.busbw_factor(n)
     try:
         fit = netmodel.fit_alpha_beta(sizes, times, n, relative=False)
+        return {"alpha_s": fit.alpha_s, "beta_bytes_per_second": fit.beta_bytes_per_second,
+                "rms_relative_error": fit.rms_relative_error, "method": "least-squares"}
     except ValueError as e:               # e.g. times that do not grow with size on a noisy host
-        return {"error": str(e), "sizes": sizes, "times_s": times}
-    return {"alpha_s": fit.alpha_s, "beta_bytes_per_second": fit.beta_bytes_per_second,
-            "rms_relative_error": fit.rms_relative_error, "sizes": sizes, "times_s": times,
-            "world_size": n, "wire_bytes": netmodel.ring_wire_bytes(sum(sizes) * (iters + warmup), n)}
+        why = str(e)
+    if times[-1] > times[0]:
+        beta = (sizes[-1] - sizes[0]) * factor / (times[-1] - times[0])
+        alpha = max(0.0, times[0] - sizes[0] * factor / beta)
+        method = "two-point"
+    else:
+        alpha, beta, method = 0.0, sizes[-1] * factor / times[-1], "largest"
+    return {"alpha_s": alpha, "beta_bytes_per_second": beta, "rms_relative_error": None,
+            "method": method, "fallback_because": why}
 
 
 # ---------------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ class Metrics:
         self.last_ready_steps = Counter("ddp_fnn_last_ready_steps",
                                         "Steps in which this rank was the last one to hand its gradients over.",
                                         r, registry=reg)
+        self.probe_wire = Counter("ddp_fnn_probe_wire_bytes",
+                                  "Bytes this rank sent for the pre-training probe's all-reduces (ring formula), "
+                                  "apart from the gradients' ddp_fnn_allreduce_wire_bytes_total.", r, registry=reg)
+        self.probe_payload = Counter("ddp_fnn_probe_payload_bytes",
+                                     "Bytes the pre-training probe handed to all-reduce.", r, registry=reg)
         self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
@@ -163,6 +168,7 @@ class Metrics:
         self._tail = self.tail.labels(self.rank)
         self._wait, self._transfer = self.wait.labels(self.rank), self.transfer.labels(self.rank)
         self._last_ready = self.last_ready_steps.labels(self.rank)
+        self._probe_wire, self._probe_payload = self.probe_wire.labels(self.rank), self.probe_payload.labels(self.rank)
         self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
@@ -198,6 +204,12 @@ class Metrics:
 
     def set_gradient_bytes(self, nbytes: int) -> None:
         self.grad_bytes.labels(self.rank).set(nbytes)
+
+    def count_probe(self, traffic: dict | None) -> None:
+        """The probe's bytes (predict.probe_traffic), once, before the first step."""
+        if traffic:
+            self._probe_wire.inc(traffic["wire_bytes"])
+            self._probe_payload.inc(traffic["payload_bytes"])
 
     def set_loss(self, split: str, value: float) -> None:
         self.loss.labels(self.rank, split).set(value)
@@ -239,6 +251,7 @@ class NullMetrics:
 
     def observe(self, rec: StepRecord) -> None: ...
     def set_gradient_bytes(self, nbytes: int) -> None: ...
+    def count_probe(self, traffic: dict | None) -> None: ...
     def set_loss(self, split: str, value: float) -> None: ...
     def set_mfu(self, ratio: float) -> None: ...
     def serve(self, port: int, addr: str) -> None: ...

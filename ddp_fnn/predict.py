@@ -43,19 +43,26 @@ def read_bench_json(path: Path) -> dict:
 
 def network(cfg: TrainConfig, ctx, bench_data: dict | None) -> dict | None:
     """The alpha-beta to predict with: the bench file's, or a probe's (None if --no-probe
-    or world size 1). Every rank calls it: the probe is collective."""
+    or world size 1). Every rank calls it: the probe is collective. The probe always
+    fits something; where least squares could not, it says so in one line (rank 0) and
+    ``method`` names the fallback."""
     if bench_data is not None:
         return bench_data
     if not cfg.probe or ctx.world_size < 2:
         return None
     largest = max(b.nbytes for b in netmodel.bucket_layout(cfg.layers, cfg.bucket_mb))
     found = bench.probe(ctx, largest)
-    if "error" in found:
-        if ctx.is_master:
-            print(f"ddp-fnn: note: no prediction: the probe could not fit alpha and beta ({found['error']})",
-                  file=sys.stderr)
-        return None
+    if found.get("method") != "least-squares" and ctx.is_master:
+        print(f"ddp-fnn: note: the probe's least-squares fit failed ({found['fallback_because']}); "
+              f"alpha and beta from its {found['method']} fallback (bench.probe)", file=sys.stderr)
     return {"source": "probe", **found}
+
+
+def probe_traffic(net: dict | None) -> dict | None:
+    """What the probe put on the wire (summary.json's ``probe``), or None without one."""
+    if not net or net.get("source") != "probe":
+        return None
+    return {k: net[k] for k in ("payload_bytes", "wire_bytes", "calls", "sizes", "method")}
 
 
 def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dict) -> dict:

@@ -357,8 +357,10 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     try:
         metrics = make_metrics(cfg, ctx)
         net = predict.network(cfg, ctx, bench_data)       # alpha, beta: bench file or a probe
+        metrics.count_probe(predict.probe_traffic(net))  # its bytes, apart from the gradients'
         result, model = train(cfg, ctx, ds, metrics, resume)
         result.update(predict.prediction(cfg, ctx.world_size, net, result))
+        result["probe"] = predict.probe_traffic(net)
         if ctx.is_master and cfg.progress != "none":
             print_table(result)
         if ctx.is_master and cfg.output is not None:

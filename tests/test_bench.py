@@ -104,3 +104,35 @@ def test_two_gloo_ranks_default_run_keeps_the_contract_and_matches_a_bare_loop(t
     print(f"busbw at 8 MiB: harness {cmp['harness_busbw_bytes_per_second'] / 1e9:.3f} GB/s, "
           f"bare {cmp['bare_busbw_bytes_per_second'] / 1e9:.3f} GB/s, ratio {cmp['ratio']:.3f}")
     assert 0.9 <= cmp["ratio"] <= 1.1, cmp
+
+
+# ---------------------------------------------------------------------------------------
+# the pre-training probe always answers
+# ---------------------------------------------------------------------------------------
+
+def test_probe_fit_is_least_squares_when_the_times_grow():
+    from ddp_fnn.bench import fit_probe
+    sizes = [4096, 16384, 65536, 262144, 1048576]
+    times = [1e-4 + s / 1e9 for s in sizes]                  # alpha 100 us, beta 1 GB/s at N = 2
+    got = fit_probe(sizes, times, 2)
+    assert got["method"] == "least-squares"
+    assert got["alpha_s"] == pytest.approx(1e-4) and got["beta_bytes_per_second"] == pytest.approx(1e9)
+
+
+def test_probe_falls_back_to_two_points_where_least_squares_finds_no_line():
+    from ddp_fnn.bench import fit_probe
+    sizes = [4096, 16384, 65536, 262144, 1048576]
+    # Noise: the middle sizes are slower than the largest, so the line's slope comes out <= 0.
+    times = [1.0e-3, 9.0e-3, 9.0e-3, 9.0e-3, 1.2e-3]
+    got = fit_probe(sizes, times, 2)
+    assert got["method"] == "two-point" and "cannot fit" in got["fallback_because"]
+    assert got["beta_bytes_per_second"] == pytest.approx((1048576 - 4096) / 0.2e-3)
+    assert 0 <= got["alpha_s"] < 1e-3
+
+
+def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
+    from ddp_fnn.bench import fit_probe
+    sizes = [4096, 1048576]
+    got = fit_probe(sizes, [2e-3, 1e-3], 4)
+    assert got["method"] == "largest" and got["alpha_s"] == 0.0
+    assert got["beta_bytes_per_second"] == pytest.approx(1048576 * 1.5 / 1e-3)   # 2(N-1)/N at N = 4

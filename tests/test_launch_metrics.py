@@ -602,3 +602,49 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule_on_a_live_run(tmp_p
     up = api(prom_port, "query", query="up")["data"]["result"]
     assert sorted((v["metric"]["instance"], v["value"][1]) for v in up) == [
         (f"127.0.0.1:{base + r}", "1") for r in range(NPROC)]
+
+
+def alerts(port: int, name: str) -> list[dict]:
+    """The active (pending or firing) alerts of that name, from a real Prometheus."""
+    return [a for a in api(port, "alerts")["data"]["alerts"] if a["labels"]["alertname"] == name]
+
+
+@pytest.mark.slow
+def test_real_prometheus_fires_the_straggler_alert_for_an_injected_straggler(tmp_path, prometheus, jobs):
+    """--slow-rank 1 --slow-ms 20: rank 1 is the last one ready in every step and rank 0
+    waits most of its step; DdpFnnStraggler (for: 30 s) fires, naming rank 1."""
+    prom_port, base = prometheus
+    job = jobs(tmp_path, base, *STRAGGLER_RUN, "--slow-rank", "1", "--slow-ms", "20", name="straggler")
+    deadline = time.monotonic() + 150
+    while True:
+        assert job.proc.poll() is None, f"the run exited ({job.proc.returncode}):\n{job.tail()}"
+        firing = [a for a in alerts(prom_port, "DdpFnnStraggler") if a["state"] == "firing"]
+        if firing:
+            break
+        assert time.monotonic() < deadline, f"DdpFnnStraggler did not fire in 150 s: {alerts(prom_port, 'DdpFnnStraggler')}"
+        time.sleep(1)
+    assert [a["labels"]["rank"] for a in firing] == ["1"]
+
+
+@pytest.mark.slow
+def test_real_prometheus_keeps_the_straggler_alert_quiet_for_a_clean_run(tmp_path, prometheus, jobs):
+    """The same settings without the straggler: for as long as the alert would need to
+    fire (15 s of windows + 30 s of `for`, and then some), it is never even pending,
+    while the peer figures it reads are there."""
+    prom_port, base = prometheus
+    job = jobs(tmp_path, base, *STRAGGLER_RUN, name="clean")
+    seen = False
+    end = time.monotonic() + 75
+    while time.monotonic() < end:
+        assert job.proc.poll() is None, f"the run exited ({job.proc.returncode}):\n{job.tail()}"
+        assert alerts(prom_port, "DdpFnnStraggler") == []
+        ratio = api(prom_port, "query", query="rank:ddp_fnn_last_ready:ratio30s")["data"]["result"]
+        seen = seen or len(ratio) == NPROC
+        time.sleep(1)
+    assert seen, "the last-ready ratio never had both ranks"
+
+
+# Tiny and quick (about a millisecond of compute a step): in a clean run who is last
+# ready is a coin toss; with 20 ms of injected delay it is always rank 1.
+STRAGGLER_RUN = ("--layers", "32,64,64,1", "--global-batch-size", "64", "--max-steps", "10000000",
+                 "--log-every", "5", "--progress", "none", "--no-probe")

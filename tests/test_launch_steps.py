@@ -132,3 +132,34 @@ def test_timeline_is_trace_event_format_and_matches_the_step_files(run):
             assert g[4] == pytest.approx((x[4] - base) * 1e6 + shift, abs=0.01)
         step_slices = sorted(e["args"]["step"] for e in complete if e["pid"] == r and e["cat"] == "step")
         assert step_slices == [20, 21, 22, 23]
+
+
+def test_the_probe_fits_and_its_traffic_is_counted_in_summary_and_prometheus(tmp_path):
+    """The demo's model (32,256,256,1: one 298 KB bucket) on 2 ranks: the probe reports a
+    fit, and its bytes are in summary.json and in a Prometheus series of their own."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Gateway.received = []
+    try:
+        r = torchrun(2, "train", "--max-steps", "5", "--metrics-port", "0", "--progress", "none",
+                     "--output", str(tmp_path), "--pushgateway", f"127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "could not fit" not in r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    probe = summary["probe"]
+    assert probe["method"] in ("least-squares", "two-point", "largest")
+    assert summary["prediction"]["beta_bytes_per_second"] > 0
+    assert summary["predicted_comm_time_per_step_s"] > 0
+    # At N = 2 each rank sends the payload: 7 calls (2 warm-up + 5 timed) of each size.
+    assert probe["wire_bytes"] == probe["payload_bytes"] == 7 * sum(probe["sizes"])
+    assert max(probe["sizes"]) >= 1 << 20
+    for _method, path, body in _Gateway.received:
+        samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+        assert samples["ddp_fnn_probe_wire_bytes_total"] == probe["wire_bytes"], path
+        assert samples["ddp_fnn_probe_payload_bytes_total"] == probe["payload_bytes"], path
+    assert len(_Gateway.received) == 2
