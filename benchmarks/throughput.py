@@ -20,6 +20,8 @@ Run under torchrun (the figures in README.md came from this command):
    the same bare loop:
 
        no hook        DDP as it comes
+       torch hook     torch's own Python all-reduce hook (default_hooks.allreduce_hook),
+                      observing nothing: what leaving DDP's C++ path costs by itself
        observed hook  a Synchroniser with an Observer (the hook ddp-fnn registers);
                       begin_step / end_step / finished every step, as in training
 
@@ -29,13 +31,17 @@ rotating (A, B, C, D, then B, C, D, A, ...), so that a noisy machine (here: 2 co
 shared with other jobs) slows them alike. A variant's figure is its median samples/s
 over the rounds, from the wall time of a whole run of steps (model build and DDP wrap
 included, for every variant; ``train``'s held-out evaluation is left out:
---eval-fraction 0). Rank 0 prints the tables and the ratios of medians (and, as a check
-on them, the median of the per-round ratios):
+--eval-fraction 0). Beside it, rank 0's CPU seconds a step (process time, every thread):
+less disturbed by other jobs than wall time, though not immune (caches, memory
+bandwidth). Rank 0 prints the tables and the ratios of medians (and, as a check on them,
+the median of the per-round ratios; for CPU time, the inverse ratio, so that below 1
+means slower as for throughput):
 
     files on / files off          the step file and timeline           (target >= 0.99)
     files off / metrics off       Prometheus metrics                   (target >= 0.97)
     files off / bare DDP loop     ddp-fnn over the plainest DDP loop   (target >= 0.97)
     observed hook / no hook       the observing hook at N buckets      (target >= 0.99)
+    observed hook / torch hook    observing, over any Python hook
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn import dist as ddist
@@ -65,13 +72,16 @@ from ddp_fnn.observe import Clock, CollectiveRecord, Observer, make_record
 from ddp_fnn.sync import Synchroniser
 
 
-def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None) -> list:
+def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
+              torch_hook: bool = False) -> list:
     """The plainest DDP loop. With ``observer``: the model is wrapped by a Synchroniser
     (ddp-fnn's observing hook) and each step is opened and closed on the observer; returns
-    the step records it made."""
+    the step records it made. ``torch_hook``: torch's plain all-reduce hook registered."""
     model = build_fnn(cfg.layers, seed=cfg.seed)
     if observer is None:
         ddp = DDP(model, bucket_cap_mb=cfg.bucket_mb)
+        if torch_hook:
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
         ddp = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.bucket_mb).model
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -113,29 +123,49 @@ def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[s
     return {"make_record": (t1 - t0) / n * 1e6, "metrics": (t2 - t1) / n * 1e6, "step_file": (t3 - t2) / n * 1e6}
 
 
-def one_round(variants: dict, r: int, samples_per_run: int, rates: dict[str, list[float]]) -> None:
-    """Round ``r``: each variant once, the first one rotating; appends each run's samples/s."""
+def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: dict) -> None:
+    """Round ``r``: each variant once, the first one rotating; appends each run's samples/s
+    and this rank's CPU seconds for it."""
     names = list(variants)
     for name in names[r % len(names):] + names[:r % len(names)]:
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         variants[name]()
+        c1 = time.process_time()
         dist.barrier()
         rates.setdefault(name, []).append(samples_per_run / (time.perf_counter() - t0))
+        cpu.setdefault(name, []).append(c1 - c0)
 
 
-def table(title: str, rates: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict:
+def table(title: str, rates: dict, cpu: dict, steps: int, pairs: list[tuple[str, str]]) -> dict:
     med = {n: statistics.median(v) for n, v in rates.items()}
+    cpu_ms = {n: statistics.median(v) / steps * 1e3 for n, v in cpu.items()}
     print(title)
+    print(f"  {'':<15} {'samples/s':>10}   {'min..max':<15} {'CPU ms/step':>11}")
     for n, v in rates.items():
-        print(f"  {n:<15} {med[n]:>10,.0f}   {min(v):,.0f}..{max(v):,.0f}")
+        print(f"  {n:<15} {med[n]:>10,.0f}   {f'{min(v):,.0f}..{max(v):,.0f}':<15} {cpu_ms[n]:>11.1f}")
     ratios = {}
     for a, b in pairs:
-        of_medians = med[a] / med[b]
-        per_round = statistics.median(x / y for x, y in zip(rates[a], rates[b]))
-        ratios[f"{a} / {b}"] = {"of_medians": of_medians, "median_per_round": per_round}
-        print(f"  ratio {a} / {b}: {of_medians:.3f}   (median of per-round ratios {per_round:.3f})")
-    return {"rates": rates, "median": med, "ratios": ratios}
+        r = {"of_medians": med[a] / med[b],
+             "median_per_round": statistics.median(x / y for x, y in zip(rates[a], rates[b])),
+             "cpu_of_medians": cpu_ms[b] / cpu_ms[a],
+             "cpu_median_per_round": statistics.median(y / x for x, y in zip(cpu[a], cpu[b]))}
+        ratios[f"{a} / {b}"] = r
+        print(f"  ratio {a} / {b}: {r['of_medians']:.3f}   (median of per-round ratios "
+              f"{r['median_per_round']:.3f}; CPU time {r['cpu_of_medians']:.3f}, per round "
+              f"{r['cpu_median_per_round']:.3f})")
+    return {"rates": rates, "cpu_s": cpu, "median": med, "cpu_ms_per_step": cpu_ms, "ratios": ratios}
+
+
+def runs(widths) -> str:
+    """256,512,512,10 -> '256,512x2,10'."""
+    out: list[list[int]] = []
+    for w in widths:
+        if out and out[-1][0] == w:
+            out[-1][1] += 1
+        else:
+            out.append([w, 1])
+    return ",".join(f"{w}x{n}" if n > 1 else str(w) for w, n in out)
 
 
 def main() -> None:
@@ -184,16 +214,16 @@ def main() -> None:
     seen: list[list] = []           # the observed runs' records
     hook_variants = {
         "no hook": lambda: bare_loop(hcfg, ctx, hds),
+        "torch hook": lambda: bare_loop(hcfg, ctx, hds, torch_hook=True),
         "observed hook": lambda: seen.append(bare_loop(hcfg, ctx, hds, Observer(Clock(torch.device("cpu"))))),
     }
 
     bare_loop(cfg, ctx, ds)                               # warm-up: allocator, Gloo connections
     bare_loop(hcfg, ctx, hds)
-    train_rates: dict[str, list[float]] = {}
-    hook_rates: dict[str, list[float]] = {}
+    train_rates, train_cpu, hook_rates, hook_cpu = {}, {}, {}, {}
     for r in range(args.rounds):                          # the two comparisons interleaved, a round each
-        one_round(train_variants, r, args.steps * args.global_batch_size, train_rates)
-        one_round(hook_variants, r, args.hook_steps * args.hook_global_batch_size, hook_rates)
+        one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
+        one_round(hook_variants, r, args.hook_steps * args.hook_global_batch_size, hook_rates, hook_cpu)
     metrics.close()
 
     # What the "files on" runs wrote, and the buckets the observed hook saw (after step 1:
@@ -205,17 +235,19 @@ def main() -> None:
                      for run in seen for rec in run if rec.step > 1)
     cost = per_step_cost_us(ctx.world_size, buckets=len(layout))
     if ctx.is_master:
-        print(f"world size {ctx.world_size}, Gloo on CPU, {args.rounds} rounds (median samples/s, min..max)")
+        print(f"world size {ctx.world_size}, Gloo on CPU, {args.rounds} rounds (medians over the rounds)")
         figures = {"train": table(
             f"1. train: layers {args.layers}, global batch {args.global_batch_size}, {args.steps} steps a run",
-            train_rates, [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])}
+            train_rates, train_cpu, args.steps,
+            [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])}
         print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
               f"{'a' if timeline_ok else 'NO'} timeline.json")
         figures["hook"] = table(
-            f"2. hook: layers 256,512x{args.hook_layers.count('512')},10 (or --hook-layers), "
+            f"2. hook: layers {runs(parse_layers(args.hook_layers))}, "
             f"--bucket-mb {args.hook_bucket_mb}, global batch {args.hook_global_batch_size}, "
             f"{args.hook_steps} steps a run",
-            hook_rates, [("observed hook", "no hook")])
+            hook_rates, hook_cpu, args.hook_steps,
+            [("observed hook", "no hook"), ("observed hook", "torch hook"), ("torch hook", "no hook")])
         print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen by the hook (steps >= 2): "
               f"{buckets_seen}, indices 0..{len(layout) - 1} every step: {indices_ok}")
         print("  per step, timed alone (us): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items())
