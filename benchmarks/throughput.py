@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -258,6 +259,7 @@ def main() -> None:
                            "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict()},
                            "buckets": {"layout": len(layout), "seen": buckets_seen, "indices_ok": indices_ok},
                            "per_step_cost_us": cost}, f, indent=2, default=str)
+    shutil.rmtree(out, ignore_errors=True)
     ddist.teardown()
 
 
