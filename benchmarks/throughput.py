@@ -1,21 +1,47 @@
-"""Training throughput: ddp-fnn with metrics on, with metrics off, and a bare DDP loop.
+"""Training throughput: what observing every step costs, in one run of two comparisons.
 
 Run under torchrun (the figures in README.md came from this command):
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --rounds 12
 
-All three variants train the same FNN on the same data, global batch and world size, in
-one process group, taking turns round after round (A, B, C, then C, A, B, ...) so that a
-noisy machine slows them alike. Each variant's figure is its median samples/s over the
-rounds, from the wall time of a whole run of --steps steps (model build and DDP wrap
-included, for every variant; `train`'s held-out evaluation is left out: --eval-fraction 0).
-Rank 0 prints a table and the ratios:
+1. ``train``: ddp-fnn's ``trainer.train`` on one FNN (--layers, default 256,1024,1024,1),
+   four ways:
 
-    metrics on / metrics off     what observing every step costs (target >= 0.97)
-    metrics on / bare DDP loop   what ddp-fnn costs over the plainest DDP loop (target >= 0.97)
+       files on       metrics served, a step file and a timeline of every step
+                      (--output DIR --timeline 1:STEPS)
+       files off      metrics served, --output DIR --no-steps-file, no timeline
+       metrics off    no metrics, no files
+       bare DDP loop  build_fnn, DDP, SGD, the rank's rows indexed from a tensor already in
+                      memory, forward, MSE, backward, step. Nothing else.
 
-The bare loop: build_fnn, DistributedDataParallel, SGD, the rank's rows indexed from a
-tensor already in memory, forward, MSE, backward, step. Nothing else.
+2. ``hook``: the observing communication hook (sync.py's ``_observed_hook``, which runs
+   every bucket's all-reduce from Python) against DDP's own C++ all-reduce, on a deep
+   FNN with small buckets (--hook-layers, --hook-bucket-mb: >= 20 buckets a step), in
+   the same bare loop:
+
+       no hook        DDP as it comes
+       torch hook     torch's own Python all-reduce hook (default_hooks.allreduce_hook),
+                      observing nothing: what leaving DDP's C++ path costs by itself
+       observed hook  a Synchroniser with an Observer (the hook ddp-fnn registers);
+                      begin_step / end_step / finished every step, as in training
+
+Method: every variant runs in the same process group, on the same data, global batch and
+world size; within each comparison they take turns round after round, the first one
+rotating (A, B, C, D, then B, C, D, A, ...), so that a noisy machine (here: 2 cores
+shared with other jobs) slows them alike. A variant's figure is its median samples/s
+over the rounds, from the wall time of a whole run of steps (model build and DDP wrap
+included, for every variant; ``train``'s held-out evaluation is left out:
+--eval-fraction 0). Beside it, rank 0's CPU seconds a step (process time, every thread):
+less disturbed by other jobs than wall time, though not immune (caches, memory
+bandwidth). Rank 0 prints the tables and the ratios of medians (and, as a check on them,
+the median of the per-round ratios; for CPU time, the inverse ratio, so that below 1
+means slower as for throughput):
+
+    files on / files off          the step file and timeline           (target >= 0.99)
+    files off / metrics off       Prometheus metrics                   (target >= 0.97)
+    files off / bare DDP loop     ddp-fnn over the plainest DDP loop   (target >= 0.97)
+    observed hook / no hook       the observing hook at N buckets      (target >= 0.99)
+    observed hook / torch hook    observing, over any Python hook
 """
 
 from __future__ import annotations
@@ -23,48 +49,124 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn import dist as ddist
-from ddp_fnn import trainer
-from ddp_fnn.config import TrainConfig
+from ddp_fnn import stepfile, trainer
+from ddp_fnn.config import TrainConfig, parse_layers
 from ddp_fnn.data import GlobalBatches, load_dataset
-from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
+from ddp_fnn.metrics import Metrics, NullMetrics, Summary
 from ddp_fnn.model import build_fnn
+from ddp_fnn.netmodel import bucket_layout
+from ddp_fnn.observe import Clock, CollectiveRecord, Observer, make_record
+from ddp_fnn.sync import Synchroniser
 
 
-def bare_ddp(cfg: TrainConfig, ctx: ddist.DistContext, ds) -> None:
-    model = DDP(build_fnn(cfg.layers, seed=cfg.seed), bucket_cap_mb=cfg.bucket_mb)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
+              torch_hook: bool = False) -> list:
+    """The plainest DDP loop. With ``observer``: the model is wrapped by a Synchroniser
+    (ddp-fnn's observing hook) and each step is opened and closed on the observer; returns
+    the step records it made. ``torch_hook``: torch's plain all-reduce hook registered."""
+    model = build_fnn(cfg.layers, seed=cfg.seed)
+    if observer is None:
+        ddp = DDP(model, bucket_cap_mb=cfg.bucket_mb)
+        if torch_hook:
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    else:
+        ddp = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.bucket_mb).model
+    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     x_all, y_all = torch.from_numpy(np.asarray(ds.x)), torch.from_numpy(np.asarray(ds.y))
     batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, ctx.rank, ctx.world_size, 1)
+    records = []
     for step in range(cfg.max_steps):
         epoch, pos = divmod(step, batches.steps_per_epoch)
         rows = torch.from_numpy(batches.rank_micro_batches(epoch, pos)[0])
-        loss = F.mse_loss(model(x_all[rows]), y_all[rows])
+        if observer is not None:
+            observer.begin_step(step + 1)
+        loss = F.mse_loss(ddp(x_all[rows]), y_all[rows])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if observer is not None:
+            observer.end_step(len(rows))
+            records += observer.finished()
+    return records
 
 
-def observe_cost_us(world_size: int, steps: int = 20000) -> float:
-    """Microseconds one step's metrics cost on their own: Metrics.observe and Summary.add
-    of a step record like a real one (4 phases, one collective), in a fresh registry."""
+def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[str, float]:
+    """Microseconds one step's consumers cost on their own, for a record like a real one
+    (4 phases, ``buckets`` collectives): make_record, Metrics.observe + Summary.add, and
+    the step file line (to_json + json.dumps)."""
+    colls = [CollectiveRecord(i, 4_000_000, 1, 0.020 + 0.001 * i, 0.030 + 0.001 * i) for i in range(buckets)]
+    intervals = [("data", 0.0, 0.001), ("forward", 0.001, 0.01), ("backward", 0.01, 0.04), ("optimizer", 0.045, 0.05)]
     m, summary = Metrics(0, world_size, {"device": "cpu"}), Summary(world_size)
     t0 = time.perf_counter()
-    for i in range(steps):
-        rec = StepRecord(step=i + 1, samples=256, step_s=0.05, phases=dict.fromkeys(PHASES, 0.01),
-                         exposed_s=0.002, collectives=[(4_000_000, 1, 0.03, 0.045)], timestamp=time.time())
+    recs = [make_record(i + 1, 256, time.time(), time.perf_counter(), 0.05, intervals, colls) for i in range(n)]
+    t1 = time.perf_counter()
+    for rec in recs:
         m.observe(rec)
         summary.add(rec)
-    return (time.perf_counter() - t0) / steps * 1e6
+    t2 = time.perf_counter()
+    for rec in recs:
+        json.dumps(rec.to_json(), allow_nan=False, separators=(",", ":"))
+    t3 = time.perf_counter()
+    return {"make_record": (t1 - t0) / n * 1e6, "metrics": (t2 - t1) / n * 1e6, "step_file": (t3 - t2) / n * 1e6}
+
+
+def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: dict) -> None:
+    """Round ``r``: each variant once, the first one rotating; appends each run's samples/s
+    and this rank's CPU seconds for it."""
+    names = list(variants)
+    for name in names[r % len(names):] + names[:r % len(names)]:
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        variants[name]()
+        c1 = time.process_time()
+        dist.barrier()
+        rates.setdefault(name, []).append(samples_per_run / (time.perf_counter() - t0))
+        cpu.setdefault(name, []).append(c1 - c0)
+
+
+def table(title: str, rates: dict, cpu: dict, steps: int, pairs: list[tuple[str, str]]) -> dict:
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    cpu_ms = {n: statistics.median(v) / steps * 1e3 for n, v in cpu.items()}
+    print(title)
+    print(f"  {'':<15} {'samples/s':>10}   {'min..max':<15} {'CPU ms/step':>11}")
+    for n, v in rates.items():
+        print(f"  {n:<15} {med[n]:>10,.0f}   {f'{min(v):,.0f}..{max(v):,.0f}':<15} {cpu_ms[n]:>11.1f}")
+    ratios = {}
+    for a, b in pairs:
+        r = {"of_medians": med[a] / med[b],
+             "median_per_round": statistics.median(x / y for x, y in zip(rates[a], rates[b])),
+             "cpu_of_medians": cpu_ms[b] / cpu_ms[a],
+             "cpu_median_per_round": statistics.median(y / x for x, y in zip(cpu[a], cpu[b]))}
+        ratios[f"{a} / {b}"] = r
+        print(f"  ratio {a} / {b}: {r['of_medians']:.3f}   (median of per-round ratios "
+              f"{r['median_per_round']:.3f}; CPU time {r['cpu_of_medians']:.3f}, per round "
+              f"{r['cpu_median_per_round']:.3f})")
+    return {"rates": rates, "cpu_s": cpu, "median": med, "cpu_ms_per_step": cpu_ms, "ratios": ratios}
+
+
+def runs(widths) -> str:
+    """256,512,512,10 -> '256,512x2,10'."""
+    out: list[list[int]] = []
+    for w in widths:
+        if out and out[-1][0] == w:
+            out[-1][1] += 1
+        else:
+            out.append([w, 1])
+    return ",".join(f"{w}x{n}" if n > 1 else str(w) for w, n in out)
 
 
 def main() -> None:
@@ -72,60 +174,92 @@ def main() -> None:
     p.add_argument("--layers", default="256,1024,1024,1")
     p.add_argument("--global-batch-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--hook-layers", default=",".join(["256"] + ["512"] * 24 + ["10"]))
+    p.add_argument("--hook-bucket-mb", type=float, default=0.25)
+    p.add_argument("--hook-global-batch-size", type=int, default=64)
+    p.add_argument("--hook-steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--metrics-port", type=int, default=9450)
     p.add_argument("--json", dest="json_file", default=None, help="also write the figures here (rank 0)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    ctx = ddist.setup("gloo", "cpu", 300)
+    out = Path(tempfile.mkdtemp(prefix="ddp-fnn-bench-"))      # each rank its own; only files land here
 
+    # ---- 1. train: step file + timeline, metrics, against the bare loop ------------------
     # --eval-fraction 0: the held-out evaluation at the end of `train` is not training, and
     # the bare loop has none; everything else `train` does per step is measured.
     cfg = TrainConfig(layers=args.layers, samples=args.global_batch_size * (args.steps + 1),
                       global_batch_size=args.global_batch_size, max_steps=args.steps, progress="none",
                       metrics_port=0, log_every=10, eval_fraction=0.0)
-    ctx = ddist.setup("gloo", "cpu", 300)
+    files_on = dataclasses.replace(cfg, output=out, timeline=f"1:{args.steps}")
+    files_off = dataclasses.replace(cfg, output=out, no_steps_file=True)
     ds = load_dataset(cfg)
     run_info = {"backend": ctx.backend, "sync": cfg.sync, "compression": cfg.compression,
                 "layers": args.layers, "device": "cpu"}
     metrics = Metrics(ctx.rank, ctx.world_size, run_info)
     metrics.serve(args.metrics_port + ctx.local_rank, "127.0.0.1")   # scraped or not, it serves
-    variants = {
-        "metrics on": lambda: trainer.train(cfg, ctx, ds, metrics),
+    train_variants = {
+        "files on": lambda: trainer.train(files_on, ctx, ds, metrics),
+        "files off": lambda: trainer.train(files_off, ctx, ds, metrics),
         "metrics off": lambda: trainer.train(cfg, ctx, ds, NullMetrics()),
-        "bare DDP loop": lambda: bare_ddp(cfg, ctx, ds),
+        "bare DDP loop": lambda: bare_loop(cfg, ctx, ds),
     }
-    names = list(variants)
-    rates = {n: [] for n in names}
-    variants["bare DDP loop"]()                          # warm-up: allocator, Gloo connections
-    for r in range(args.rounds):
-        order = names[r % 3:] + names[:r % 3]            # rotate who goes first
-        for name in order:
-            dist.barrier()
-            t0 = time.perf_counter()
-            variants[name]()
-            dist.barrier()
-            rates[name].append(args.steps * args.global_batch_size / (time.perf_counter() - t0))
+
+    # ---- 2. hook: DDP's C++ all-reduce against the observing hook, >= 20 buckets --------
+    hcfg = TrainConfig(layers=args.hook_layers, samples=args.hook_global_batch_size * (args.hook_steps + 1),
+                       global_batch_size=args.hook_global_batch_size, max_steps=args.hook_steps,
+                       bucket_mb=args.hook_bucket_mb, progress="none", metrics_port=0, eval_fraction=0.0)
+    hds = load_dataset(hcfg)
+    layout = bucket_layout(parse_layers(args.hook_layers), args.hook_bucket_mb)
+    seen: list[list] = []           # the observed runs' records
+    hook_variants = {
+        "no hook": lambda: bare_loop(hcfg, ctx, hds),
+        "torch hook": lambda: bare_loop(hcfg, ctx, hds, torch_hook=True),
+        "observed hook": lambda: seen.append(bare_loop(hcfg, ctx, hds, Observer(Clock(torch.device("cpu"))))),
+    }
+
+    bare_loop(cfg, ctx, ds)                               # warm-up: allocator, Gloo connections
+    bare_loop(hcfg, ctx, hds)
+    train_rates, train_cpu, hook_rates, hook_cpu = {}, {}, {}, {}
+    for r in range(args.rounds):                          # the two comparisons interleaved, a round each
+        one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
+        one_round(hook_variants, r, args.hook_steps * args.hook_global_batch_size, hook_rates, hook_cpu)
     metrics.close()
-    observe_us = observe_cost_us(ctx.world_size)
+
+    # What the "files on" runs wrote, and the buckets the observed hook saw (after step 1:
+    # DDP rebuilds its buckets after the first iteration).
+    lines = len(stepfile.read(out / f"steps-rank{ctx.rank}.jsonl"))
+    timeline_ok = (out / "timeline.json").exists() if ctx.is_master else True
+    buckets_seen = sorted({len(rec.collectives) for run in seen for rec in run if rec.step > 1})
+    indices_ok = all(sorted(c.bucket for c in rec.collectives) == list(range(len(layout)))
+                     for run in seen for rec in run if rec.step > 1)
+    cost = per_step_cost_us(ctx.world_size, buckets=len(layout))
     if ctx.is_master:
-        med = {n: statistics.median(v) for n, v in rates.items()}
-        print(f"world size {ctx.world_size}, layers {args.layers}, global batch {args.global_batch_size}, "
-              f"{args.steps} steps x {args.rounds} rounds (median samples/s, min..max)")
-        for n in names:
-            print(f"  {n:<15} {med[n]:>10,.0f}   {min(rates[n]):,.0f}..{max(rates[n]):,.0f}")
-        on_off = med["metrics on"] / med["metrics off"]
-        on_bare = med["metrics on"] / med["bare DDP loop"]
-        step_us = args.global_batch_size / med["metrics on"] * 1e6
-        print(f"  metrics' own cost per step (observe + summary, timed alone): {observe_us:.1f} us "
-              f"= {observe_us / step_us:.3%} of a {step_us / 1e3:.1f} ms step")
-        print(f"  ratio metrics on / metrics off:   {on_off:.3f}")
-        print(f"  ratio metrics on / bare DDP loop: {on_bare:.3f}")
+        print(f"world size {ctx.world_size}, Gloo on CPU, {args.rounds} rounds (medians over the rounds)")
+        figures = {"train": table(
+            f"1. train: layers {args.layers}, global batch {args.global_batch_size}, {args.steps} steps a run",
+            train_rates, train_cpu, args.steps,
+            [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])}
+        print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
+              f"{'a' if timeline_ok else 'NO'} timeline.json")
+        figures["hook"] = table(
+            f"2. hook: layers {runs(parse_layers(args.hook_layers))}, "
+            f"--bucket-mb {args.hook_bucket_mb}, global batch {args.hook_global_batch_size}, "
+            f"{args.hook_steps} steps a run",
+            hook_rates, hook_cpu, args.hook_steps,
+            [("observed hook", "no hook"), ("observed hook", "torch hook"), ("torch hook", "no hook")])
+        print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen by the hook (steps >= 2): "
+              f"{buckets_seen}, indices 0..{len(layout) - 1} every step: {indices_ok}")
+        print("  per step, timed alone (us): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items())
+              + f" (record with {len(layout)} collectives)")
         if args.json_file:
             with open(args.json_file, "w") as f:
-                json.dump({"config": dataclasses.asdict(cfg) | {"output": None}, "rates": rates, "median": med,
-                           "ratio_on_off": on_off, "ratio_on_bare": on_bare, "world_size": ctx.world_size,
-                           "observe_cost_us": observe_us},
-                          f, indent=2, default=str)
+                json.dump({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
+                           "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict()},
+                           "buckets": {"layout": len(layout), "seen": buckets_seen, "indices_ok": indices_ok},
+                           "per_step_cost_us": cost}, f, indent=2, default=str)
+    shutil.rmtree(out, ignore_errors=True)
     ddist.teardown()
 
 

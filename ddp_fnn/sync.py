@@ -43,18 +43,19 @@ class _HookState:
     observer: Observer
     compression: str
     powersgd: powerSGD_hook.PowerSGDState | None
+    world_size: int
 
 
 def _observed_hook(state, bucket):
     """Run the configured hook on ``bucket`` and record what it put on the wire.
 
     (No annotations: DDP checks them, and this module's postponed annotations are strings.)"""
-    buf, index = bucket.buffer(), bucket.index()
+    buf, index, observer = bucket.buffer(), bucket.index(), state.observer
     if state.compression == "powersgd":
         ps = state.powersgd
         vanilla = ps.iter < ps.start_powerSGD_iter    # PowerSGD all-reduces plainly until then
         before = ps.total_numel_after_compression
-        rec = state.observer.launch(index, 0)
+        rec = observer.launch(index, 0)
         fut = powerSGD_hook.powerSGD_hook(ps, bucket)
         if vanilla:
             rec.payload_bytes = buf.numel() * buf.element_size()
@@ -63,15 +64,26 @@ def _observed_hook(state, bucket):
             rec.payload_bytes = (ps.total_numel_after_compression - before) * buf.element_size()
             rec.calls = 3
     elif state.compression in ("fp16", "bf16"):
-        rec = state.observer.launch(index, buf.numel() * 2)
+        rec = observer.launch(index, buf.numel() * 2)
         hook = default_hooks.fp16_compress_hook if state.compression == "fp16" else default_hooks.bf16_compress_hook
         fut = hook(None, bucket)
     else:
-        rec = state.observer.launch(index, buf.numel() * buf.element_size())
-        fut = default_hooks.allreduce_hook(None, bucket)
+        # A plain sum, done here so that a bucket costs one Python callback, not
+        # default_hooks.allreduce_hook's chained two. No division by the world size: the
+        # loop scales the loss by 1/N instead (Synchroniser.grad_scale), which costs one
+        # scalar multiply, where dividing the bucket is another pass over every gradient
+        # (DDP's own C++ path folds it into the copy into the bucket; with a hook it cannot).
+        rec = observer.launch(index, buf.numel() * buf.element_size())
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def reduced(f: torch.futures.Future) -> torch.Tensor:
+            observer.complete(rec)
+            return f.value()[0]         # (raises if the all-reduce failed)
+
+        return fut.then(reduced)
 
     def completed(f: torch.futures.Future) -> torch.Tensor:
-        state.observer.complete(rec)
+        observer.complete(rec)
         return f.value()
 
     return fut.then(completed)
@@ -79,6 +91,12 @@ def _observed_hook(state, bucket):
 
 class Synchroniser:
     """Owns the replica as the loop sees it (``self.model``) and how its gradients sync.
+
+    ``grad_scale`` is the factor the loop multiplies the loss by before backward: 1/N
+    where the hook sums the buckets as they are (``--compression none``: the gradients
+    come out already divided, so the sum is the average; with N a power of two this is
+    bitwise the same as dividing afterwards), 1 where the hook averages itself (fp16, bf16,
+    PowerSGD) and in the flat mode, which divides after its all-reduce as the textbook does.
 
     ``no_sync()`` is the context for micro-steps whose gradients only accumulate;
     ``after_backward()`` runs the flat all-reduce in ``allreduce`` mode (nothing in ``ddp``
@@ -108,10 +126,12 @@ class Synchroniser:
                 # two steps all-reduce plainly (DDP rebuilds its buckets after the first).
                 ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                                  start_powerSGD_iter=2, min_compression_rate=1)
-            self.hook_state = _HookState(observer, compression, ps)
+            self.hook_state = _HookState(observer, compression, ps, world_size)
             self.model.register_comm_hook(self.hook_state, _observed_hook)
+            self.grad_scale = 1.0 / world_size if compression == "none" else 1.0
         elif mode == "allreduce":
             self.model = model
+            self.grad_scale = 1.0
         else:
             raise ValueError(f"unknown sync mode {mode!r}")
 

@@ -213,9 +213,10 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                         skip = bool(bad_ranks)
                 with obs.phase("backward"):
                     # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
-                    # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
+                    # the rank's B/N rows; the ranks' gradients averaged -> the mean over B.
+                    # (x grad_scale: 1/N where the sync sums instead of averaging, sync.py.)
                     if not (bad or skip):          # DDP allows a forward with no backward
-                        (loss / cfg.grad_accum).backward()
+                        (loss / cfg.grad_accum * syncer.grad_scale).backward()
             step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
             step_rows += len(rows)
         if skip:
