@@ -1,9 +1,15 @@
 """Datasets and sharding.
 
 A ``Dataset`` holds features ``x`` (n, features) and targets ``y`` as numpy arrays,
-possibly memory-mapped (.npy, uncompressed .npz), so that a worker reads only the
-rows of its own shard from a large file. It is split once, by the seed, into a
-training part and a held-out evaluation part.
+memory-mapped for every file format, so that a worker reads only the rows of its own
+shard from a large file: .npy pairs, a directory of .npy shards and uncompressed .npz
+are mapped as they are; CSV and Parquet are converted once per node into a binary
+cache (csvcache.py, tabular.py) that is mapped. A rank keeps resident only what it
+touches: ``fetch`` hands the mapped pages back to the page cache once the rows read
+since the last hand-back could have mapped RESIDENT_BUDGET bytes (the kernel maps up
+to 64 KiB around each page fault), and the standardisation moments are one streaming
+pass in 65536-row chunks. It is split once, by the seed, into a training part and a
+held-out evaluation part.
 
 ``GlobalBatches`` decides which rows form each optimizer step. The order depends
 only on the seed, the epoch and the training-set size, never on the world size:
@@ -22,17 +28,21 @@ This module knows the rank and world size it is given, not how they were obtaine
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import mmap
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddp_fnn import csvcache, tabular
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.model import FNN, he_init_
+
+RESIDENT_BUDGET = 64 << 20     # bytes of mapped data pages a rank may hold between hand-backs
+_FAULT_BYTES = 64 << 10        # what one row read may map: the kernel's fault-around window
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Dataset:
     eval_idx: np.ndarray          # row ids of the held-out split, int64
     mean: np.ndarray | None = None  # feature standardisation, from the training split
     std: np.ndarray | None = None
+    _mapped_since_drop: int = field(default=0, repr=False)   # bytes fetch may have mapped
 
     @property
     def n_features(self) -> int:
@@ -69,7 +80,50 @@ class Dataset:
         xt = torch.from_numpy(np.ascontiguousarray(x[back]))
         yt = torch.from_numpy(np.ascontiguousarray(y[back]))
         yt = yt.long() if self.task == "classification" else yt.float()
+        self._mapped_since_drop += len(rows) * _FAULT_BYTES
+        if self._mapped_since_drop >= RESIDENT_BUDGET:
+            drop_pages(self.x, self.y)
+            self._mapped_since_drop = 0
         return xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
+
+
+def drop_pages(*arrays) -> None:
+    """Unmap the pages of memory-mapped ``arrays`` from this process (madvise DONTNEED):
+    its resident memory falls back, the data stays in the shared page cache, and the
+    next read maps it again. Arrays in memory are left alone."""
+    for a in arrays:
+        for m in (a.parts if isinstance(a, ShardedRows) else [a]):
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+
+
+class ShardedRows:
+    """Memory-mapped arrays of equal row width, concatenated by rows without a copy:
+    ``rows[i]`` indexing reads each part's rows from that part."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(part):
+            sel = part == k
+            out[sel] = self.parts[k][rows[sel] - self.starts[k]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.concatenate(self.parts)
+        return a if dtype is None else a.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,15 +139,19 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         if not path.exists():
             raise ConfigError(f"--data {cfg.data}: no such file")
         suffix = path.suffix.lower()
-        if suffix == ".csv":
-            x, y = _read_csv(path, cfg.target, cfg.task)
+        files = [path]
+        if suffix in (".csv", ".parquet", ".pq"):
+            x, y = _read_cached(cfg, path, suffix)
         elif suffix == ".npz":
             x, y = _read_npz(path)
+        elif path.is_dir() and not (path / "x.npy").exists():
+            x, y, files = _read_npy_shards(path)
         elif suffix == ".npy" or path.is_dir():
             x, y = _read_npy_pair(path)
         else:
-            raise ConfigError(f"--data {cfg.data}: unknown format {suffix!r} (use synthetic, .csv, .npz or .npy)")
-        identity = _file_identity(path)
+            raise ConfigError(f"--data {cfg.data}: unknown format {suffix!r} "
+                              "(use synthetic, .csv, .parquet, .npz, .npy or a directory of .npy shards)")
+        identity = _file_identity(path, files)
         x, y = _check_arrays(cfg, x, y)
     n = len(x)
     n_eval = int(round(n * cfg.eval_fraction))
@@ -125,64 +183,15 @@ def _synthetic(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]:
     return x.numpy(), y, identity
 
 
-def _read_csv(path: Path, target: str | None, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """A CSV with a header row. Features must be numbers; a classification target may
-    be numbers or names (names are numbered in sorted order)."""
-    try:
-        f = open(path, newline="")
-    except OSError as e:
-        raise ConfigError(f"--data {path}: cannot read: {e.strerror}") from None
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise ConfigError(f"--data {path}: empty file (a header row is needed)")
-        header = [h.strip() for h in header]
-        if target is None:
-            t_col = len(header) - 1
-        elif target in header:
-            t_col = header.index(target)
-        else:
-            raise ConfigError(f"--target {target!r}: no such column in {path} (columns: {', '.join(header)})")
-        feats, labels = [], []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise ConfigError(f"--data {path}: line {line_no} has {len(row)} cells, the header has {len(header)}")
-            values = []
-            for col, cell in enumerate(row):
-                if col == t_col:
-                    continue
-                try:
-                    values.append(float(cell))
-                except ValueError:
-                    raise ConfigError(f"--data {path}: line {line_no}, column {header[col]!r}: "
-                                      f"not a number: {cell!r}") from None
-            feats.append(values)
-            labels.append(row[t_col].strip())
-    if not feats:
-        raise ConfigError(f"--data {path}: no data rows")
-    x = np.asarray(feats, dtype=np.float32)
-    if task == "classification":
-        try:
-            as_num = [float(v) for v in labels]
-            if any(v != int(v) or v < 0 for v in as_num):
-                raise ValueError
-            y = np.asarray(as_num, dtype=np.int64)
-        except ValueError:
-            classes = sorted(set(labels))
-            y = np.asarray([classes.index(v) for v in labels], dtype=np.int64)
+def _read_cached(cfg: TrainConfig, path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+    """CSV or Parquet, through the once-per-node binary cache (csvcache.py)."""
+    if suffix == ".csv":
+        reader = lambda: tabular.csv_blocks(path, cfg.target, cfg.task)          # noqa: E731
     else:
-        y_list = []
-        for line_no, v in enumerate(labels, start=2):
-            try:
-                y_list.append(float(v))
-            except ValueError:
-                raise ConfigError(f"--data {path}: line {line_no}, column {header[t_col]!r}: "
-                                  f"not a number: {v!r}") from None
-        y = np.asarray(y_list, dtype=np.float32)[:, None]
-    return x, y
+        reader = lambda: tabular.parquet_blocks(path, cfg.target, cfg.task)      # noqa: E731
+    settings = {"reader": suffix.lstrip("."), "target": cfg.target, "task": cfg.task}
+    cached = csvcache.load(path, cfg.cache_dir, settings, reader)
+    return cached.x, cached.y
 
 
 def _npy_in_zip(path: Path, member: str) -> np.ndarray:
@@ -240,6 +249,33 @@ def _read_npy_pair(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"--data {path}: cannot read arrays: {e}") from None
 
 
+def _read_npy_shards(path: Path) -> tuple[ShardedRows, np.ndarray, list[Path]]:
+    """DIR holding PART_x.npy with PART_y.npy pairs, concatenated in the sorted order of
+    PART (zero-pad the numbers). Features stay mapped; targets are joined in memory."""
+    xs = sorted(path.glob("*_x.npy"))
+    if not xs:
+        raise ConfigError(f"--data {path}: a directory needs x.npy and y.npy, or shards PART_x.npy with PART_y.npy")
+    files, xparts, yparts = [], [], []
+    for xp in xs:
+        yp = xp.with_name(xp.name[:-6] + "_y.npy")
+        if not yp.exists():
+            raise ConfigError(f"--data {path}: shard {xp.name} has no {yp.name}")
+        try:
+            x, y = np.load(xp, mmap_mode="r"), np.load(yp, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--data {path}: cannot read shard {xp.name}: {e}") from None
+        first = xparts[0] if xparts else x
+        if x.ndim != 2 or (x.shape[1], x.dtype) != (first.shape[1], first.dtype):
+            raise ConfigError(f"--data {path}: shard {xp.name} holds {x.dtype} {x.shape}; every shard needs "
+                              f"2-D features of the first's width and dtype ({first.dtype}, {first.shape[1:]})")
+        if len(y) != len(x):
+            raise ConfigError(f"--data {path}: shard {xp.name} has {len(x)} rows but {yp.name} {len(y)}")
+        files += [xp, yp]
+        xparts.append(x)
+        yparts.append(y)
+    return ShardedRows(xparts), np.concatenate(yparts), files
+
+
 def _check_arrays(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2:
         raise ConfigError(f"--data {cfg.data}: features must be 2-D (rows, features), got shape {x.shape}")
@@ -251,15 +287,17 @@ def _check_arrays(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.nd
             y = y[:, 0]
         if y.ndim != 1 or (len(y) and (y.min() < 0 or not np.all(np.equal(np.mod(y, 1), 0)))):
             raise ConfigError(f"--data {cfg.data}: classification targets must be class ids 0..C-1")
-        y = y.astype(np.int64)
+        y = y.astype(np.int64, copy=False)
     elif y.ndim == 1:
         y = y[:, None]
     return x, y
 
 
-def _file_identity(path: Path) -> str:
-    """Name, size and a hash of the first and last MiB: cheap even for a large file."""
-    files = [path / "x.npy", path / "y.npy"] if path.is_dir() else [path]
+def _file_identity(path: Path, files: list[Path]) -> str:
+    """Name, size and a hash of the first and last MiB of each file: cheap even for a
+    large file. (Checkpoints are fingerprinted with it: keep it stable.)"""
+    if path.is_dir() and (path / "x.npy").exists():
+        files = [path / "x.npy", path / "y.npy"]
     h = hashlib.sha256()
     size = 0
     for p in files:
@@ -281,6 +319,7 @@ def _train_moments(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
         chunk = np.asarray(ds.x[ds.train_idx[start:start + 65536]], dtype=np.float64)
         total += chunk.sum(0)
         total_sq += (chunk * chunk).sum(0)
+        drop_pages(ds.x)                      # one streaming pass: nothing stays resident
     n = len(ds.train_idx)
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
