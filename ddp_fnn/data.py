@@ -82,7 +82,8 @@ class Dataset:
         yt = yt.long() if self.task == "classification" else yt.float()
         self._mapped_since_drop += len(rows) * _FAULT_BYTES
         if self._mapped_since_drop >= RESIDENT_BUDGET:
-            drop_pages(self.x, self.y)
+            if int(np.prod(self.x.shape)) * self.x.dtype.itemsize > RESIDENT_BUDGET:   # else: keep it all
+                drop_pages(self.x, self.y)
             self._mapped_since_drop = 0
         return xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
 

@@ -15,6 +15,7 @@ from conftest import REPO, run_cli
 from csv_reference import read_csv as reference_read_csv
 from ddp_fnn import csvcache, tabular
 from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn import data as data_module
 from ddp_fnn.data import ShardedRows, load_dataset
 
 BREAST = REPO / "tests" / "data" / "breast_cancer.csv"
@@ -300,3 +301,39 @@ def test_a_directory_of_npy_shards_is_mapped_not_copied(tmp_path):
     (tmp_path / "part001_y.npy").unlink()
     with pytest.raises(ConfigError, match="shard part001_x.npy has no part001_y.npy"):
         load(tmp_path, layers="4,4,1")
+
+
+# ---------------------------------------------------------------------------------------
+# resident memory: fetch hands mapped pages back
+# ---------------------------------------------------------------------------------------
+
+def rss_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.parametrize("budget,bounded", [(data_module.RESIDENT_BUDGET, True), (1 << 40, False)])
+def test_random_fetches_keep_mapped_pages_within_the_budget(tmp_path, monkeypatch, budget, bounded):
+    """100 MiB of features, 100,000 random rows fetched: with the budget the rank's
+    file-backed resident set grows by at most about RESIDENT_BUDGET; without it, by
+    most of the file (the control, so the check can fail)."""
+    rows, width = 400_000, 64
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(rows, width))
+    x[:] = 1.0
+    x.flush()
+    del x
+    np.save(tmp_path / "y.npy", np.zeros(rows, dtype=np.float32))
+    monkeypatch.setattr(data_module, "RESIDENT_BUDGET", budget)
+    ds = load(tmp_path / "x.npy", layers=f"{width},4,1")
+    rng = np.random.default_rng(0)
+    before = rss_file_bytes()
+    for _ in range(400):
+        ds.fetch(rng.integers(0, rows, 256), torch.device("cpu"))
+    grown = rss_file_bytes() - before
+    file_bytes = rows * width * 4
+    if bounded:
+        assert grown <= data_module.RESIDENT_BUDGET + (8 << 20), grown
+    else:
+        assert grown > file_bytes // 2, grown
