@@ -5,10 +5,12 @@ memory-mapped for every file format, so that a worker reads only the rows of its
 shard from a large file: .npy pairs, a directory of .npy shards and uncompressed .npz
 are mapped as they are; CSV and Parquet are converted once per node into a binary
 cache (csvcache.py, tabular.py) that is mapped. A rank keeps resident only what it
-touches: ``fetch`` hands the mapped pages back to the page cache once the rows read
-since the last hand-back could have mapped RESIDENT_BUDGET bytes (the kernel maps up
-to 64 KiB around each page fault), and the standardisation moments are one streaming
-pass in 65536-row chunks. It is split once, by the seed, into a training part and a
+touches: for a mapped data set larger than RESIDENT_BUDGET, ``fetch`` reads
+DROP_EVERY_ROWS rows at a time and hands their pages back to the page cache after
+each piece (one page fault maps far more than the row it reads: up to a whole
+large folio, 170 KiB a row measured on Linux 6.18, so reading a rank's shard at
+random would otherwise map the whole file within an epoch), and the standardisation
+moments are one streaming pass in 65536-row chunks (docs/data.md). It is split once, by the seed, into a training part and a
 held-out evaluation part.
 
 ``GlobalBatches`` decides which rows form each optimizer step. The order depends
@@ -41,8 +43,8 @@ from ddp_fnn import csvcache, tabular
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.model import FNN, he_init_
 
-RESIDENT_BUDGET = 64 << 20     # bytes of mapped data pages a rank may hold between hand-backs
-_FAULT_BYTES = 64 << 10        # what one row read may map: the kernel's fault-around window
+RESIDENT_BUDGET = 64 << 20     # a mapped data set larger than this is not left resident
+DROP_EVERY_ROWS = 64           # rows fetch reads between hand-backs of the mapped pages
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Dataset:
     eval_idx: np.ndarray          # row ids of the held-out split, int64
     mean: np.ndarray | None = None  # feature standardisation, from the training split
     std: np.ndarray | None = None
-    _mapped_since_drop: int = field(default=0, repr=False)   # bytes fetch may have mapped
+    _drops: bool | None = field(default=None, repr=False)   # fetch hands pages back (decided once)
 
     @property
     def n_features(self) -> int:
@@ -69,10 +71,22 @@ class Dataset:
         return int(self.y.shape[1])
 
     def fetch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows as float32 features and targets on ``device``; reads only those rows."""
+        """The rows as float32 features and targets on ``device``; reads only those rows.
+        A mapped data set larger than RESIDENT_BUDGET is read DROP_EVERY_ROWS rows at a
+        time, its pages handed back after each piece (see the module doc)."""
         order = np.argsort(rows)                   # read in ascending rows: sequential on a memmap
-        x = np.asarray(self.x[rows[order]], dtype=np.float32)
-        y = np.asarray(self.y[rows[order]])
+        idx = rows[order]
+        if self._drops is None:
+            self._drops = _nbytes(self.x) + _nbytes(self.y) > RESIDENT_BUDGET and _is_mapped(self.x, self.y)
+        step = DROP_EVERY_ROWS if self._drops else max(len(idx), 1)
+        xs, ys = [], []
+        for i in range(0, len(idx), step):
+            xs.append(np.asarray(self.x[idx[i:i + step]], dtype=np.float32))
+            ys.append(np.asarray(self.y[idx[i:i + step]]))
+            if self._drops:
+                drop_pages(self.x, self.y)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs) if xs else np.asarray(self.x[idx], dtype=np.float32)
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys) if ys else np.asarray(self.y[idx])
         if self.mean is not None:
             x = (x - self.mean) / self.std
         back = np.empty_like(order)                # then restore the sampler's order
@@ -80,12 +94,16 @@ class Dataset:
         xt = torch.from_numpy(np.ascontiguousarray(x[back]))
         yt = torch.from_numpy(np.ascontiguousarray(y[back]))
         yt = yt.long() if self.task == "classification" else yt.float()
-        self._mapped_since_drop += len(rows) * _FAULT_BYTES
-        if self._mapped_since_drop >= RESIDENT_BUDGET:
-            if int(np.prod(self.x.shape)) * self.x.dtype.itemsize > RESIDENT_BUDGET:   # else: keep it all
-                drop_pages(self.x, self.y)
-            self._mapped_since_drop = 0
         return xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
+
+
+def _nbytes(a) -> int:
+    return int(np.prod(a.shape)) * a.dtype.itemsize
+
+
+def _is_mapped(*arrays) -> bool:
+    return any(getattr(m, "_mmap", None) is not None
+               for a in arrays for m in (a.parts if isinstance(a, ShardedRows) else [a]))
 
 
 def drop_pages(*arrays) -> None:
@@ -159,8 +177,10 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
     if n - n_eval < 1:
         raise ConfigError(f"--data {cfg.data}: {n} rows leave no training rows at --eval-fraction {cfg.eval_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+    held_out = np.zeros(n, dtype=bool)        # sorted row ids of each part, in O(n) (not a sort)
+    held_out[perm[:n_eval]] = True
     ds = Dataset(x=x, y=y, task=cfg.task, identity=identity,
-                 train_idx=np.sort(perm[n_eval:]), eval_idx=np.sort(perm[:n_eval]))
+                 train_idx=np.flatnonzero(~held_out), eval_idx=np.flatnonzero(held_out))
     if cfg.standardize:
         ds.mean, ds.std = _train_moments(ds)
     return ds

@@ -316,9 +316,10 @@ def rss_file_bytes() -> int:
 
 @pytest.mark.parametrize("budget,bounded", [(data_module.RESIDENT_BUDGET, True), (1 << 40, False)])
 def test_random_fetches_keep_mapped_pages_within_the_budget(tmp_path, monkeypatch, budget, bounded):
-    """100 MiB of features, 100,000 random rows fetched: with the budget the rank's
-    file-backed resident set grows by at most about RESIDENT_BUDGET; without it, by
-    most of the file (the control, so the check can fail)."""
+    """100 MiB of features, 100,000 random rows fetched: handing pages back every
+    DROP_EVERY_ROWS rows, the rank's file-backed resident set grows by a few MiB (what
+    64 row reads map: 11 MiB with Linux 6.18's large folios); never handing back (the
+    control, so the check can fail), by most of the file."""
     rows, width = 400_000, 64
     x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(rows, width))
     x[:] = 1.0
@@ -334,6 +335,6 @@ def test_random_fetches_keep_mapped_pages_within_the_budget(tmp_path, monkeypatc
     grown = rss_file_bytes() - before
     file_bytes = rows * width * 4
     if bounded:
-        assert grown <= data_module.RESIDENT_BUDGET + (8 << 20), grown
+        assert grown <= 32 << 20, grown
     else:
         assert grown > file_bytes // 2, grown
