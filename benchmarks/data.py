@@ -1,6 +1,6 @@
 """Data loading at scale: load time and peak resident memory per rank.
 
-    .venv/bin/python benchmarks/data.py csv [--sizes-mb 50,500,2000] [--ranks 1,2,4] [--repeats 3]
+    .venv/bin/python benchmarks/data.py csv [--sizes-mb 50,500,2000] [--ranks 1,2,4] [--repeats 3] [--train-only]
     .venv/bin/python benchmarks/data.py npy --gib 3 --limit-mib 1280        (root: a memory cgroup)
 
 ``csv``: for each size, a CSV of 64 standard-normal features (6 decimals) and a
@@ -149,14 +149,14 @@ def worker(report_dir: str, argv: list[str]) -> None:
     os._exit(code)
 
 
-def run_train(ranks: int, data: Path, cache_dir: Path, layers: str, steps: int, prefix: list[str] | None = None,
-              batch: int = 256) -> list[dict]:
+def run_train(ranks: int, data: Path | str, cache_dir: Path, layers: str, steps: int,
+              prefix: list[str] | None = None, batch: int = 256, extra: tuple[str, ...] = ()) -> list[dict]:
     report = Path(f"/tmp/ddp-fnn-bench-report-{os.getpid()}")
     shutil.rmtree(report, ignore_errors=True)
     report.mkdir()
     args = ["--data", str(data), "--cache-dir", str(cache_dir), "--layers", layers, "--max-steps", str(steps),
             "--global-batch-size", str(batch), "--eval-fraction", "0.05", "--metrics-port", "0",
-            "--progress", "none", "--no-probe"]
+            "--progress", "none", "--no-probe", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            __file__, "worker", str(report), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -187,22 +187,33 @@ def bench_csv(args) -> None:
           "| first ÷ pyarrow | cache hit s / MiB | " + " | ".join(f"train N={n}: peak MiB/rank (shard MiB)"
                                                         for n in ranks) + " |", flush=True)
     print("|" + "---|" * (7 + len(ranks)), flush=True)
+    # The same worker on 8192 synthetic rows: interpreter, torch, model, optimizer.
+    base_cells = [mib(max(p["hwm"] for p in run_train(n, "synthetic", base / "unused", f"{FEATURES},256,256,1",
+                                                        args.steps, extra=("--samples", "8192"))))
+                  for n in ranks]
+    print("| baseline: synthetic, 8192 rows | | | | | | | " + " | ".join(base_cells) + " |", flush=True)
     for mb in sizes:
         f = make_csv(base / f"data-{mb}mb.csv", mb)
         cache = base / f"cache-{mb}"
         kinds = ["pyarrow", "first", "hit"] + (["loadtxt"] if mb <= args.loadtxt_max_mb else [])
         runs = {k: [] for k in kinds}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if not args.train_only else 0):
             for k in kinds:
                 runs[k].append(run_probe(k, f, cache))
+        if args.train_only:
+            runs = {"hit": [run_probe("hit", f, cache)]}
         med = {k: (statistics.median(r["s"] for r in v), statistics.median(r["hwm"] for r in v))
                for k, v in runs.items()}
-        rows = runs["first"][0]["rows"]
+        rows = runs["hit"][0]["rows"]
         shard = rows * FEATURES * 4
         cells = []
         for n in ranks:
             per_rank = run_train(n, f, cache, f"{FEATURES},256,256,1", args.steps)
             cells.append(f"{mib(max(p['hwm'] for p in per_rank))} ({mib(shard / n)})")
+        if args.train_only:
+            print(f"| {f.stat().st_size / 1e6:.0f} | {rows} | | | | | {med['hit'][0]:.3f} / {mib(med['hit'][1])} | "
+                  + " | ".join(cells) + " |", flush=True)
+            continue
         lt = f"{med['loadtxt'][0]:.2f} / {mib(med['loadtxt'][1])}" if "loadtxt" in med else "not run"
         print(f"| {f.stat().st_size / 1e6:.0f} | {rows} | {med['pyarrow'][0]:.2f} / {mib(med['pyarrow'][1])} | {lt} "
               f"| {med['first'][0]:.2f} / {mib(med['first'][1])} | {med['first'][0] / med['pyarrow'][0]:.2f} "
@@ -252,6 +263,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loadtxt-max-mb", type=int, default=2000, help="skip numpy.loadtxt above this size")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--train-only", action="store_true", help="csv: only the cache hit and the training runs")
     ap.add_argument("--gib", type=float, default=3.0)
     ap.add_argument("--limit-mib", type=int, default=1280)
     args = ap.parse_args()
