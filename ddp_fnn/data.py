@@ -2,16 +2,17 @@
 
 A ``Dataset`` holds features ``x`` (n, features) and targets ``y`` as numpy arrays,
 memory-mapped for every file format (not synthetic data or a compressed .npz), so
-that a worker reads only the rows of its own shard from a large file: .npy pairs, a
-directory of .npy shards and uncompressed .npz are mapped as they are; CSV and Parquet are converted once per node into a binary
-cache (csvcache.py, tabular.py) that is mapped. A rank keeps resident only what it
-touches: for a mapped data set larger than RESIDENT_BUDGET, ``fetch`` reads
-DROP_EVERY_ROWS rows at a time and hands their pages back to the page cache after
-each piece (one page fault maps far more than the row it reads, up to a whole large
-folio: 170 KiB a row measured on Linux 6.18, so reading a shard at random would map
-the whole file within an epoch), and the standardisation moments are one streaming
-pass in 65536-row chunks (docs/data.md). The data set is split once, by the seed,
-into a training part and a held-out evaluation part.
+that a worker reads only the rows of its own shard from a large file. .npy pairs, a
+directory of .npy shards and uncompressed .npz are mapped as they are; CSV and
+Parquet are converted once per node into a binary cache (csvcache.py, tabular.py)
+that is mapped. A rank keeps resident only what it touches: for a mapped data set
+larger than RESIDENT_BUDGET, ``fetch`` reads DROP_EVERY_ROWS rows at a time and hands
+their pages back to the page cache after each piece (one page fault maps far more
+than the row it reads, up to a whole large folio: 170 KiB a row measured on Linux
+6.18, so reading a shard at random would map the whole file within an epoch), and
+the standardisation moments are one streaming pass in 65536-row chunks
+(docs/data.md). The data set is split once, by the seed, into a training part and a
+held-out evaluation part.
 
 ``GlobalBatches`` decides which rows form each optimizer step. The order depends
 only on the seed, the epoch and the training-set size, never on the world size:
