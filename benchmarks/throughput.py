@@ -79,12 +79,14 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
     (ddp-fnn's observing hook) and each step is opened and closed on the observer; returns
     the step records it made. ``torch_hook``: torch's plain all-reduce hook registered."""
     model = build_fnn(cfg.layers, seed=cfg.seed)
+    scale = 1.0
     if observer is None:
         ddp = DDP(model, bucket_cap_mb=cfg.bucket_mb)
         if torch_hook:
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
-        ddp = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.bucket_mb).model
+        syncer = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.bucket_mb)
+        ddp, scale = syncer.model, syncer.grad_scale     # the hook sums; the loss carries the 1/N
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     x_all, y_all = torch.from_numpy(np.asarray(ds.x)), torch.from_numpy(np.asarray(ds.y))
     batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, ctx.rank, ctx.world_size, 1)
@@ -95,7 +97,7 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
         if observer is not None:
             observer.begin_step(step + 1)
         loss = F.mse_loss(ddp(x_all[rows]), y_all[rows])
-        loss.backward()
+        (loss * scale).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if observer is not None:

@@ -50,8 +50,11 @@ class TrainConfig:
     task: str = opt("regression", "regression (MSE loss) or classification (cross-entropy).",
                     choices=("regression", "classification"))
     data: str = opt("synthetic", "'synthetic' (a seeded random teacher FNN plus noise), or a .csv (header row), "
-                    ".npz (arrays x and y) or .npy features file (targets in the sibling *_y.npy / y.npy).")
+                    ".parquet, .npz (arrays x and y), .npy features file (targets in the sibling *_y.npy / y.npy), or a "
+                    "directory of .npy shards (PART_x.npy with PART_y.npy).")
     target: str | None = opt(None, "CSV column holding the target (default: the last column).")
+    cache_dir: Path | None = opt(None, "Directory for the binary cache a CSV or Parquet file is converted into "
+                                 "once per node (default: .ddp-fnn-cache beside the file).")
     samples: int = opt(8192, "Number of synthetic samples.")
     noise: float = opt(0.05, "Std of the Gaussian noise added to synthetic regression targets.")
     eval_fraction: float = opt(0.2, "Fraction of the data held out for evaluation (seeded split).")
@@ -133,6 +136,8 @@ class TrainConfig:
         object.__setattr__(self, "layers", parse_layers(self.layers))
         if self.output is not None:
             object.__setattr__(self, "output", Path(self.output))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         need(self.samples >= 2, f"--samples must be at least 2, got {self.samples}")
         need(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         need(self.noise >= 0.0, f"--noise must be >= 0, got {self.noise}")
@@ -214,6 +219,7 @@ class TrainConfig:
         d["bench_json"] = str(self.bench_json) if self.bench_json is not None else None
         d["checkpoint_dir"] = str(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         d["steps_file"] = str(self.steps_file) if self.steps_file is not None else None
+        d["cache_dir"] = str(self.cache_dir) if self.cache_dir is not None else None
         return d
 
 

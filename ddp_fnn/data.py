@@ -1,9 +1,18 @@
 """Datasets and sharding.
 
 A ``Dataset`` holds features ``x`` (n, features) and targets ``y`` as numpy arrays,
-possibly memory-mapped (.npy, uncompressed .npz), so that a worker reads only the
-rows of its own shard from a large file. It is split once, by the seed, into a
-training part and a held-out evaluation part.
+memory-mapped for every file format (not synthetic data or a compressed .npz), so
+that a worker reads only the rows of its own shard from a large file. .npy pairs, a
+directory of .npy shards and uncompressed .npz are mapped as they are; CSV and
+Parquet are converted once per node into a binary cache (csvcache.py, tabular.py)
+that is mapped. A rank keeps resident only what it touches: for a mapped data set
+larger than RESIDENT_BUDGET, ``fetch`` reads DROP_EVERY_ROWS rows at a time and hands
+their pages back to the page cache after each piece (one page fault maps far more
+than the row it reads, up to a whole large folio: 170 KiB a row measured on Linux
+6.18, so reading a shard at random would map the whole file within an epoch), and
+the standardisation moments are one streaming pass in 65536-row chunks
+(docs/data.md). The data set is split once, by the seed, into a training part and a
+held-out evaluation part.
 
 ``GlobalBatches`` decides which rows form each optimizer step. The order depends
 only on the seed, the epoch and the training-set size, never on the world size:
@@ -22,17 +31,21 @@ This module knows the rank and world size it is given, not how they were obtaine
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import mmap
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddp_fnn import csvcache, tabular
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.model import FNN, he_init_
+
+RESIDENT_BUDGET = 64 << 20     # a mapped data set larger than this is not left resident
+DROP_EVERY_ROWS = 64           # rows fetch reads between hand-backs of the mapped pages
 
 
 @dataclass
@@ -45,6 +58,7 @@ class Dataset:
     eval_idx: np.ndarray          # row ids of the held-out split, int64
     mean: np.ndarray | None = None  # feature standardisation, from the training split
     std: np.ndarray | None = None
+    _drops: bool | None = field(default=None, repr=False)   # fetch hands pages back (decided once)
 
     @property
     def n_features(self) -> int:
@@ -58,10 +72,27 @@ class Dataset:
         return int(self.y.shape[1])
 
     def fetch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows as float32 features and targets on ``device``; reads only those rows."""
+        """The rows as float32 features and targets on ``device``; reads only those rows.
+        A mapped data set larger than RESIDENT_BUDGET is read DROP_EVERY_ROWS rows at a
+        time, its pages handed back after each piece (see the module doc)."""
         order = np.argsort(rows)                   # read in ascending rows: sequential on a memmap
-        x = np.asarray(self.x[rows[order]], dtype=np.float32)
-        y = np.asarray(self.y[rows[order]])
+        idx = rows[order]
+        if self._drops is None:
+            self._drops = _nbytes(self.x) + _nbytes(self.y) > RESIDENT_BUDGET and _is_mapped(self.x, self.y)
+            if self._drops:
+                # No readahead on a fault: a random row would otherwise bring in up to a
+                # large folio from storage, and with the page cache under pressure every
+                # fetch reads it again (measured: 59 GB read per rank of a 3 GiB file).
+                advise_pages(mmap.MADV_RANDOM, self.x, self.y)
+        step = DROP_EVERY_ROWS if self._drops else max(len(idx), 1)
+        xs, ys = [], []
+        for i in range(0, len(idx), step):
+            xs.append(np.asarray(self.x[idx[i:i + step]], dtype=np.float32))
+            ys.append(np.asarray(self.y[idx[i:i + step]]))
+            if self._drops:
+                drop_pages(self.x, self.y)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs) if xs else np.asarray(self.x[idx], dtype=np.float32)
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys) if ys else np.asarray(self.y[idx])
         if self.mean is not None:
             x = (x - self.mean) / self.std
         back = np.empty_like(order)                # then restore the sampler's order
@@ -70,6 +101,58 @@ class Dataset:
         yt = torch.from_numpy(np.ascontiguousarray(y[back]))
         yt = yt.long() if self.task == "classification" else yt.float()
         return xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
+
+
+def _nbytes(a) -> int:
+    return int(np.prod(a.shape)) * a.dtype.itemsize
+
+
+def _is_mapped(*arrays) -> bool:
+    return any(getattr(m, "_mmap", None) is not None
+               for a in arrays for m in (a.parts if isinstance(a, ShardedRows) else [a]))
+
+
+def drop_pages(*arrays) -> None:
+    """Unmap the pages of memory-mapped ``arrays`` from this process (madvise DONTNEED):
+    its resident memory falls back, the data stays in the shared page cache, and the
+    next read maps it again. Arrays in memory are left alone."""
+    advise_pages(mmap.MADV_DONTNEED, *arrays)
+
+
+def advise_pages(advice: int, *arrays) -> None:
+    for a in arrays:
+        for m in (a.parts if isinstance(a, ShardedRows) else [a]):
+            mm = getattr(m, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(advice)
+
+
+class ShardedRows:
+    """Memory-mapped arrays of equal row width, concatenated by rows without a copy:
+    ``rows[i]`` indexing reads each part's rows from that part."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(part):
+            sel = part == k
+            out[sel] = self.parts[k][rows[sel] - self.starts[k]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.concatenate(self.parts)
+        return a if dtype is None else a.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,23 +168,29 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         if not path.exists():
             raise ConfigError(f"--data {cfg.data}: no such file")
         suffix = path.suffix.lower()
-        if suffix == ".csv":
-            x, y = _read_csv(path, cfg.target, cfg.task)
+        files = [path]
+        if suffix in (".csv", ".parquet", ".pq"):
+            x, y = _read_cached(cfg, path, suffix)
         elif suffix == ".npz":
             x, y = _read_npz(path)
+        elif path.is_dir() and not (path / "x.npy").exists():
+            x, y, files = _read_npy_shards(path)
         elif suffix == ".npy" or path.is_dir():
             x, y = _read_npy_pair(path)
         else:
-            raise ConfigError(f"--data {cfg.data}: unknown format {suffix!r} (use synthetic, .csv, .npz or .npy)")
-        identity = _file_identity(path)
+            raise ConfigError(f"--data {cfg.data}: unknown format {suffix!r} "
+                              "(use synthetic, .csv, .parquet, .npz, .npy or a directory of .npy shards)")
+        identity = _file_identity(path, files)
         x, y = _check_arrays(cfg, x, y)
     n = len(x)
     n_eval = int(round(n * cfg.eval_fraction))
     if n - n_eval < 1:
         raise ConfigError(f"--data {cfg.data}: {n} rows leave no training rows at --eval-fraction {cfg.eval_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+    held_out = np.zeros(n, dtype=bool)        # sorted row ids of each part, in O(n) (not a sort)
+    held_out[perm[:n_eval]] = True
     ds = Dataset(x=x, y=y, task=cfg.task, identity=identity,
-                 train_idx=np.sort(perm[n_eval:]), eval_idx=np.sort(perm[:n_eval]))
+                 train_idx=np.flatnonzero(~held_out), eval_idx=np.flatnonzero(held_out))
     if cfg.standardize:
         ds.mean, ds.std = _train_moments(ds)
     return ds
@@ -125,64 +214,15 @@ def _synthetic(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]:
     return x.numpy(), y, identity
 
 
-def _read_csv(path: Path, target: str | None, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """A CSV with a header row. Features must be numbers; a classification target may
-    be numbers or names (names are numbered in sorted order)."""
-    try:
-        f = open(path, newline="")
-    except OSError as e:
-        raise ConfigError(f"--data {path}: cannot read: {e.strerror}") from None
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise ConfigError(f"--data {path}: empty file (a header row is needed)")
-        header = [h.strip() for h in header]
-        if target is None:
-            t_col = len(header) - 1
-        elif target in header:
-            t_col = header.index(target)
-        else:
-            raise ConfigError(f"--target {target!r}: no such column in {path} (columns: {', '.join(header)})")
-        feats, labels = [], []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise ConfigError(f"--data {path}: line {line_no} has {len(row)} cells, the header has {len(header)}")
-            values = []
-            for col, cell in enumerate(row):
-                if col == t_col:
-                    continue
-                try:
-                    values.append(float(cell))
-                except ValueError:
-                    raise ConfigError(f"--data {path}: line {line_no}, column {header[col]!r}: "
-                                      f"not a number: {cell!r}") from None
-            feats.append(values)
-            labels.append(row[t_col].strip())
-    if not feats:
-        raise ConfigError(f"--data {path}: no data rows")
-    x = np.asarray(feats, dtype=np.float32)
-    if task == "classification":
-        try:
-            as_num = [float(v) for v in labels]
-            if any(v != int(v) or v < 0 for v in as_num):
-                raise ValueError
-            y = np.asarray(as_num, dtype=np.int64)
-        except ValueError:
-            classes = sorted(set(labels))
-            y = np.asarray([classes.index(v) for v in labels], dtype=np.int64)
+def _read_cached(cfg: TrainConfig, path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+    """CSV or Parquet, through the once-per-node binary cache (csvcache.py)."""
+    if suffix == ".csv":
+        reader = lambda: tabular.csv_blocks(path, cfg.target, cfg.task)          # noqa: E731
     else:
-        y_list = []
-        for line_no, v in enumerate(labels, start=2):
-            try:
-                y_list.append(float(v))
-            except ValueError:
-                raise ConfigError(f"--data {path}: line {line_no}, column {header[t_col]!r}: "
-                                  f"not a number: {v!r}") from None
-        y = np.asarray(y_list, dtype=np.float32)[:, None]
-    return x, y
+        reader = lambda: tabular.parquet_blocks(path, cfg.target, cfg.task)      # noqa: E731
+    settings = {"reader": suffix.lstrip("."), "target": cfg.target, "task": cfg.task}
+    cached = csvcache.load(path, cfg.cache_dir, settings, reader)
+    return cached.x, cached.y
 
 
 def _npy_in_zip(path: Path, member: str) -> np.ndarray:
@@ -240,6 +280,33 @@ def _read_npy_pair(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"--data {path}: cannot read arrays: {e}") from None
 
 
+def _read_npy_shards(path: Path) -> tuple[ShardedRows, np.ndarray, list[Path]]:
+    """DIR holding PART_x.npy with PART_y.npy pairs, concatenated in the sorted order of
+    PART (zero-pad the numbers). Features stay mapped; targets are joined in memory."""
+    xs = sorted(path.glob("*_x.npy"))
+    if not xs:
+        raise ConfigError(f"--data {path}: a directory needs x.npy and y.npy, or shards PART_x.npy with PART_y.npy")
+    files, xparts, yparts = [], [], []
+    for xp in xs:
+        yp = xp.with_name(xp.name[:-6] + "_y.npy")
+        if not yp.exists():
+            raise ConfigError(f"--data {path}: shard {xp.name} has no {yp.name}")
+        try:
+            x, y = np.load(xp, mmap_mode="r"), np.load(yp, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--data {path}: cannot read shard {xp.name}: {e}") from None
+        first = xparts[0] if xparts else x
+        if x.ndim != 2 or (x.shape[1], x.dtype) != (first.shape[1], first.dtype):
+            raise ConfigError(f"--data {path}: shard {xp.name} holds {x.dtype} {x.shape}; every shard needs "
+                              f"2-D features of the first's width and dtype ({first.dtype}, {first.shape[1:]})")
+        if len(y) != len(x):
+            raise ConfigError(f"--data {path}: shard {xp.name} has {len(x)} rows but {yp.name} {len(y)}")
+        files += [xp, yp]
+        xparts.append(x)
+        yparts.append(y)
+    return ShardedRows(xparts), np.concatenate(yparts), files
+
+
 def _check_arrays(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2:
         raise ConfigError(f"--data {cfg.data}: features must be 2-D (rows, features), got shape {x.shape}")
@@ -251,15 +318,17 @@ def _check_arrays(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.nd
             y = y[:, 0]
         if y.ndim != 1 or (len(y) and (y.min() < 0 or not np.all(np.equal(np.mod(y, 1), 0)))):
             raise ConfigError(f"--data {cfg.data}: classification targets must be class ids 0..C-1")
-        y = y.astype(np.int64)
+        y = y.astype(np.int64, copy=False)
     elif y.ndim == 1:
         y = y[:, None]
     return x, y
 
 
-def _file_identity(path: Path) -> str:
-    """Name, size and a hash of the first and last MiB: cheap even for a large file."""
-    files = [path / "x.npy", path / "y.npy"] if path.is_dir() else [path]
+def _file_identity(path: Path, files: list[Path]) -> str:
+    """Name, size and a hash of the first and last MiB of each file: cheap even for a
+    large file. (Checkpoints are fingerprinted with it: keep it stable.)"""
+    if path.is_dir() and (path / "x.npy").exists():
+        files = [path / "x.npy", path / "y.npy"]
     h = hashlib.sha256()
     size = 0
     for p in files:
@@ -281,6 +350,7 @@ def _train_moments(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
         chunk = np.asarray(ds.x[ds.train_idx[start:start + 65536]], dtype=np.float64)
         total += chunk.sum(0)
         total_sq += (chunk * chunk).sum(0)
+        drop_pages(ds.x)                      # one streaming pass: nothing stays resident
     n = len(ds.train_idx)
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))

@@ -261,13 +261,15 @@ def test_nan_loss_stops_naming_rank_and_step_and_writes_no_nan(tmp_path):
         assert all(torch.isfinite(t).all() for t in model.values()), p
 
 
-def _csv_with_one_nan_row(path: Path, nan_row: int) -> None:
+def _data_with_one_nan_row(path: Path, nan_row: int) -> None:
+    """``path`` = NAME_x.npy (targets in NAME_y.npy) with a NaN feature in one row. An
+    .npy, since a CSV with a NaN is refused at load time (line and column named)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 3))
-    y = x @ np.array([1.0, -2.0, 0.5])
-    lines = ["a,b,c,y"] + [",".join(f"{v:.6f}" for v in (*row, t)) for row, t in zip(x, y)]
-    lines[1 + nan_row] = "nan," + lines[1 + nan_row].split(",", 1)[1]
-    path.write_text("\n".join(lines) + "\n")
+    x = np.round(rng.normal(size=(200, 3)), 6).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5], dtype=np.float32))[:, None]
+    x[nan_row, 0] = np.nan
+    np.save(path, x)
+    np.save(path.with_name(path.name[:-6] + "_y.npy"), y)
 
 
 def _steps_touching(cfg: TrainConfig, row: int, world: int, rank_of: bool = False):
@@ -286,8 +288,8 @@ def _steps_touching(cfg: TrainConfig, row: int, world: int, rank_of: bool = Fals
 
 
 def test_on_nan_skip_skips_exactly_the_steps_with_the_bad_row(tmp_path):
-    data = tmp_path / "d.csv"
-    _csv_with_one_nan_row(data, nan_row=17)
+    data = tmp_path / "d_x.npy"
+    _data_with_one_nan_row(data, nan_row=17)
     args = ("--layers", "3,8,1", "--data", str(data), "--global-batch-size", "16", "--epochs", "3",
             "--metrics-port", "0", "--progress", "none", "--eval-fraction", "0.1")
     cfg = TrainConfig(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)

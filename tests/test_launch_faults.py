@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import _csv_with_one_nan_row, _steps_touching
+from test_checkpoint import _data_with_one_nan_row, _steps_touching
 from ddp_fnn.config import TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -205,8 +205,8 @@ def test_absurd_learning_rate_stops_naming_rank_and_step_and_writes_no_nan(tmp_p
 
 
 def test_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path):
-    data = tmp_path / "d.csv"
-    _csv_with_one_nan_row(data, nan_row=17)
+    data = tmp_path / "d_x.npy"
+    _data_with_one_nan_row(data, nan_row=17)
     cfg = TrainConfig(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)
     hits = _steps_touching(cfg, 17, world=2)
     assert hits
