@@ -175,10 +175,11 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                     bad_ranks = _ranks_with(bad, rank, world, device)   # the same answer on every rank
                     skip = bool(bad_ranks)
                 t2 = clock.mark()
-                # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
-                # the rank's B/N rows; DDP then averages over N ranks -> the mean over B.
+                # Each micro-batch's mean loss, weighted by its share of the global batch
+                # (1/K when the shards are equal): DDP's equal average over N ranks is then
+                # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
                 if not (bad or skip):          # DDP allows a forward with no backward
-                    (loss / cfg.grad_accum).backward()
+                    batches.weighted(loss, len(rows)).backward()
             t3 = clock.mark()
             phase_marks += [("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3)]
             step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
 
         # ---- step accounting (CPU: now; CUDA: the previous step's events) -------------
         while len(pending) > (1 if clock.cuda else 0):
-            rec = _record(clock, cfg, pending.pop(0), batches.micro * cfg.grad_accum)
+            rec = _record(clock, cfg, pending.pop(0), batches.rank_rows)
             metrics.observe(rec)
             summary.add(rec)
             if peak:
@@ -237,7 +238,7 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
     if saver is not None and saver.last_saved != step and step > start_step:
         saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
     for item in pending:
-        rec = _record(clock, cfg, item, batches.micro * cfg.grad_accum)
+        rec = _record(clock, cfg, item, batches.rank_rows)
         metrics.observe(rec)
         summary.add(rec)
     elapsed = time.perf_counter() - t_run
