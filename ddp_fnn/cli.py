@@ -7,8 +7,12 @@ naming the problem and the value, exit status 2, no traceback.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                               # Python 3.10: the same parser, from PyPI (pyproject.toml)
+    import tomli as tomllib
 
 import click
 
