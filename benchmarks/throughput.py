@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn import dist as ddist
+from ddp_fnn import strictjson
 from ddp_fnn import trainer
 from ddp_fnn.config import TrainConfig
 from ddp_fnn.data import GlobalBatches, load_dataset
@@ -122,10 +122,10 @@ def main() -> None:
         print(f"  ratio metrics on / bare DDP loop: {on_bare:.3f}")
         if args.json_file:
             with open(args.json_file, "w") as f:
-                json.dump({"config": dataclasses.asdict(cfg) | {"output": None}, "rates": rates, "median": med,
-                           "ratio_on_off": on_off, "ratio_on_bare": on_bare, "world_size": ctx.world_size,
-                           "observe_cost_us": observe_us},
-                          f, indent=2, default=str)
+                f.write(strictjson.dumps({"config": dataclasses.asdict(cfg) | {"output": None}, "rates": rates,
+                                          "median": med, "ratio_on_off": on_off, "ratio_on_bare": on_bare,
+                                          "world_size": ctx.world_size, "observe_cost_us": observe_us},
+                                         indent=2, default=str) + "\n")
     ddist.teardown()
 
 

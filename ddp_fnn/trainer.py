@@ -18,7 +18,6 @@ and writes; every rank serves its own /metrics.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
-from ddp_fnn import mfu, predict
+from ddp_fnn import mfu, predict, strictjson
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import PHASES, Metrics, NullMetrics, StepRecord, Summary
@@ -236,7 +235,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
             saver.save(step, syncer.module, optimizer, syncer)
 
     if saver is not None and saver.last_saved != step and step > start_step:
-        saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
+        stop = {"reason": stop_reason, "train_loss": train_loss} if stop_reason == "target-loss" else None
+        saver.save(step, syncer.module, optimizer, syncer, stop=stop)     # the end of the run (or an early stop)
     for item in pending:
         rec = _record(clock, cfg, item, batches.rank_rows)
         metrics.observe(rec)
@@ -307,7 +307,7 @@ def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> Non
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out / "model.pt")
     tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
+    tmp.write_text(strictjson.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
     os.replace(tmp, out / "summary.json")
 
 
@@ -317,7 +317,7 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     cfg.check_world(world)
     ds = load_dataset(cfg)
     check_data_fits(cfg, ds)
-    GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
+    batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
     if cfg.output is not None:
         _check_writable(cfg.output)
     if cfg.checkpoint_dir is not None:
@@ -330,9 +330,17 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
             _note(f"checkpoint {path} is unreadable ({why}); using {resume.path.name} instead", "warning")
     if dry_run:
         if rank == 0:
-            print(json.dumps({"ok": True, "world_size": world, "data": ds.identity,
+            print(strictjson.dumps({"ok": True, "world_size": world, "data": ds.identity,
                               "train_rows": len(ds.train_idx), "eval_rows": len(ds.eval_idx),
                               "micro_batch_per_rank": cfg.check_world(world)}))
+        return 0
+    # A finished run's command run again: nothing to train, every output left as it is.
+    total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.epochs, cfg.max_steps)
+    done = ckpt.finished(resume, total_steps, cfg.target_loss) if resume is not None else None
+    if done:
+        if rank == 0:
+            _note(f"this run already finished ({resume.path} is {done}); nothing to train, outputs left as they "
+                  f"are (--resume never trains afresh)")
         return 0
     ctx = ddist.setup(cfg.backend, cfg.device, cfg.timeout_s)
     metrics = NullMetrics()
