@@ -135,7 +135,8 @@ release_timeout_s = 2.0
 
 def gloo_threads_alive() -> int:
     """Gloo threads in this process (Linux /proc; 0 elsewhere): 0 after teardown() when
-    the group was released."""
+    the group was released, once the joined threads have finished exiting (a joined thread
+    can stay listed for a few milliseconds on a busy machine)."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import run_cli
+from conftest import gloo_threads_left, run_cli
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
@@ -172,7 +172,7 @@ def group_of_one():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     ddist.teardown()
-    assert ddist.gloo_threads_alive() == 0, "the group's Gloo threads outlived teardown()"
+    assert gloo_threads_left() == 0, "the group's Gloo threads outlived teardown()"
 
 
 def _step(syncer, optimizer, x, y):
