@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ddp-fnn-test-loop.XXXXXX")
+chmod 755 "$work"            # mktemp's 0700 would hide the clone from the tests that drop root
 clone=$work/ddp-fnn
 logs=$work/logs
 mkdir -p "$logs"
