@@ -46,7 +46,9 @@ for i in $(seq 1 "$runs"); do
     (cd "$clone" && launch/test.sh "$@") > "$log" 2>&1
     status=$?
     took=$(( $(date +%s) - start ))
-    tally=$(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    # pytest's last line: "==== 411 passed, 2 skipped in 600.1s ====" (no "=" under -q)
+    tally=$(grep -E '^=* *[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' "$log" | tail -1 |
+            sed 's/=//g; s/^ *//; s/ *$//')
     if [ "$status" -eq 0 ]; then
         passed=$((passed + 1))
         echo "run $i: passed in ${took}s: $tally"
