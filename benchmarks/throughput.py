@@ -63,7 +63,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn import dist as ddist
-from ddp_fnn import stepfile, trainer
+from ddp_fnn import stepfile, strictjson, trainer
 from ddp_fnn.config import TrainConfig, parse_layers
 from ddp_fnn.data import GlobalBatches, load_dataset
 from ddp_fnn.metrics import Metrics, NullMetrics, Summary
@@ -257,10 +257,10 @@ def main() -> None:
               + f" (record with {len(layout)} collectives)")
         if args.json_file:
             with open(args.json_file, "w") as f:
-                json.dump({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
+                f.write(strictjson.dumps({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
                            "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict()},
                            "buckets": {"layout": len(layout), "seen": buckets_seen, "indices_ok": indices_ok},
-                           "per_step_cost_us": cost}, f, indent=2, default=str)
+                           "per_step_cost_us": cost}, indent=2, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     ddist.teardown()
 

@@ -31,7 +31,6 @@ contract (estimate reads them).
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_fnn import dist as ddist
-from ddp_fnn import netmodel
+from ddp_fnn import netmodel, strictjson
 from ddp_fnn.observe import Clock, Stopwatch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -376,7 +375,7 @@ def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
     }
     if world.rank == 0 and cfg.json_path is not None:
         cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        cfg.json_path.write_text(strictjson.dumps(report, indent=2) + "\n")
         out(f"# wrote {cfg.json_path}")
     return report
 

@@ -16,6 +16,9 @@ run step 120 (0-based: the *next* step) exactly as an uninterrupted run would:
     fingerprint      the settings that change the math, as a dict, so that a mismatch
                      names them (world size is not one of them: see ``find_resume``)
     world_size, bucket_mb, written_at
+    stop             only in a run's last checkpoint when it stopped early on
+                     --target-loss: {"reason": "target-loss", "train_loss": L}
+                     (``finished`` reads it)
 
 Only tensors, numbers, strings, lists and dicts: every file loads with
 ``torch.load(..., weights_only=True)``, so a checkpoint cannot run code when read.
@@ -283,6 +286,20 @@ def find_resume(cfg: TrainConfig, fp: dict) -> Resume | None:
     return chosen
 
 
+def finished(resume: Resume, total_steps: int, target_loss: float | None) -> str | None:
+    """Why the run ``resume`` continues has nothing left to do, or None: its checkpoint is
+    at the run's last step, or the run stopped on a --target-loss that this one's target
+    does not lower. (A larger --max-steps or --epochs, or a lower --target-loss, is more
+    work: that resumes.)"""
+    if resume.step >= total_steps:
+        return f"at step {resume.step} of {total_steps}"
+    stop = resume.state.get("stop")
+    if stop and stop.get("reason") == "target-loss" and target_loss is not None \
+            and stop["train_loss"] <= target_loss:
+        return f"at step {resume.step}: training loss {stop['train_loss']:.6g} <= --target-loss {target_loss:g}"
+    return None
+
+
 def restore(resume: Resume, model: torch.nn.Module, device: torch.device, rank: int, world_size: int) -> None:
     """Before DDP wraps ``model``: load its parameters and this rank's RNG state. At another
     world size every rank takes rank 0's RNG state (today they are all the same)."""
@@ -328,10 +345,11 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step != self.last_saved
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, syncer) -> Path | None:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, syncer,
+             stop: dict | None = None) -> Path | None:
         """Collective: every rank calls it with the same ``step`` (the next step to run).
         Refuses a model with NaN/Inf parameters (NonFiniteError, on every rank alike:
-        the replicas are equal)."""
+        the replicas are equal). ``stop``: why the run ended early, for the last one."""
         if not all_finite(model):
             raise NonFiniteError(f"rank {self.rank}: parameters are not finite after step {step}; "
                                  f"not writing a checkpoint")
@@ -351,6 +369,8 @@ class Checkpointer:
             "optimizer": optimizer.state_dict(), "ranks": ranks,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if stop is not None:
+            state["stop"] = stop
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / checkpoint_name(step)
         write_atomic(state, path)

@@ -7,8 +7,12 @@ naming the problem and the value, exit status 2, no traceback.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                               # Python 3.10: the same parser, from PyPI (pyproject.toml)
+    import tomli as tomllib
 
 import click
 
@@ -130,9 +134,8 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
     Machine-readable:         ddp-fnn example --json
     Your own small network:   ddp-fnn example --spec net.json --steps 20
     """
-    import json
-
     from ddp_fnn import example as worked
+    from ddp_fnn import strictjson
 
     try:
         spec = worked.seed_spec() if spec_file is None else worked.load_spec(spec_file)
@@ -140,7 +143,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
         raise UserError(f"--spec {spec_file}: {e}") from None
     result = worked.run(spec, steps or 1)
     if as_json:
-        click.echo(json.dumps(worked.to_json(result, with_history=steps is not None)))
+        click.echo(strictjson.dumps(worked.to_json(result, with_history=steps is not None)))
     else:
         click.echo("\n".join(worked.format_text(result)))
     if not result.agrees:
@@ -205,9 +208,7 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     ddp-fnn estimate --bench-json bench.json --layers 784,1024,1024,10 --world-size 64 \\
         --compute-ms 8 --sweep world-size=2,8,64,512
     """
-    import json
-
-    from ddp_fnn import netmodel
+    from ddp_fnn import netmodel, strictjson
     from ddp_fnn.config import parse_layers
 
     try:
@@ -288,14 +289,14 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
 
     if sweep_name is None:
         if as_json:
-            click.echo(json.dumps(est.to_dict(), indent=2))
+            click.echo(strictjson.dumps(est.to_dict(), indent=2))
         else:
             click.echo("\n".join(netmodel.format_estimate(est, alpha_src, beta_src)))
         return
     if plot_file is not None:
         _plot_sweep(plot_file, sweep_name, sweep_values, rows)
     if as_json:
-        click.echo(json.dumps({"sweep": sweep_name, "values": sweep_values,
+        click.echo(strictjson.dumps({"sweep": sweep_name, "values": sweep_values,
                                "estimates": [r.to_dict() for r in rows]}, indent=2))
     else:
         click.echo("\n".join(netmodel.format_sweep(sweep_name, sweep_values, rows)))

@@ -3,7 +3,7 @@
 Each field's metadata carries its `--help` text, so the CLI options are generated
 from this class (cli.py) and there is one home per setting. Validation lives in
 ``__post_init__`` and raises ``ConfigError`` whose message names the option, e.g.
-``--global-batch-size 100 is not divisible by world size x grad-accum = 3 x 1``.
+``--lr must be a positive number, got -1.0``.
 
 Precedence, as click resolves it: command line > ``DDP_FNN_<OPTION>`` environment
 variable > ``--config FILE.toml`` (keys are the long option names) > default.
@@ -188,15 +188,20 @@ class TrainConfig:
         need(self.task != "classification" or self.layers[-1] >= 2,
              f"--layers must end in the class count (>= 2) for classification, got {self.layers[-1]}")
 
-    def check_world(self, world_size: int) -> int:
-        """Per-rank micro-batch size for this world size, or ConfigError."""
+    def check_world(self, world_size: int) -> tuple[int, int]:
+        """The smallest and largest per-rank micro-batch at this world size, or ConfigError.
+        Any world size works as long as every rank gets a row in every micro-step; when
+        world size x grad-accum does not divide the global batch, the shards differ by one
+        row and each micro-batch's loss is weighted by its share (data.GlobalBatches)."""
         if self.slow_rank is not None and self.slow_rank >= world_size:
             raise ConfigError(f"--slow-rank {self.slow_rank} is not a rank of this job (world size {world_size})")
         div = world_size * self.grad_accum
-        if self.global_batch_size % div:
-            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by world size x "
-                              f"grad-accum = {world_size} x {self.grad_accum}")
-        return self.global_batch_size // div
+        if self.global_batch_size < div:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is smaller than world size x "
+                              f"grad-accum = {world_size} x {self.grad_accum} (every rank needs a row in every "
+                              f"micro-step)")
+        q, r = divmod(self.global_batch_size, div)
+        return q, q + (r > 0)
 
     @property
     def timeline_steps(self) -> tuple[int, int] | None:

@@ -20,11 +20,24 @@ only on the seed, the epoch and the training-set size, never on the world size:
     epoch e:  perm_e = randperm(n_train, seed, e)           (as DistributedSampler)
     step  t:  G_t    = perm_e[t*B : (t+1)*B]                 (the global batch; the tail
                                                              that does not fill B is dropped)
-    rank  r:  G_t[r::N]                                      (DistributedSampler's stride)
-    micro k:  G_t[r::N][k*m : (k+1)*m],  m = B / (N*K)
+    rank  r:  S_r    = G_t[r::N]                             (DistributedSampler's stride)
+    micro k:  S_r split into K consecutive parts             (m = B / (N*K) rows each
+                                                             when N*K divides B)
 
-so the union over ranks and micro-steps is exactly G_t at every world size, and
-the averaged gradient is that of one process on G_t (the equivalence tests check it).
+so the union over ranks and micro-steps is exactly G_t at every world size.
+
+When N*K does not divide B the shards are uneven: rank r holds ceil or floor of B/N
+rows (the first B mod N ranks one more), split into K parts whose sizes differ by at
+most one, and every rank and micro-step has at least one row. DDP (and the
+``allreduce`` mode) averages the ranks' gradients with equal weights 1/N, so an equal
+weighting of unequal shards would overweight the rows of the smaller shards. Each
+micro-batch's mean loss is therefore scaled by ``N * m_rk / B`` (``weighted``): the
+ranks' gradients are sum_k N*m_rk/B * mean-grad_rk, and their average is exactly
+(1/B) * sum over G_t of the per-row gradients, the gradient of one process on G_t.
+With equal shards that weight is 1/K, the division the loop always made (the fast
+path: same arithmetic as before, bitwise). The cost of uneven shards: the ranks with
+one row more set the pace of each step, and the weight is one more multiply per
+micro-step; nothing more is communicated.
 
 This module knows the rank and world size it is given, not how they were obtained.
 """
@@ -363,7 +376,8 @@ def _train_moments(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 
 class GlobalBatches:
-    """Which training rows each rank uses at each (epoch, step, micro-step); see the module doc."""
+    """Which training rows each rank uses at each (epoch, step, micro-step), and the weight
+    of each micro-batch's loss; see the module doc."""
 
     def __init__(self, train_idx: np.ndarray, global_batch_size: int, seed: int,
                  rank: int, world_size: int, grad_accum: int):
@@ -371,7 +385,17 @@ class GlobalBatches:
         self.B = global_batch_size
         self.seed = seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.micro = global_batch_size // (world_size * grad_accum)
+        parts = world_size * grad_accum
+        if global_batch_size < parts:
+            raise ConfigError(f"--global-batch-size {global_batch_size} is smaller than world size x grad-accum = "
+                              f"{world_size} x {grad_accum} (every rank needs a row in every micro-step)")
+        self.even = global_batch_size % parts == 0
+        # This rank's rows per optimizer step (the first B mod N ranks take one more).
+        self.rank_rows = global_batch_size // world_size + (rank < global_batch_size % world_size)
+        # The micro-step sizes of this rank's shard (the first rank_rows mod K one more).
+        q, extra = divmod(self.rank_rows, grad_accum)
+        self.micro_sizes = [q + (k < extra) for k in range(grad_accum)]
+        self.micro = global_batch_size // parts if self.even else None   # the one size, when even
         self.steps_per_epoch = len(train_idx) // global_batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"--global-batch-size {global_batch_size} is larger than the training split "
@@ -392,7 +416,15 @@ class GlobalBatches:
     def rank_micro_batches(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
         """This rank's rows for each micro-step of one optimizer step."""
         shard = self.global_batch(epoch, step_in_epoch)[self.rank::self.world_size]
-        return [shard[k * self.micro:(k + 1) * self.micro] for k in range(self.grad_accum)]
+        bounds = np.cumsum([0, *self.micro_sizes])
+        return [shard[bounds[k]:bounds[k + 1]] for k in range(self.grad_accum)]
+
+    def weighted(self, loss: torch.Tensor, rows: int) -> torch.Tensor:
+        """A micro-batch's mean loss (over its ``rows`` rows), weighted so that the ranks'
+        equally averaged gradients are the gradient of the mean loss over the global batch."""
+        if self.even:
+            return loss / self.grad_accum                       # the fast path: N*m/B = 1/K
+        return loss * (self.world_size * rows / self.B)
 
 
 def epochs_to_steps(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,11 +99,53 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0)
 
 
 def teardown() -> None:
-    """Leave the process group (a no-op if it was never joined or is already gone).
+    """Leave the process group (a no-op if it was never joined or is already gone), and
+    make sure the group is destroyed here, on this thread, with its Gloo threads joined.
 
     Collect garbage first: a DDP wrapper or a communication hook's state that is only
     unreachable, not yet freed, still holds the group, and destroy_process_group() can
-    free the group and join its threads only when nothing else does."""
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
+    free the group and join its threads only when nothing else does.
+
+    Then wait until this function holds the group's last Python reference before letting
+    it go. A Gloo worker thread (``pt_gloo_runloop``) runs a collective's completion
+    callbacks and frees them *after* it has completed the future the main thread waits
+    on; a callback that closes over the group (PowerSGD's hook does) is then its last
+    reference but one. If the main thread has already dropped its references, the worker
+    frees the group itself, ``~ProcessGroupGloo`` joins the worker's own thread, and
+    ``std::thread::join`` throws (EDEADLK) from a destructor: std::terminate, SIGABRT.
+    The worker needs the GIL to free the callback, so the wait sleeps (which releases
+    the GIL) until the count drops: a condition, not a guess at a duration. A reference
+    held elsewhere for good (a traceback, a test's leftover model) ends the wait at
+    ``release_timeout_s``; the group then lives on as before. docs/shutdown.md has the
+    backtrace and the measurements."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    gc.collect()
+    dist.destroy_process_group()
+    deadline = time.monotonic() + release_timeout_s
+    # sys.getrefcount counts `group` here and its own argument: 2 when no one else holds it.
+    while sys.getrefcount(group) > 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    del group        # the last reference, on this thread: ~ProcessGroupGloo joins its workers
+
+
+release_timeout_s = 2.0
+
+
+def gloo_threads_alive() -> int:
+    """Gloo threads in this process (Linux /proc; 0 elsewhere): 0 after teardown() when
+    the group was released, once the joined threads have finished exiting (a joined thread
+    can stay listed for a few milliseconds on a busy machine)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    n = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += "gloo" in f.read()
+        except OSError:
+            pass
+    return n

@@ -4,8 +4,9 @@ in). Other ranks get ``Quiet``, so the loop has no rank checks."""
 
 from __future__ import annotations
 
-import json
 import sys
+
+from ddp_fnn import strictjson
 
 
 def make_progress(mode: str, total_steps: int):
@@ -30,7 +31,7 @@ class Quiet:
 class JsonLines(Quiet):
     def update(self, step, loss, summary):
         fig = summary.figures()
-        print(json.dumps({"step": step, "steps": self.total, "train_loss": loss,
+        print(strictjson.dumps({"step": step, "steps": self.total, "train_loss": loss,
                           "samples_per_second": round(_rate(summary), 1),
                           "step_time_p50_s": fig.get("step_time_p50_s"),
                           "exposed_comm_time_per_step_s": fig.get("exposed_comm_time_per_step_s")}), flush=True)

@@ -18,7 +18,6 @@ and writes; every rank serves its own /metrics.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
-from ddp_fnn import mfu, peers, predict
+from ddp_fnn import mfu, peers, predict, strictjson
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import Metrics, NullMetrics, Summary
@@ -212,11 +211,12 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                         bad_ranks = _ranks_with(bad, rank, world, device)   # the same answer on every rank
                         skip = bool(bad_ranks)
                 with obs.phase("backward"):
-                    # Each micro-batch's mean loss / K: the K micro-steps sum to the mean over
-                    # the rank's B/N rows; the ranks' gradients averaged -> the mean over B.
-                    # (x grad_scale: 1/N where the sync sums instead of averaging, sync.py.)
+                    # Each micro-batch's mean loss, weighted by its share of the global batch
+                    # (1/K when the shards are equal): the ranks' gradients averaged are then
+                    # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
+                    # x grad_scale: 1/N where the sync sums instead of averaging (sync.py).
                     if not (bad or skip):          # DDP allows a forward with no backward
-                        (loss / cfg.grad_accum * syncer.grad_scale).backward()
+                        (run.batches.weighted(loss, len(rows)) * syncer.grad_scale).backward()
             step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
             step_rows += len(rows)
         if skip:
@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
 
     # ---- the end: last checkpoint, last records, held-out evaluation, the result -------
     if run.saver is not None and run.saver.last_saved != step and step > run.start_step:
-        run.saver.save(step, syncer.module, optimizer, syncer)     # the end of the run (or an early stop)
+        stop = {"reason": stop_reason, "train_loss": train_loss} if stop_reason == "target-loss" else None
+        run.saver.save(step, syncer.module, optimizer, syncer, stop=stop)   # the end of the run (or an early stop)
     acct.add(obs.flush())
     acct.flush()
     elapsed = wall.seconds()
@@ -298,7 +299,8 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
         "stop_reason": stop_reason, "samples": step * cfg.global_batch_size,
         "epochs_completed": step / run.batches.steps_per_epoch,
         "final_train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
-        "samples_per_second": (summary.samples * ctx.world_size / sum(summary.step_s)) if summary.step_s else 0.0,
+        # Every rank's own samples (uneven shards differ by a row) over rank 0's step time.
+        "samples_per_second": (sum(r["samples"] for r in ranks) / sum(summary.step_s)) if summary.step_s else 0.0,
         "wall_time_s": elapsed, "data": run.ds.identity, **figures,
         "ranks": ranks,
         "clock_offsets": [r["clock"] for r in ranks],
@@ -326,7 +328,7 @@ def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> Non
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out / "model.pt")
     tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
+    tmp.write_text(strictjson.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
     os.replace(tmp, out / "summary.json")
 
 
@@ -336,7 +338,7 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
     cfg.check_world(world)
     ds = load_dataset(cfg)
     check_data_fits(cfg, ds)
-    GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
+    batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, rank, world, cfg.grad_accum)
     if cfg.output is not None:
         _check_writable(cfg.output)
     if cfg.checkpoint_dir is not None:
@@ -349,9 +351,17 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
             _note(f"checkpoint {path} is unreadable ({why}); using {resume.path.name} instead", "warning")
     if dry_run:
         if rank == 0:
-            print(json.dumps({"ok": True, "world_size": world, "data": ds.identity,
+            print(strictjson.dumps({"ok": True, "world_size": world, "data": ds.identity,
                               "train_rows": len(ds.train_idx), "eval_rows": len(ds.eval_idx),
                               "micro_batch_per_rank": cfg.check_world(world)}))
+        return 0
+    # A finished run's command run again: nothing to train, every output left as it is.
+    total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.epochs, cfg.max_steps)
+    done = ckpt.finished(resume, total_steps, cfg.target_loss) if resume is not None else None
+    if done:
+        if rank == 0:
+            _note(f"this run already finished ({resume.path} is {done}); nothing to train, outputs left as they "
+                  f"are (--resume never trains afresh)")
         return 0
     ctx = ddist.setup(cfg.backend, cfg.device, cfg.timeout_s)
     metrics = NullMetrics()

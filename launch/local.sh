@@ -38,7 +38,7 @@ done
 
 # ---- validate once, as rank 0 of N, before starting N processes -------------------------
 # The environment is what torchrun gives rank 0, so checks that depend on the world size
-# (--global-batch-size divisible by N x grad-accum) run too. The plan goes to /dev/null;
+# (--global-batch-size at least N x grad-accum) run too. The plan goes to /dev/null;
 # only a failure is shown.
 errfile=$(mktemp "${TMPDIR:-/tmp}/ddp-fnn-local.XXXXXX")
 trap 'rm -f "$errfile"' EXIT

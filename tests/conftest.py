@@ -4,11 +4,24 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def gloo_threads_left(timeout_s: float = 5.0) -> int:
+    """This process's Gloo threads once they have finished exiting (0), or how many are still
+    there after ``timeout_s``. A destroyed group's threads are joined, but a joined thread
+    can still be listed in /proc for a few milliseconds while the kernel finishes its exit;
+    a group that something still holds keeps its threads for good."""
+    from ddp_fnn import dist as ddist
+    deadline = time.monotonic() + timeout_s
+    while (n := ddist.gloo_threads_alive()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return n
 
 
 def free_port() -> int:

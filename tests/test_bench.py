@@ -8,7 +8,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from ddp_fnn import bench
+from ddp_fnn import bench, strictjson
 from ddp_fnn.cli import cli
 from tests.conftest import run_cli, torchrun
 
@@ -55,7 +55,7 @@ def test_world_size_one_without_torchrun(tmp_path):
                    "--compare-bare", "16K", "--compare-rounds", "2", "--json", str(out),
                    env={"OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    report = strictjson.loads(out.read_text())                 # strict JSON: null, never NaN
     assert report["world_size"] == 1 and report["backend"] == "gloo"
     assert [r["bytes"] for r in report["results"]] == [4096, 8192, 16384, 32768, 65536]
     assert [r["count"] for r in report["results"]] == [2048, 4096, 8192, 16384, 32768]

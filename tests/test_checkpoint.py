@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import run_cli
+from conftest import gloo_threads_left, run_cli
 from ddp_fnn import checkpoint as ckpt
+from ddp_fnn import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.model import build_fnn
 from test_train import QUICK, one_line_error
@@ -165,9 +166,13 @@ def test_parameter_digest_sees_one_flipped_bit():
 
 @pytest.fixture
 def group_of_one():
+    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.dist.teardown:
+    a bare destroy_process_group() can leave a Gloo worker thread to free the group, which
+    aborts the whole test run (docs/shutdown.md, "Groups inside pytest")."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    ddist.teardown()
+    assert gloo_threads_left() == 0, "the group's Gloo threads outlived teardown()"
 
 
 def _step(syncer, optimizer, x, y):

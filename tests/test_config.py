@@ -21,8 +21,10 @@ def test_bad_values_name_the_option(kwargs, match):
         TrainConfig(**kwargs)
 
 
-def test_global_batch_must_divide_by_world_size_times_grad_accum():
+def test_any_world_size_with_a_row_for_every_rank_and_micro_step():
     cfg = TrainConfig(global_batch_size=100, grad_accum=2)
-    assert cfg.check_world(2) == 25
-    with pytest.raises(ConfigError, match=r"--global-batch-size 100 is not divisible by world size x grad-accum = 3 x 2"):
-        cfg.check_world(3)
+    assert cfg.check_world(2) == (25, 25)
+    assert cfg.check_world(3) == (16, 17)          # 100 rows over 3 x 2 micro-batches
+    assert cfg.check_world(50) == (1, 1)
+    with pytest.raises(ConfigError, match=r"--global-batch-size 100 is smaller than world size x grad-accum = 51 x 2"):
+        cfg.check_world(51)

@@ -26,7 +26,7 @@ def test_one_epoch_at_three_ranks_uses_every_sample_once_and_ranks_are_disjoint(
             assert not set(seen[a]) & set(seen[b])
 
 
-@pytest.mark.parametrize("world,K", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 4)])
+@pytest.mark.parametrize("world,K", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 4), (5, 1), (7, 3), (4, 5)])
 def test_global_batches_do_not_depend_on_world_size(world, K):
     B = 24
     reference = batches(500, B, 1)
@@ -35,6 +35,65 @@ def test_global_batches_do_not_depend_on_world_size(world, K):
             union = np.concatenate([m for r in range(world)
                                     for m in batches(500, B, world, K, rank=r).rank_micro_batches(epoch, step)])
             assert sorted(union.tolist()) == sorted(reference.global_batch(epoch, step).tolist())
+
+
+@pytest.mark.parametrize("B,world,K", [(256, 3, 1), (256, 3, 2), (256, 6, 1), (10, 3, 2), (25, 4, 3), (7, 7, 1)])
+def test_uneven_shards_differ_by_at_most_one_row_and_every_micro_step_has_rows(B, world, K):
+    sizes = [[len(m) for m in batches(600, B, world, K, rank=r).rank_micro_batches(0, 1)] for r in range(world)]
+    shard = [sum(s) for s in sizes]
+    assert sum(shard) == B and max(shard) - min(shard) <= 1
+    flat = [n for s in sizes for n in s]
+    assert min(flat) >= 1 and max(flat) - min(flat) <= 1
+    assert [batches(600, B, world, K, rank=r).rank_rows for r in range(world)] == shard
+
+
+def test_equal_shards_keep_the_old_split_and_the_division_by_k():
+    """The fast path: G_t[r::N] cut into K slices of B/(N*K), loss / K."""
+    import torch
+    gb = batches(500, 24, 3, K=2, rank=1)
+    shard = gb.global_batch(0, 3)[1::3]
+    assert [m.tolist() for m in gb.rank_micro_batches(0, 3)] == [shard[:4].tolist(), shard[4:].tolist()]
+    loss = torch.tensor(0.3)
+    assert gb.even and torch.equal(gb.weighted(loss, 4), loss / 2)
+
+
+def test_too_small_a_global_batch_for_the_world_is_refused():
+    with pytest.raises(ConfigError, match=r"--global-batch-size 5 is smaller than world size x grad-accum = 3 x 2"):
+        batches(100, 5, 3, K=2)
+
+
+@pytest.mark.parametrize("B,world,K", [(256, 3, 1), (256, 3, 2), (50, 4, 3), (24, 3, 2)])
+def test_weighted_losses_averaged_equally_give_the_global_batch_gradient(B, world, K):
+    """What DDP computes, written out: each rank sums its weighted micro-batch gradients,
+    the ranks are averaged with weight 1/N; the witness is autograd on the mean loss over
+    the whole global batch in one piece (float64)."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(600, 5, generator=g, dtype=torch.float64), torch.randn(600, 1, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 1, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def grad_of(loss):
+        (gw,) = torch.autograd.grad(loss, w)
+        return gw
+
+    ref = batches(600, B, 1)
+    rows = (ref.global_batch(0, 1) - 1) // 3          # back to 0..599
+    witness = grad_of(torch.nn.functional.mse_loss(x[rows] @ w, y[rows]))
+    ranks = []
+    for r in range(world):
+        gb = batches(600, B, world, K, rank=r)
+        total = torch.zeros_like(w)
+        for micro in gb.rank_micro_batches(0, 1):
+            i = (micro - 1) // 3
+            total += grad_of(gb.weighted(torch.nn.functional.mse_loss(x[i] @ w, y[i]), len(i)))
+        ranks.append(total)
+    averaged = sum(ranks) / world
+    assert torch.allclose(averaged, witness, rtol=1e-12, atol=1e-15)
+    if B % (world * K):                               # and plain 1/K weights would not be
+        naive = sum(sum(grad_of(torch.nn.functional.mse_loss(x[(m - 1) // 3] @ w, y[(m - 1) // 3])) / K
+                        for m in batches(600, B, world, K, rank=r).rank_micro_batches(0, 1))
+                    for r in range(world)) / world
+        assert not torch.allclose(naive, witness, rtol=1e-9, atol=0)
 
 
 def test_each_epoch_is_reshuffled_like_set_epoch():

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -730,7 +731,7 @@ def pytorch_container(k8s) -> dict:
 
 
 def test_k8s_has_the_job_service_podmonitor_and_rules(k8s):
-    assert set(k8s) == {"PyTorchJob", "Service", "PodMonitor", "PrometheusRule"}
+    assert set(k8s) == {"PyTorchJob", "Service", "PodMonitor", "PrometheusRule", "PersistentVolumeClaim"}
     assert k8s["PyTorchJob"]["apiVersion"] == "kubeflow.org/v1"
     assert k8s["PodMonitor"]["apiVersion"] == "monitoring.coreos.com/v1"
 
@@ -745,11 +746,53 @@ def test_pytorchjob_env_agrees_with_its_elastic_policy(k8s):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert env["NNODES"] == f"{policy['minReplicas']}:{policy['maxReplicas']}"
     assert int(env["MAX_RESTARTS"]) == policy.get("maxRestarts", 0)
-    assert int(env["NPROC_PER_NODE"]) == policy.get("nProcPerNode", 1)
+    # spec.nprocPerNode (a string), not elasticPolicy.nProcPerNode (deprecated since v1.7).
+    assert "nProcPerNode" not in policy
+    assert env["NPROC_PER_NODE"] == job["spec"]["nprocPerNode"]
     # Worker 0's pod name and per-replica service, on the port the operator reads.
     assert env["RDZV_ENDPOINT"] == f"{job['metadata']['name']}-worker-0:{ports['pytorchjob-port']}"
     assert env["METRICS_ADDR"] == "0.0.0.0"
     assert int(env["METRICS_PORT"]) == ports["metrics"]
+
+
+def _train_config(k8s):
+    """The TrainConfig the pods' node.sh passes to `ddp-fnn train` (TRAIN_ARGS, OUTPUT_DIR)."""
+    from ddp_fnn.cli import train
+    from ddp_fnn.config import TrainConfig
+    env = {e["name"]: e["value"] for e in pytorch_container(k8s)["env"]}
+    args = [*env["TRAIN_ARGS"].split(), "--output", env["OUTPUT_DIR"]]
+    params = train.make_context("train", args).params
+    params.pop("dry_run")
+    return TrainConfig(**params)
+
+
+def test_pytorchjob_batch_size_works_at_every_size_of_its_elastic_range(k8s):
+    from ddp_fnn.data import GlobalBatches, epochs_to_steps
+    job = k8s["PyTorchJob"]
+    policy = job["spec"]["elasticPolicy"]
+    cfg = _train_config(k8s)
+    nproc = int(job["spec"]["nprocPerNode"])
+    for nodes in range(policy["minReplicas"], policy["maxReplicas"] + 1):
+        world = nodes * nproc
+        low, high = cfg.check_world(world)
+        assert low == high, f"--global-batch-size {cfg.global_batch_size} is uneven at world size {world}"
+        rows = [GlobalBatches(np.arange(cfg.samples), cfg.global_batch_size, cfg.seed, r, world,
+                              cfg.grad_accum).rank_rows for r in range(world)]
+        assert sum(rows) == cfg.global_batch_size
+    # It keeps its progress: checkpoints during the run, on the volume every pod shares.
+    assert cfg.checkpoint_dir is not None and cfg.checkpoint_every is not None
+    assert cfg.checkpoint_every < epochs_to_steps(1, cfg.epochs, cfg.max_steps)
+    assert cfg.resume == "auto"
+    mounts = {m["mountPath"]: m["name"] for m in pytorch_container(k8s)["volumeMounts"]}
+    volumes = {v["name"]: v for v in worker_pod(k8s)["spec"]["volumes"]}
+
+    def claim_of(path: Path) -> str:
+        (mount,) = [m for m in mounts if path == Path(m) or Path(m) in path.parents]
+        return volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"]
+
+    pvc = k8s["PersistentVolumeClaim"]
+    assert claim_of(cfg.checkpoint_dir) == claim_of(cfg.output) == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_pytorchjob_env_is_what_node_sh_reads(k8s):

@@ -54,11 +54,12 @@ def test_worker_count_from_environment(tmp_path, port):
 
 
 @pytest.mark.parametrize("args, expected", [
-    # The world size comes from -n: 7 samples cannot be split over 2 workers.
-    (["-n", "2", "--global-batch-size", "7"],
-     "ddp-fnn: error: --global-batch-size 7 is not divisible by world size x grad-accum = 2 x 1"),
-    # ...nor the default 256 over 3.
-    (["-n", "3"], "ddp-fnn: error: --global-batch-size 256 is not divisible by world size x grad-accum = 3 x 1"),
+    # The world size comes from -n: 2 samples cannot feed 3 workers.
+    (["-n", "3", "--global-batch-size", "2"],
+     "ddp-fnn: error: --global-batch-size 2 is smaller than world size x grad-accum = 3 x 1"),
+    # ...nor 5 samples 3 workers x 2 micro-steps.
+    (["-n", "3", "--global-batch-size", "5", "--grad-accum", "2"],
+     "ddp-fnn: error: --global-batch-size 5 is smaller than world size x grad-accum = 3 x 2"),
     (["-n", "2", "--lr", "-1"], "ddp-fnn: error: --lr must be a positive number, got -1.0"),
     (["-n", "2", "--no-such-option"], "ddp-fnn: error: No such option"),
     (["-n", "0"], "local.sh: error: the worker count (-n or NPROC_PER_NODE) must be a positive integer, got '0'"),

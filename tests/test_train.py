@@ -59,7 +59,7 @@ def one_line_error(r, *fragments):
 
 @pytest.mark.parametrize("args,fragments", [
     (("--lr", "-1"), ("--lr", "-1")),
-    (("--global-batch-size", "7", "--grad-accum", "2"), ("--global-batch-size 7", "not divisible")),
+    (("--global-batch-size", "1", "--grad-accum", "2"), ("--global-batch-size 1", "smaller than world size")),
     (("--data", "/nonexistent/data.csv"), ("/nonexistent/data.csv", "no such file")),
     (("--sync", "carrier-pigeon"), ("--sync", "carrier-pigeon")),
     (("--no-such-option",), ("--no-such-option",)),
