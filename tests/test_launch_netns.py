@@ -117,8 +117,9 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 class Run:
-    def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float):
-        self.nodes, self.out, self.returncode = nodes, out, returncode
+    def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float,
+                 pid: int | None = None):
+        self.nodes, self.out, self.returncode, self.pid = nodes, out, returncode, pid
         self.stdout, self.stderr, self.seconds = stdout, stderr, seconds
 
     @property
@@ -140,7 +141,7 @@ def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300, extra:
     except subprocess.TimeoutExpired:
         stop(proc)
         raise
-    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0)
+    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0, proc.pid)
 
 
 # ---------------------------------------------------------------------------------------
