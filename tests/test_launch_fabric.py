@@ -3,7 +3,7 @@
 * 1 % random loss on node1's egress (nftables on the switch): node1's TCP retransmits
   what was lost, ddp-fnn reports it (summary.json's per-rank `tcp`), the steps get
   slower than the same run without loss, and nothing is left afterwards;
-* a shallow buffer (the switch port towards node0 queues 30 KB) tail-drops bursts: tc
+* a shallow buffer (the switch port towards node0 queues 15 KB) tail-drops bursts: tc
   counts the drops, node1's TCP retransmits them, ddp-fnn reports the retransmits;
 * the links go from 1 Gbit/s to 100 Mbit/s mid-run: the step file's transfer time jumps
   within two steps of the recorded switch, to what the bytes need at the new rate.
@@ -77,7 +77,7 @@ def clean_1gbit(tmp_path_factory):
     return run
 
 
-def test_one_lossy_node_retransmits_and_slows_every_step(clean_1gbit, tmp_path):
+def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_path):
     run = run_cluster(2, tmp_path / "lossy", *TRAIN, timeout=400, extra=("--link-rate", "1gbit", "--loss", "1:1"))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
     stats = run.netstats
@@ -95,20 +95,34 @@ def test_one_lossy_node_retransmits_and_slows_every_step(clean_1gbit, tmp_path):
     # Every lost data segment is sent again (lost pure ACKs need no retransmission), so
     # the retransmit counter rises by a good part of the drops, far above the clean run's.
     assert lossy["retransmitted_segments"] >= 0.3 * dropped
-    assert lossy["retransmitted_segments"] > 10 * clean["retransmitted_segments"] + 10
-    # node0's TCP lost nothing: its retransmits stay at the clean run's level.
-    assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.1 * lossy["retransmitted_segments"] + 10
-    # The synchronous all-reduce waits for the retransmissions: every step is slower.
-    assert steps[1] > 1.2 * steps[0]
+    assert lossy["retransmitted_segments"] > 5 * clean["retransmitted_segments"] + 10
+    # node0's data crossed no lossy rule (only some of node1's ACKs to it were lost):
+    # it retransmits far less.
+    assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.5 * lossy["retransmitted_segments"]
+    # (At 1 % the step time is not asserted: on this 2-core machine the CPU moves ~15 MB/s,
+    # below what TCP sustains at 1 % loss and a sub-millisecond RTT, so the steps are as
+    # fast as without loss within the machine's noise; docs/fabric.md.)
+    assert not left_behind(run.pid), left_behind(run.pid)
+
+
+def test_heavy_loss_makes_every_step_wait_for_retransmission_timeouts(clean_1gbit, tmp_path):
+    """5 % loss: lost retransmissions and tail losses end in timeouts (>= 200 ms each on
+    Linux) that the synchronous all-reduce waits for: the steps get clearly slower."""
+    run = run_cluster(2, tmp_path / "lossy", *TRAIN, timeout=600, extra=("--link-rate", "1gbit", "--loss", "1:5"))
+    assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
+    mean = [statistics.fmean(d["step_s"] for d in rank_steps(r.out, 0)[1][WARMUP:]) for r in (clean_1gbit, run)]
+    print(f"\nmean step {mean[0] * 1e3:.0f} ms clean, {mean[1] * 1e3:.0f} ms at 5 % loss; node1 retransmitted "
+          f"{tcp_of(run.out, 1)['retransmitted_segments']:,} segments")
+    assert mean[1] > 1.5 * mean[0]
     assert not left_behind(run.pid), left_behind(run.pid)
 
 
 def test_a_shallow_switch_buffer_tail_drops_and_tcp_retransmits(tmp_path):
     run = run_cluster(2, tmp_path / "shallow", *TRAIN, timeout=400,
-                      extra=("--link-rate", "100mbit", "--queue-limit", "0:30000"))
+                      extra=("--link-rate", "200mbit", "--queue-limit", "0:15000"))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
     stats = run.netstats
-    assert stats["queue_limit_bytes"] == {"node0": 30000}
+    assert stats["queue_limit_bytes"] == {"node0": 15000}
     port = stats["nodes"][0]["port_qdisc"]                   # the switch port towards node0
     assert port["kind"] == "tbf"
     # What node1 sends node0 crosses that port: its drops are node1's lost segments.
@@ -118,6 +132,8 @@ def test_a_shallow_switch_buffer_tail_drops_and_tcp_retransmits(tmp_path):
           f"{sender['sent_segments']:,} segments")
     assert port["dropped"] > 0
     assert sender["retransmitted_segments"] >= 0.3 * port["dropped"]
+    # node0's segments cross an unlimited port: it retransmits far less.
+    assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.2 * sender["retransmitted_segments"]
     assert stats["nodes"][1]["port_qdisc"]["kind"] != "tbf"  # only the port named is shaped
     assert not left_behind(run.pid), left_behind(run.pid)
 
