@@ -57,9 +57,9 @@
 # before and after) are printed as a table and written to DIR/netstats.json, with each
 # node's qdisc counters at the end (`tc -s qdisc`: kind, sent, dropped, overlimits), the
 # same for the switch port towards it (`port_qdisc`), and the frames its --loss rule
-# dropped. Every namespace, veth, bridge, qdisc, nftables
-# table, cgroup and /etc/netns entry is removed on every exit path (the qdiscs and nft
-# rules live inside the node namespaces and go with them)
+# dropped. Every namespace, veth, bridge, qdisc, nftables table, cgroup and /etc/netns
+# entry is removed on every exit path (the qdiscs and nft rules live inside the
+# cluster's namespaces, the nodes' and the switch's, and go with them)
 # (success, failure, Ctrl-C, SIGTERM). When a node fails, the others are stopped rather
 # than left waiting for it until a timeout. Exit status: 0 if every node exited 0, 1 if
 # any failed, 2 for bad usage or a missing prerequisite, 128+signal when interrupted.
@@ -204,7 +204,7 @@ if [ ${#loss[@]} -gt 0 ]; then
 fi
 for k in "${!qlimit[@]}"; do
     [ "$k" -lt "$nodes" ] || die "--queue-limit $k:${qlimit[$k]}: there is no node$k (--nodes $nodes)"
-    [ -n "$link_rate" ] || die "--queue-limit $k:${qlimit[$k]} is the rate shaper's queue: it needs --link-rate"
+    [ -n "$link_rate" ] || die "--queue-limit $k:${qlimit[$k]} queues at the link rate: it needs --link-rate"
 done
 # Where CPU quotas go: cgroup v1's cpu controller, else cgroup v2 (unified) with cpu enabled.
 cg_kind=

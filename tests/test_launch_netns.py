@@ -341,7 +341,7 @@ def test_cleanup_removes_leftovers_of_a_dead_run():
     (["--nodes", "2", "--frobnicate"], "unknown argument '--frobnicate'"),
     (["--nodes", "2", "--loss", "1:lots"], "--loss must be K:PERCENT (e.g. 1:0.5), got '1:lots'"),
     (["--nodes", "2", "--loss", "2:1"], "--loss 2:...: there is no node2 (--nodes 2)"),
-    (["--nodes", "2", "--queue-limit", "1:30000"], "--queue-limit 1:30000 is the rate shaper's queue: it needs --link-rate"),
+    (["--nodes", "2", "--queue-limit", "1:30000"], "--queue-limit 1:30000 queues at the link rate: it needs --link-rate"),
     (["--nodes", "2", "--rate-schedule", "20:100mbit"], "--rate-schedule changes the link rate: give the starting one"),
     (["--nodes", "2", "--rate-schedule", "0:1gbit,20:fast"], "--rate-schedule 20:fast: 'fast' is not a tc rate"),
     (["--nodes", "2", "--rate-schedule", "0:1gbit,20:1mbit,10:2mbit"], "--rate-schedule: times must increase"),
