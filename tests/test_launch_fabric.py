@@ -19,7 +19,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
