@@ -134,6 +134,14 @@ class Metrics:
                                   "apart from the gradients' ddp_fnn_allreduce_wire_bytes_total.", r, registry=reg)
         self.probe_payload = Counter("ddp_fnn_probe_payload_bytes",
                                      "Bytes the pre-training probe handed to all-reduce.", r, registry=reg)
+        self.tcp_sent = Counter("ddp_fnn_tcp_sent_segments",
+                                "TCP segments sent in this rank's network namespace since the run started "
+                                "(/proc/net/snmp OutSegs; the whole namespace's TCP, read every --log-every steps).",
+                                r, registry=reg)
+        self.tcp_retrans = Counter("ddp_fnn_tcp_retransmitted_segments",
+                                   "TCP segments retransmitted in this rank's network namespace since the run "
+                                   "started (/proc/net/snmp RetransSegs; read every --log-every steps).",
+                                   r, registry=reg)
         self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
@@ -169,6 +177,9 @@ class Metrics:
         self._wait, self._transfer = self.wait.labels(self.rank), self.transfer.labels(self.rank)
         self._last_ready = self.last_ready_steps.labels(self.rank)
         self._probe_wire, self._probe_payload = self.probe_wire.labels(self.rank), self.probe_payload.labels(self.rank)
+        self._tcp = {"sent_segments": self.tcp_sent.labels(self.rank),
+                     "retransmitted_segments": self.tcp_retrans.labels(self.rank)}
+        self._tcp_seen = dict.fromkeys(self._tcp, 0)
         self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)
         self._algbw, self._busbw = self.algbw.labels(self.rank), self.busbw.labels(self.rank)
@@ -211,6 +222,16 @@ class Metrics:
             self._probe_wire.inc(traffic["wire_bytes"])
             self._probe_payload.inc(traffic["payload_bytes"])
 
+    def count_tcp(self, counts: dict[str, int] | None) -> None:
+        """The namespace's TCP counters since the start (tcpstats.TcpCounters.read), at a
+        log interval: each counter moves by what is new since the last call."""
+        if counts:
+            for name, child in self._tcp.items():
+                new = counts[name] - self._tcp_seen[name]
+                if new > 0:
+                    child.inc(new)
+                    self._tcp_seen[name] = counts[name]
+
     def set_loss(self, split: str, value: float) -> None:
         self.loss.labels(self.rank, split).set(value)
 
@@ -252,6 +273,7 @@ class NullMetrics:
     def observe(self, rec: StepRecord) -> None: ...
     def set_gradient_bytes(self, nbytes: int) -> None: ...
     def count_probe(self, traffic: dict | None) -> None: ...
+    def count_tcp(self, counts: dict[str, int] | None) -> None: ...
     def set_loss(self, split: str, value: float) -> None: ...
     def set_mfu(self, ratio: float) -> None: ...
     def serve(self, port: int, addr: str) -> None: ...

@@ -284,6 +284,42 @@ def allreduce_time(payload_bytes: float, world_size: int, alpha_s: float, beta_b
 
 
 # ---------------------------------------------------------------------------------------
+# TCP under random loss
+# ---------------------------------------------------------------------------------------
+
+MATHIS_C = math.sqrt(3 / 2)
+"""Mathis et al.'s constant for periodic loss with delayed ACKs off (about 1.22)."""
+
+
+def mathis_rate(mss_bytes: float, rtt_s: float, loss: float, link_bytes_per_second: float | None = None,
+                c: float = MATHIS_C) -> float:
+    """Steady-state throughput of one TCP flow under random loss, in bytes/s.
+
+    Mathis, Semke, Mahdavi and Ott, "The macroscopic behavior of the TCP congestion
+    avoidance algorithm", ACM SIGCOMM CCR 27(3), 1997::
+
+        rate = MSS / (RTT * sqrt(p)) * C,      C = sqrt(3/2)
+
+    for a flow in congestion avoidance (AIMD: the window saws between W/2 and W, one loss
+    per 1/p packets), capped by the link (``link_bytes_per_second``), which it cannot
+    exceed however rare the loss. ``loss`` is the packet loss probability p (0..1); p = 0
+    gives the link rate (or infinity without one).
+
+    What it leaves out, and so where it breaks (docs/fabric.md): slow start (a transfer of
+    a few windows never reaches the steady state the formula assumes), timeouts (a
+    retransmission timeout costs at least 200 ms on Linux, TCP_RTO_MIN, far more than an
+    RTT), CUBIC's window growth (not Reno's), and the queueing that makes RTT depend on
+    the rate itself.
+    """
+    if not (mss_bytes > 0 and rtt_s > 0):
+        raise ValueError(f"mathis_rate: MSS and RTT must be positive, got {mss_bytes!r} B and {rtt_s!r} s")
+    if not 0 <= loss <= 1:
+        raise ValueError(f"mathis_rate: loss must be a probability in 0..1, got {loss!r}")
+    rate = math.inf if loss == 0 else mss_bytes / (rtt_s * math.sqrt(loss)) * c
+    return min(rate, link_bytes_per_second) if link_bytes_per_second is not None else rate
+
+
+# ---------------------------------------------------------------------------------------
 # one training step
 # ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Where a step's record goes, and the run's result (summary.json's keys).
 
 ``Accounting`` hands every ``observe.StepRecord`` to each consumer: Prometheus
-(metrics.py), the running summary figures (metrics.Summary, which also feed the progress
+(metrics.py), the namespace's TCP counters read at each
+flush (tcpstats.py), the running summary figures (metrics.Summary, which also feed the progress
 line), the step file (stepfile.py), the timeline (timeline.py) and MFU on CUDA. The
 training loop calls ``add`` once per step and ``flush`` at log intervals (a collective:
 the ranks exchange ready times there, peers.py, which completes the held records);
@@ -20,10 +21,11 @@ from ddp_fnn.observe import StepRecord
 class Accounting:
     def __init__(self, metrics, summary: Summary, steps_file=None, timeline=None,
                  flops_per_sample: float | None = None, peak_flops: float | None = None, witness=None,
-                 peers=None):
+                 peers=None, tcp=None):
         self.metrics, self.summary = metrics, summary
         self.peers = peers              # peers.PeerExchange: wait for peers vs transfer
         self._held: list[StepRecord] = []
+        self.tcp = tcp                  # tcpstats.TcpCounters: read here, once per log interval
         self.steps_file, self.timeline = steps_file, timeline
         self.witness = witness          # (DdpLoggerWitness, JsonLines) with --ddp-logger
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops
@@ -52,12 +54,15 @@ class Accounting:
 
     def flush(self) -> None:
         """Collective, at a log interval and at the end: the ranks exchange ready times
-        (the held records get wait and transfer), then every consumer gets them, and the
-        buffered step-file lines go to disk."""
+        (the held records get wait and transfer), then every consumer gets them, the
+        namespace's TCP counters are read (one small file), and the buffered step-file
+        lines go to disk."""
         held, self._held = self._held, []
         if self.peers is not None:
             self.peers.exchange(held)
         self._emit(held)
+        if self.tcp is not None:
+            self.metrics.count_tcp(self.tcp.read())
         for f in (self.steps_file, self.witness[1] if self.witness else None):
             if f is not None:
                 f.flush()

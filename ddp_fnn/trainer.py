@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ddp_fnn import checkpoint as ckpt
 from ddp_fnn import dist as ddist
-from ddp_fnn import mfu, peers, predict, strictjson
+from ddp_fnn import mfu, peers, predict, strictjson, tcpstats
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 from ddp_fnn.metrics import Metrics, NullMetrics, Summary
@@ -159,7 +159,7 @@ def setup(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                if cfg.ddp_logger else None)
     acct = Accounting(metrics, Summary(world), steps_file, timeline,
                       mfu.train_flops_per_sample(cfg.layers), peak_flops(device, cfg.precision), witness,
-                      peers.PeerExchange(rank, world, device, clock))
+                      peers.PeerExchange(rank, world, device, clock), tcpstats.TcpCounters())
     acct.summary.rank = rank
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
@@ -288,7 +288,7 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
     cfg, ctx, summary = run.cfg, run.ctx, run.acct.summary
     figures = summary.figures()
     mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures,
-            "clock": clock}
+            "clock": clock, "tcp": tcpstats.summary_figures(run.acct.tcp.read() if run.acct.tcp else None)}
     ranks = gather_ranks(mine, ctx.world_size)
     module = run.syncer.module
     return {

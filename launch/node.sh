@@ -19,6 +19,8 @@
 #   LINK_RATE       shape LINK_IFACE's egress to this rate before training, e.g. 1gbit,
 #                   100mbit (tc units: bit = bit/s, bps = bytes/s). Needs CAP_NET_ADMIN.
 #   LINK_IFACE      interface LINK_RATE shapes                              (default eth0)
+#   LINK_LIMIT      the shaper's queue in bytes (tbf `limit`) instead of 50 ms of backlog:
+#                   a shallow buffer that tail-drops bursts. Needs LINK_RATE.
 #   PYTHON          interpreter (default: the repo's .venv/bin/python if present, else python3)
 #
 # Example, two nodes whose first one is reachable as node0:
@@ -60,28 +62,25 @@ if [ -n "$rdzv_endpoint" ] && ! [[ $rdzv_endpoint =~ ^[^:]+:[0-9]+$|^\[[0-9a-fA-
 fi
 
 # ---- link shaping ---------------------------------------------------------------------
-# A token bucket on the interface's egress caps what this node can send. The bucket
-# (burst) holds 4 ms of traffic at the rate (rate/250), and at least 16 full-size
-# frames so a single TCP window's worth of MTU-sized packets is never dropped outright.
+# A token bucket on the interface's egress caps what this node can send (launch/tbf.sh
+# defines the bucket and its queue).
+. "$repo/launch/tbf.sh"
+link_limit=${LINK_LIMIT:-}
+if [ -n "$link_limit" ]; then
+    [[ $link_limit =~ ^[1-9][0-9]*$ ]] || die "LINK_LIMIT must be a positive number of bytes, got '$link_limit'"
+    [ -n "$link_rate" ] || die "LINK_LIMIT=$link_limit needs LINK_RATE (it is the rate shaper's queue)"
+fi
 if [ -n "$link_rate" ]; then
-    rate_bytes=$(awk -v r="$link_rate" 'BEGIN {
-        if (!match(tolower(r), /^[0-9]+(\.[0-9]+)?/)) exit 1
-        v = substr(r, 1, RLENGTH); u = tolower(substr(r, RLENGTH + 1))
-        if (u ~ /^(bit)?$/) m = 1/8; else if (u == "bps") m = 1
-        else if (u ~ /^[kmgt]i?(bit|bps)$/) {
-            p = index("kmgt", substr(u, 1, 1)); base = (substr(u, 2, 1) == "i") ? 1024 : 1000
-            m = base ^ p; if (u ~ /bit$/) m /= 8
-        } else exit 1
-        b = v * m; if (b < 1) exit 1
-        printf "%d\n", b }') || die "LINK_RATE must be a tc rate like 1gbit, 100mbit or 12500kbps, got '$link_rate'"
+    tbf_rate_bytes "$link_rate" >/dev/null \
+        || die "LINK_RATE must be a tc rate like 1gbit, 100mbit or 12500kbps, got '$link_rate'"
     mtu=$(cat "/sys/class/net/$link_iface/mtu" 2>/dev/null) || die "LINK_IFACE $link_iface: no such interface"
-    burst=$(( rate_bytes / 250 ))
-    (( burst >= 16 * mtu )) || burst=$(( 16 * mtu ))
     command -v tc >/dev/null || die "LINK_RATE is set but tc (iproute2) is not installed"
-    if ! err=$(tc qdisc replace dev "$link_iface" root tbf rate "$link_rate" burst "$burst" latency 50ms 2>&1); then
+    params=$(tbf_params "$link_rate" "$mtu" "$link_limit")
+    # shellcheck disable=SC2086    # params is a list of tc words
+    if ! err=$(tc qdisc replace dev "$link_iface" root tbf $params 2>&1); then
         die "cannot shape $link_iface to $link_rate with tc (needs CAP_NET_ADMIN): ${err//$'\n'/ }"
     fi
-    echo "node.sh: $link_iface egress shaped to $link_rate (tbf burst $burst bytes, latency 50ms)" >&2
+    echo "node.sh: $link_iface egress shaped: tbf $params" >&2
 fi
 
 # ---- torchrun ---------------------------------------------------------------------------

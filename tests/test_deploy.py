@@ -45,7 +45,8 @@ needs_promtool = pytest.mark.skipif(
 # ---------------------------------------------------------------------------------------
 COUNTERS = ("ddp_fnn_steps_total", "ddp_fnn_samples_total", "ddp_fnn_allreduce_calls_total",
             "ddp_fnn_allreduce_payload_bytes_total", "ddp_fnn_allreduce_wire_bytes_total",
-            "ddp_fnn_last_ready_steps_total", "ddp_fnn_probe_wire_bytes_total", "ddp_fnn_probe_payload_bytes_total")
+            "ddp_fnn_last_ready_steps_total", "ddp_fnn_probe_wire_bytes_total", "ddp_fnn_probe_payload_bytes_total",
+            "ddp_fnn_tcp_sent_segments_total", "ddp_fnn_tcp_retransmitted_segments_total")
 HISTOGRAMS = ("ddp_fnn_step_duration_seconds", "ddp_fnn_phase_duration_seconds",
               "ddp_fnn_sync_exposed_duration_seconds", "ddp_fnn_sync_tail_duration_seconds",
               "ddp_fnn_peer_wait_duration_seconds", "ddp_fnn_transfer_duration_seconds",
@@ -249,6 +250,7 @@ PAYLOAD_BYTES = 2 ** 23          # gradient bytes all-reduced per step (per rank
 CALLS_PER_STEP = 2
 ALLREDUCE_S = 1 / 64
 SERIES_S = 400                   # length of every input series, seconds (1 s interval)
+TCP_SEGMENTS_PER_STEP = 1024     # segments the namespace sends per step (per rank)
 
 
 def _counter(rate: float, stop_at: int | None = None) -> str:
@@ -291,6 +293,9 @@ def synthetic_run(ranks: dict[str, tuple[float, float]], stop_at: int | None = N
         add("ddp_fnn_allreduce_payload_bytes_total", lab, c(PAYLOAD_BYTES))
         add("ddp_fnn_allreduce_wire_bytes_total", lab, c(wire))
         add("ddp_fnn_last_ready_steps_total", lab, c(1 / len(last)) if rank in last else f"0x{SERIES_S}")
+        # A clean fabric: segments go out, none is retransmitted (tcp_faults() adds loss).
+        add("ddp_fnn_tcp_sent_segments_total", lab, c(TCP_SEGMENTS_PER_STEP))
+        add("ddp_fnn_tcp_retransmitted_segments_total", lab, f"0x{SERIES_S}")
         busy = step_s - exposed_s
         # Histograms: every observation has the mean value; buckets 0.01 .. +Inf.
         for name, labels, per_step, value in (
@@ -454,6 +459,49 @@ def test_stalled_alert_fires_for_live_workers_without_steps(tmp_path):
         ]}])
 
 
+def tcp_faults(series: list[dict], rank: str, from_s: int, retrans_per_s: float | None,
+               transfer_factor: float | None) -> list[dict]:
+    """A synthetic run's rank whose fabric degrades from second `from_s`: it retransmits
+    `retrans_per_s` segments a second and/or its transfer per step grows by `transfer_factor`."""
+    rest = SERIES_S - from_s
+    for s in series:
+        if f'rank="{rank}"' not in s["series"]:
+            continue
+        if s["series"].startswith("ddp_fnn_tcp_retransmitted_segments_total{") and retrans_per_s:
+            s["values"] = f"0x{from_s} 0+{retrans_per_s}x{rest - 1}"
+        if s["series"].startswith("ddp_fnn_transfer_duration_seconds_sum{") and transfer_factor:
+            before = float(s["values"].split("+")[1].split("x")[0])        # per second
+            s["values"] = f"0+{before}x{from_s} {before * from_s}+{before * transfer_factor}x{rest - 1}"
+    return series
+
+
+@needs_promtool
+def test_retransmit_alert_needs_loss_and_a_slower_transfer_together(tmp_path):
+    # 2 ranks, 1/8 s steps, ready together; transfer is 1/32 s a step. From t=100 s rank 1
+    # retransmits 256 of its 8192 segments a second (3.1 %) and its transfer quadruples.
+    base = {"0": (0.125, 0.03125), "1": (0.125, 0.03125)}
+    lossy = {"alertname": "DdpFnnTcpRetransmits", "job": JOB, "rank": "1", "severity": "warning"}
+    run_promtool_tests(tmp_path, [
+        {"interval": "1s", "input_series": tcp_faults(synthetic_run(base), "1", 100, 256, 4),
+         "promql_expr_test": [
+             recorded("rank:ddp_fnn_tcp_retransmitted_segments:rate30s", "90s", 0, rank="1"),
+             recorded("rank:ddp_fnn_tcp_retransmitted_segments:rate30s", "150s", 256, rank="1"),
+             recorded("rank:ddp_fnn_tcp_retransmit:ratio30s", "150s", 256 / (STEPS_PER_S * TCP_SEGMENTS_PER_STEP),
+                      rank="1"),
+             recorded("rank:ddp_fnn_transfer_duration_seconds:mean15s", "150s", 0.125, rank="1"),
+             alerts_firing("95s", [], state="pending"),
+             alerts_firing("140s", [lossy], state="pending"),
+             alerts_firing("200s", [lossy]),                # for: 1m
+         ]},
+        # Retransmits without a slower transfer (another flow on a shared host): nothing.
+        {"interval": "1s", "input_series": tcp_faults(synthetic_run(base), "1", 100, 256, None),
+         "promql_expr_test": [alerts_firing("250s", []), alerts_firing("250s", [], state="pending")]},
+        # A slower transfer without retransmits (a slower link, a busy peer): nothing either.
+        {"interval": "1s", "input_series": tcp_faults(synthetic_run(base), "1", 100, None, 4),
+         "promql_expr_test": [alerts_firing("250s", []), alerts_firing("250s", [], state="pending")]},
+    ])
+
+
 # ---------------------------------------------------------------------------------------
 # Grafana: provisioning and dashboard
 # ---------------------------------------------------------------------------------------
@@ -513,6 +561,7 @@ def test_dashboard_has_the_views_it_promises():
                    "ddp_fnn_allreduce_duration_seconds_bucket",        # latency quantiles
                    "ddp_fnn_loss", "job:ddp_fnn_samples:rate15s",
                    "job:ddp_fnn_step_busy_seconds:median15s",          # straggler view
+                   "rank:ddp_fnn_tcp_retransmitted_segments:rate30s",  # TCP's view of loss
                    "ddp_fnn_run_info"):
         assert needle in exprs, needle
     assert "histogram_quantile(0.99," in exprs

@@ -91,6 +91,8 @@ def test_help_shows_the_launcher_and_the_train_options():
     ({"METRICS_PORT": "http"}, "METRICS_PORT must be a non-negative integer, got 'http'"),
     ({"LINK_RATE": "fast"}, "LINK_RATE must be a tc rate like 1gbit"),
     ({"LINK_RATE": "1gbit", "LINK_IFACE": "no-such-if0"}, "LINK_IFACE no-such-if0: no such interface"),
+    ({"LINK_LIMIT": "64k"}, "LINK_LIMIT must be a positive number of bytes, got '64k'"),
+    ({"LINK_LIMIT": "30000"}, "LINK_LIMIT=30000 needs LINK_RATE"),
 ])
 def test_node_settings_errors_are_one_line(env, expected):
     base = {k: "" for k in ("NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "METRICS_PORT", "LINK_RATE")}
@@ -103,6 +105,6 @@ def test_node_reads_every_documented_variable():
     text = NODE.read_text()
     header = text.split("set -euo pipefail", 1)[0]
     for name in ("NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "METRICS_ADDR", "METRICS_PORT",
-                 "TRAIN_ARGS", "OUTPUT_DIR", "MAX_RESTARTS", "LINK_RATE", "LINK_IFACE", "PYTHON"):
+                 "TRAIN_ARGS", "OUTPUT_DIR", "MAX_RESTARTS", "LINK_RATE", "LINK_IFACE", "LINK_LIMIT", "PYTHON"):
         assert f"#   {name} " in header, name
         assert "${" + name + ":-" in text or "${" + name + "}" in text, name

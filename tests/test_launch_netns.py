@@ -117,8 +117,9 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 class Run:
-    def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float):
-        self.nodes, self.out, self.returncode = nodes, out, returncode
+    def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float,
+                 pid: int | None = None):
+        self.nodes, self.out, self.returncode, self.pid = nodes, out, returncode, pid
         self.stdout, self.stderr, self.seconds = stdout, stderr, seconds
 
     @property
@@ -140,7 +141,7 @@ def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300, extra:
     except subprocess.TimeoutExpired:
         stop(proc)
         raise
-    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0)
+    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0, proc.pid)
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,6 +339,12 @@ def test_cleanup_removes_leftovers_of_a_dead_run():
     ([], "--nodes N is required"),
     (["--nodes", "0"], "--nodes must be an integer in 1..250, got '0'"),
     (["--nodes", "2", "--frobnicate"], "unknown argument '--frobnicate'"),
+    (["--nodes", "2", "--loss", "1:lots"], "--loss must be K:PERCENT (e.g. 1:0.5), got '1:lots'"),
+    (["--nodes", "2", "--loss", "2:1"], "--loss 2:...: there is no node2 (--nodes 2)"),
+    (["--nodes", "2", "--queue-limit", "1:30000"], "--queue-limit 1:30000 queues at the link rate: it needs --link-rate"),
+    (["--nodes", "2", "--rate-schedule", "20:100mbit"], "--rate-schedule changes the link rate: give the starting one"),
+    (["--nodes", "2", "--rate-schedule", "0:1gbit,20:fast"], "--rate-schedule 20:fast: 'fast' is not a tc rate"),
+    (["--nodes", "2", "--rate-schedule", "0:1gbit,20:1mbit,10:2mbit"], "--rate-schedule: times must increase"),
 ])
 def test_usage_errors_are_one_line(args, message):
     r = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60)

@@ -440,3 +440,33 @@ def test_estimate_plot_without_matplotlib_says_how_to_install(tmp_path):
                           cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "ddp-fnn: error: --plot needs matplotlib: pip install 'ddp-fnn[plot]'"
+
+
+# ---------------------------------------------------------------------------------------
+# Mathis et al. 1997: TCP throughput under random loss
+# ---------------------------------------------------------------------------------------
+
+def test_mathis_rate_is_mss_over_rtt_sqrt_p_times_c():
+    # 1448-byte segments, 1 ms RTT, 1 % loss: 1448 / (0.001 * 0.1) * 1.2247 = 17.73 MB/s.
+    assert netmodel.mathis_rate(1448, 1e-3, 0.01) == pytest.approx(1448 / 1e-4 * 1.224744871, rel=1e-9)
+    assert netmodel.MATHIS_C == pytest.approx(1.2247, abs=1e-4)
+
+
+def test_mathis_rate_falls_as_one_over_the_root_of_loss_and_rtt():
+    r1 = netmodel.mathis_rate(1448, 1e-3, 0.01)
+    assert netmodel.mathis_rate(1448, 1e-3, 0.04) == pytest.approx(r1 / 2)    # 4x the loss: half the rate
+    assert netmodel.mathis_rate(1448, 2e-3, 0.01) == pytest.approx(r1 / 2)    # 2x the RTT: half too
+
+
+def test_mathis_rate_never_exceeds_the_link():
+    link = 125e6                                                               # 1 Gbit/s
+    assert netmodel.mathis_rate(1448, 1e-4, 1e-6, link) == link                # rare loss: link-bound
+    assert netmodel.mathis_rate(1448, 1e-3, 0.02, link) < link                 # 2 %: loss-bound
+    assert netmodel.mathis_rate(1448, 1e-3, 0.0, link) == link
+    assert netmodel.mathis_rate(1448, 1e-3, 0.0) == float("inf")
+
+
+@pytest.mark.parametrize("args", [(0, 1e-3, 0.01), (1448, 0, 0.01), (1448, 1e-3, 1.5), (1448, 1e-3, -0.1)])
+def test_mathis_rate_rejects_nonsense(args):
+    with pytest.raises(ValueError, match="mathis_rate"):
+        netmodel.mathis_rate(*args)
