@@ -18,18 +18,20 @@ pytestmark = pytest.mark.slow
 
 SLOW_MS = 20.0
 WARMUP = 3
-# Small and quick: compute of a few ms, so the injected 20 ms dominates the difference
-# between ranks. One bucket (2.2 MB): nothing is on the wire before a rank is ready, so
-# the transfer after the last ready is the whole all-reduce with or without a straggler.
+# Compute of about 10 ms and 4 rows a rank, so the injected 20 ms dominates the difference
+# between ranks. One bucket (8.8 MB): nothing is on the wire before a rank is ready, so
+# the transfer after the last ready is the whole all-reduce with or without a straggler,
+# and at ~20 ms it is long against this 2-core machine's scheduling jitter (with 2.2 MB,
+# 4 ranks on 2 cores moved it by 20 % between runs).
 # (With several buckets, how much of the earlier buckets' traffic is still queued at the
 # last ready depends on the schedule, and so does the transfer: see docs/metrics.md.)
-RUN = ("--layers", "64,512,512,512,10", "--samples", "4096", "--max-steps", "60",
+RUN = ("--layers", "64,1024,1024,1024,10", "--samples", "4096", "--max-steps", "60",
        "--metrics-port", "0", "--progress", "none", "--no-probe", "--log-every", "8")
 
 
 def launch(tmp_path, nproc: int, *extra: str, env: dict | None = None):
     out = tmp_path / f"n{nproc}-{'-'.join(extra) or 'clean'}-{len(env or {})}"
-    r = torchrun(nproc, "train", *RUN, "--global-batch-size", str(16 * nproc), "--output", str(out), *extra,
+    r = torchrun(nproc, "train", *RUN, "--global-batch-size", str(4 * nproc), "--output", str(out), *extra,
                  env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -79,12 +81,15 @@ def check_split(n, slow, clean):
     assert sum(1 for v in last if v == 1) >= 0.9 * len(last)
     assert summary["ranks"][1]["last_ready_share"] >= 0.9
     # The network's part is what it was without the straggler. (Medians over steps: this
-    # 2-core machine's scheduling makes single steps jump.)
+    # 2-core machine's scheduling makes single steps jump.) At 2 ranks it comes out 7-20 %
+    # shorter with the straggler, run after run: Gloo starts sending as soon as a rank calls
+    # the all-reduce, so the early rank's first chunk (payload / N) is already in the late
+    # one's socket buffer when it gets there; the margin there is 25 % (docs/metrics.md).
     for r in range(n):
         t = statistics.median(d["transfer_s"] for d in steps[r])
         t0 = statistics.median(d["transfer_s"] for d in clean_steps[r])
         print(f"n={n} rank {r}: transfer {t * 1e3:.2f} ms with the straggler, {t0 * 1e3:.2f} ms without")
-        assert t == pytest.approx(t0, rel=0.20)
+        assert t == pytest.approx(t0, rel=0.25 if n == 2 else 0.20)
 
 
 def test_a_slow_rank_makes_the_others_wait_and_is_named(runs):
