@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import run_cli, torchrun
+from test_launch_train import max_diff, params
 
 pytestmark = pytest.mark.slow
 
@@ -17,15 +17,6 @@ pytestmark = pytest.mark.slow
 # epoch boundary (a reshuffle). 256 is divisible by 4 but not by 3 or by 3 x 2.
 COMMON = ("--layers", "16,64,64,1", "--samples", "4096", "--global-batch-size", "256", "--max-steps", "20",
           "--lr", "0.05", "--metrics-port", "0", "--progress", "none", "--seed", "11", "--no-probe")
-
-
-def params(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "model.pt", weights_only=True)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
