@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401
 
 from ddp_fnn.config import ConfigError
+from ddp_fnn.observe import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,9 @@ def teardown() -> None:
     group = dist.group.WORLD
     gc.collect()
     dist.destroy_process_group()
-    deadline = time.monotonic() + release_timeout_s
+    waited = Stopwatch()
     # sys.getrefcount counts `group` here and its own argument: 2 when no one else holds it.
-    while sys.getrefcount(group) > 2 and time.monotonic() < deadline:
+    while sys.getrefcount(group) > 2 and waited.seconds() < release_timeout_s:
         time.sleep(0.001)
     del group        # the last reference, on this thread: ~ProcessGroupGloo joins its workers
 
