@@ -31,6 +31,18 @@ PY_BLOCK_ROWS = 65536
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _cell(path, line_no: int, column: str, cell: str) -> float:
+    """One CSV cell as a finite float32-representable number, or the one-line error
+    naming the file, line, column and value."""
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ConfigError(f"--data {path}: line {line_no}, column {column!r}: not a number: {cell!r}") from None
+    if not _finite32(value):
+        raise ConfigError(f"--data {path}: line {line_no}, column {column!r}: not a finite number: {cell!r}")
+    return value
+
+
 def _finite32(v: float) -> bool:
     """Finite, and still finite when rounded to float32 (the arrays' dtype)."""
     if not math.isfinite(v):
@@ -192,15 +204,7 @@ class _PythonCsv:
                     for col, cell in enumerate(row):
                         if col == t_col:
                             continue
-                        try:
-                            v = float(cell)
-                        except ValueError:
-                            raise ConfigError(f"--data {path}: line {line_no}, column {header[col]!r}: "
-                                              f"not a number: {cell!r}") from None
-                        if not _finite32(v):
-                            raise ConfigError(f"--data {path}: line {line_no}, column {header[col]!r}: "
-                                              f"not a finite number: {cell!r}")
-                        values.append(v)
+                        values.append(_cell(path, line_no, header[col], cell))
                     self.labels.append(row[t_col].strip())
                     self.label_lines.append(line_no)
                     seen += 1
@@ -226,15 +230,7 @@ class _PythonCsv:
         out = np.empty((len(self.labels), 1), dtype=np.float32)
         name = self.header[self.t_col]
         for i, (line_no, v) in enumerate(zip(self.label_lines, self.labels)):
-            try:
-                value = float(v)
-            except ValueError:
-                raise ConfigError(f"--data {self.path}: line {line_no}, column {name!r}: "
-                                  f"not a number: {v!r}") from None
-            if not _finite32(value):
-                raise ConfigError(f"--data {self.path}: line {line_no}, column {name!r}: "
-                                  f"not a finite number: {v!r}")
-            out[i, 0] = value
+            out[i, 0] = _cell(self.path, line_no, name, v)
         return out
 
     def targets(self) -> np.ndarray:
