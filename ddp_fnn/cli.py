@@ -425,6 +425,84 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
     sys.exit(code)
 
 
+# ---------------------------------------------------------------------------------------
+# sweep: a grid of real jobs, measured beside the model
+# ---------------------------------------------------------------------------------------
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Where the points, sweep.csv, sweep.json, validation.md and the plots go. A rerun of the "
+                   "same command reuses the points already complete there.")
+@click.option("--launcher", type=click.Choice(["netns", "loopback"]), default="netns", show_default=True,
+              help="netns: one network-namespace node a worker (launch/netns-cluster.sh, root); loopback: "
+                   "torchrun --standalone on this host (no link rates or faults).")
+@click.option("--nodes", default="2,4", show_default=True, metavar="N,N,...", help="World sizes (one worker a node).")
+@click.option("--link-rate", "link_rates", default="unshaped", show_default=True, metavar="RATE,...",
+              help="Each node's egress rate, tc units (1gbit, 200mbit), or 'unshaped'.")
+@click.option("--bucket-mb", "bucket_mbs", default="25", show_default=True, metavar="MB,...",
+              help="DDP bucket caps in MiB (train's --bucket-mb).")
+@click.option("--compression", "compressions", default="none", show_default=True, metavar="none|fp16|bf16,...",
+              help="Gradient dtype on the wire (train's --compression).")
+@click.option("--loss", "losses", default="0", show_default=True, metavar="PCT,...",
+              help="Random packet loss on --loss-node's egress, in % (netns-cluster.sh --loss).")
+@click.option("--loss-node", type=int, default=1, show_default=True, help="The node whose egress loses packets.")
+@click.option("--queue-limit", "queue_limits", default="none", show_default=True, metavar="BYTES,...",
+              help="Every switch port's queue in bytes, a shallow buffer (netns-cluster.sh --queue-limit), "
+                   "or 'none'.")
+@click.option("--layers", default="256,512,512,512,512,10", show_default=True, help="The FNN's widths.")
+@click.option("--rows-per-rank", type=int, default=32, show_default=True,
+              help="Rows of each global batch a rank computes (weak scaling: global batch = nodes x this).")
+@click.option("--steps", type=int, default=30, show_default=True, help="Optimizer steps a point.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Runs of every point.")
+@click.option("--calibrate-on", type=int, default=None,
+              help="World size whose runs predict the others' (cal_* columns)  [default: the smallest --nodes]")
+@click.option("--host-cores", type=int, default=None,
+              help="Cores the nodes share, for the calibrated compute scale  [default: this process's CPUs]")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Draw the PNG plots (needs matplotlib).")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAIN_ARGS...]")
+def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, loss_node, queue_limits, layers,
+          rows_per_rank, steps, repeat, calibrate_on, host_cores, plot, train_args):
+    """Run a grid of real training jobs and put each one's measured step, communication,
+    exposed communication, transfer and wait beside the cost model's predictions.
+
+    \b
+    ddp-fnn sweep --out sweep/ --nodes 2,3,4 --link-rate unshaped,1gbit,200mbit \\
+        --bucket-mb 100,0.25 --compression none,fp16
+    ddp-fnn sweep --out fabric/ --nodes 2,4 --link-rate 1gbit --loss 0,0.1,0.5,1,2
+
+    Writes DIR/sweep.csv (one row a point), DIR/sweep.json, DIR/validation.md and PNG
+    plots; docs/netmodel.md and docs/fabric.md describe the columns and the plots.
+    """
+    from ddp_fnn import sweep as sweepmod
+    from ddp_fnn.config import parse_layers
+
+    try:
+        cfg = sweepmod.SweepConfig(
+            out=out, launcher=launcher,
+            nodes=sweepmod.parse_list("--nodes", nodes, "int"),
+            link_rates=sweepmod.parse_list("--link-rate", link_rates, "rate"),
+            bucket_mbs=sweepmod.parse_list("--bucket-mb", bucket_mbs, "float"),
+            compressions=sweepmod.parse_list("--compression", compressions, "str"),
+            losses=sweepmod.parse_list("--loss", losses, "float"),
+            queue_limits=sweepmod.parse_list("--queue-limit", queue_limits, "bytes"),
+            layers=tuple(parse_layers(layers)), rows_per_rank=rows_per_rank, steps=steps, repeat=repeat,
+            loss_node=loss_node, train_args=tuple(train_args), plot=plot)
+        cfg.calibrate_on = calibrate_on if calibrate_on is not None else min(cfg.nodes)
+        if host_cores is not None:
+            cfg.host_cores = host_cores
+        for c in cfg.compressions:
+            if c not in ("none", "fp16", "bf16"):
+                raise ValueError(f"--compression: bad value {c!r} (none, fp16 or bf16)")
+        if any(b <= 0 for b in cfg.bucket_mbs):
+            raise ValueError(f"--bucket-mb: every cap must be > 0, got {bucket_mbs}")
+        if plot:
+            sweepmod.check_plotting()
+        code = sweepmod.main(cfg)
+    except (ValueError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group, turning every click error into one line."""
     try:

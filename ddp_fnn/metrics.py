@@ -45,6 +45,7 @@ class Summary:
     rank: int | None = None
     calls: list[int] = field(default_factory=list)
     payload: list[int] = field(default_factory=list)
+    schedule: list[tuple] = field(default_factory=list)   # per step: (payload, lead, duration) per bucket
     samples: int = 0
 
     def add(self, rec: StepRecord) -> None:
@@ -59,6 +60,9 @@ class Summary:
             self.last_ready += rec.last_ready_rank == self.rank
         self.calls.append(rec.calls)
         self.payload.append(rec.payload_bytes)
+        ready = rec.ready_s if rec.ready_s is not None else 0.0
+        self.schedule.append(tuple((c.payload_bytes, max(0.0, ready - c.start_s), c.duration_s)
+                                   for c in rec.collectives))
         self.samples += rec.samples
 
     def figures(self) -> dict:
@@ -91,7 +95,22 @@ class Summary:
             "last_ready_share": self.last_ready / len(self.wait_s) if self.wait_s else None,
             "algbw_bytes_per_second": algbw,
             "busbw_bytes_per_second": algbw * busbw_factor(self.world_size),
+            "bucket_schedule": self.bucket_schedule(),
         }
+
+    def bucket_schedule(self) -> list[dict]:
+        """Each bucket's mean hand-over time before the step's ``ready`` (its lead) and mean
+        all-reduce time, in all-reduce order, over the steps after the first (DDP's first
+        step runs one bucket of everything, then rebuilds them). The measured schedule that
+        netmodel.estimate_step replays (``bucket_leads_s``)."""
+        steps = self.schedule[1:] if len(self.schedule) > 1 else self.schedule
+        if not steps or not steps[-1]:
+            return []
+        steps = [s for s in steps if len(s) == len(steps[-1])]   # the layout after the rebuild
+        return [{"bucket": k, "payload_bytes": steps[-1][k][0],
+                 "lead_s": statistics.fmean(s[k][1] for s in steps),
+                 "duration_s": statistics.fmean(s[k][2] for s in steps)}
+                for k in range(len(steps[-1]))]
 
 
 class Metrics:
@@ -134,6 +153,10 @@ class Metrics:
                                   "apart from the gradients' ddp_fnn_allreduce_wire_bytes_total.", r, registry=reg)
         self.probe_payload = Counter("ddp_fnn_probe_payload_bytes",
                                      "Bytes the pre-training probe handed to all-reduce.", r, registry=reg)
+        self.setup_wire = Counter("ddp_fnn_setup_wire_bytes",
+                                  "Bytes this rank sent to set the replicas up: DDP's broadcast of rank 0's "
+                                  "parameters and buffers when it wraps the model (Gloo: (N-1) x their bytes "
+                                  "from rank 0, 0 elsewhere).", r, registry=reg)
         self.tcp_sent = Counter("ddp_fnn_tcp_sent_segments",
                                 "TCP segments sent in this rank's network namespace since the run started "
                                 "(/proc/net/snmp OutSegs; the whole namespace's TCP, read every --log-every steps).",
@@ -177,6 +200,7 @@ class Metrics:
         self._wait, self._transfer = self.wait.labels(self.rank), self.transfer.labels(self.rank)
         self._last_ready = self.last_ready_steps.labels(self.rank)
         self._probe_wire, self._probe_payload = self.probe_wire.labels(self.rank), self.probe_payload.labels(self.rank)
+        self._setup_wire = self.setup_wire.labels(self.rank)
         self._tcp = {"sent_segments": self.tcp_sent.labels(self.rank),
                      "retransmitted_segments": self.tcp_retrans.labels(self.rank)}
         self._tcp_seen = dict.fromkeys(self._tcp, 0)
@@ -221,6 +245,10 @@ class Metrics:
         if traffic:
             self._probe_wire.inc(traffic["wire_bytes"])
             self._probe_payload.inc(traffic["payload_bytes"])
+
+    def count_setup(self, nbytes: int) -> None:
+        """The replicas' set-up bytes (sync.module_state_broadcast_bytes), once."""
+        self._setup_wire.inc(nbytes)
 
     def count_tcp(self, counts: dict[str, int] | None) -> None:
         """The namespace's TCP counters since the start (tcpstats.TcpCounters.read), at a
@@ -273,6 +301,7 @@ class NullMetrics:
     def observe(self, rec: StepRecord) -> None: ...
     def set_gradient_bytes(self, nbytes: int) -> None: ...
     def count_probe(self, traffic: dict | None) -> None: ...
+    def count_setup(self, nbytes: int) -> None: ...
     def count_tcp(self, counts: dict[str, int] | None) -> None: ...
     def set_loss(self, split: str, value: float) -> None: ...
     def set_mfu(self, ratio: float) -> None: ...

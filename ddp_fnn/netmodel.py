@@ -58,7 +58,8 @@ all-reduces overlap with the rest of backward. ``bucket_layout`` replicates DDP'
     twice forward, for a Linear layer two matmuls against one);
     bucket k's gradients are ready at B * (parameters in buckets 0..k) / (all parameters)
     (backward's work is spread over the parameters in proportion to their count, which
-    holds for matmul-dominated layers);
+    holds for matmul-dominated layers) -- or, given a run's measured schedule
+    (``bucket_leads_s``), at B - lead_k, when that run really handed bucket k over;
     start_k = max(ready_k, finish_{k-1}) (one all-reduce at a time, in bucket order);
     finish_k = start_k + t(S_k);
     exposed = max(0, finish_last - B);  step time = compute + exposed;
@@ -381,12 +382,20 @@ class StepEstimate:
 def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, beta_bytes_per_second: float,
                   compute_time_s: float, bucket_mb: float | None = None, compression: str = "none",
                   algorithm: str = "ring", backward_fraction: float = 2 / 3,
-                  first_bucket_mb: float | None = None) -> StepEstimate:
+                  first_bucket_mb: float | None = None,
+                  bucket_leads_s: Sequence[float] | None = None) -> StepEstimate:
     """Network load and exposed communication of one DDP step (model in the module docstring).
 
     ``alpha_s`` is the per-step latency (see ``latency_steps``), ``beta_bytes_per_second``
     the bus bandwidth, ``compute_time_s`` one rank's forward + backward + optimizer time
     without communication.
+
+    ``bucket_leads_s``, one per bucket in all-reduce order, is a measured schedule: how
+    long before the end of backward (the last bucket's hand-over) each bucket was handed
+    to the backend, from a run's step records (summary.json ``bucket_schedule``). Given,
+    it replaces the model's assumption that backward's work is spread over the parameters
+    in proportion to their count: bucket k is ready at B - lead_k, where B is backward's
+    length (at least the largest lead). The queue after that is the same.
     """
     n = _check_world(world_size)
     if algorithm not in ALGORITHMS:
@@ -406,12 +415,20 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
     elt = COMPRESSION_BYTES[compression]
     total = sum(b.numel for b in layout)
     backward = backward_fraction * compute_time_s
+    if bucket_leads_s is not None:
+        leads = [float(x) for x in bucket_leads_s]
+        if len(leads) != len(layout):
+            raise ValueError(f"a measured schedule of {len(leads)} bucket(s) does not fit this layout's "
+                             f"{len(layout)} bucket(s)")
+        if any(not (x >= 0 and math.isfinite(x)) for x in leads):
+            raise ValueError(f"bucket leads must be finite and >= 0 s, got {leads}")
+        backward = max([backward, *leads])
     timings = []
     done = 0
     finish = 0.0
-    for b in layout:
+    for k, b in enumerate(layout):
         done += b.numel
-        ready = backward * done / total
+        ready = backward * done / total if bucket_leads_s is None else backward - leads[k]
         payload = b.numel * elt
         start = max(ready, finish)
         finish = start + allreduce_time(payload, n, alpha_s, beta_bytes_per_second, algorithm)

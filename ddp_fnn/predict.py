@@ -66,25 +66,88 @@ def probe_traffic(net: dict | None) -> dict | None:
 
 
 def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dict) -> dict:
-    """summary.json's predicted_* keys (None where there is nothing to predict with)."""
+    """summary.json's predicted_* keys (None where there is nothing to predict with).
+
+    The model replays this run's measured bucket schedule (``bucket_schedule``: when each
+    bucket was handed over, before the end of backward) with all-reduces of alpha + S/beta
+    queued one after another; where the schedule does not fit the model's bucket layout it
+    falls back to the model's own (``prediction.schedule`` says which). Predicted exposed
+    communication is this rank's measured wait for peers plus the model's exposed
+    transfer; the predicted step is compute plus that transfer (compute includes the wait:
+    it is the slowest rank's compute)."""
     keys = ("predicted_comm_time_per_step_s", "predicted_exposed_comm_time_per_step_s", "predicted_step_time_s")
     empty = dict.fromkeys(keys) | {"prediction": None}
     if net is None or "step_time_mean_s" not in figures or cfg.compression == "powersgd":
         return empty
-    # The fit's alpha is a whole all-reduce's latency at the fit's N; the model wants the
-    # latency of one message step (a ring pays 2(N-1) of them).
-    alpha_step = net["alpha_s"] / netmodel.latency_steps(net["world_size"], "ring")
     wait = figures.get("wait_for_peers_per_step_s") or 0.0
-    network_exposed = max(0.0, figures["exposed_comm_time_per_step_s"] - wait)
-    compute = max(0.0, figures["step_time_mean_s"] - network_exposed)
+    compute = compute_time(figures)
     # --sync allreduce is one bucket of everything, launched when backward ends.
     bucket_mb = cfg.bucket_mb if cfg.sync == "ddp" else netmodel.parameter_bytes(cfg.layers) / 2 ** 20 + 1
-    est = netmodel.estimate_step(cfg.layers, world_size=world_size, alpha_s=alpha_step,
+    leads = measured_leads(cfg.layers, bucket_mb, figures.get("bucket_schedule"))
+    est = netmodel.estimate_step(cfg.layers, world_size=world_size, alpha_s=alpha_per_step(net),
                                  beta_bytes_per_second=net["beta_bytes_per_second"], compute_time_s=compute,
-                                 bucket_mb=bucket_mb, compression=cfg.compression)
+                                 bucket_mb=bucket_mb, compression=cfg.compression, bucket_leads_s=leads)
     return {
         "predicted_comm_time_per_step_s": est.comm_time_per_step_s,
-        "predicted_exposed_comm_time_per_step_s": est.exposed_comm_time_per_step_s,
+        "predicted_exposed_comm_time_per_step_s": wait + est.exposed_comm_time_per_step_s,
         "predicted_step_time_s": est.step_time_s,
-        "prediction": {k: v for k, v in net.items() if k != "times_s"} | {"compute_time_per_step_s": compute},
+        "prediction": {k: v for k, v in net.items() if k != "times_s"}
+                      | {"compute_time_per_step_s": compute, "wait_for_peers_per_step_s": wait,
+                         "schedule": "linear" if leads is None else "measured"},
     }
+
+
+def alpha_per_step(net: dict) -> float:
+    """The fit's alpha is a whole all-reduce's latency at the fit's N; the model wants the
+    latency of one message step (a ring pays 2(N-1) of them)."""
+    return net["alpha_s"] / netmodel.latency_steps(net["world_size"], "ring")
+
+
+def compute_time(figures: dict) -> float:
+    """A run's compute per step: the step less the exposed communication that was the
+    network's (exposed minus the wait for a slower peer, which is compute on the critical
+    path: the slowest rank's)."""
+    wait = figures.get("wait_for_peers_per_step_s") or 0.0
+    network_exposed = max(0.0, figures["exposed_comm_time_per_step_s"] - wait)
+    return max(0.0, figures["step_time_mean_s"] - network_exposed)
+
+
+def measured_leads(layers, bucket_mb: float | None, schedule: list[dict] | None) -> list[float] | None:
+    """The run's bucket leads when its schedule has the model's layout (same bucket count
+    and sizes, fp32 or compressed), else None (the model's linear schedule)."""
+    if not schedule:
+        return None
+    layout = netmodel.bucket_layout(layers, bucket_mb)
+    if len(layout) != len(schedule):
+        return None
+    for b, m in zip(layout, schedule):
+        if m["payload_bytes"] not in {b.numel * e for e in set(netmodel.COMPRESSION_BYTES.values())}:
+            return None
+    return [m["lead_s"] for m in schedule]
+
+
+def from_run(summary: dict, *, world_size: int, beta_bytes_per_second: float | None = None,
+             compute_scale: float = 1.0, compression: str | None = None) -> netmodel.StepEstimate:
+    """Predict another setting from one measured run (its summary.json): the question "I
+    measured at 2 nodes, what happens at 4, or at 64, or on a slower link?".
+
+    Carried over from the run: its compute per step (``compute_time``) and its measured
+    bucket schedule, both times ``compute_scale`` (1 on separate machines; more where the
+    target's ranks share CPU cores, as the nodes of a one-machine simulation do), its
+    probe's alpha per message step, and its bus bandwidth unless ``beta_bytes_per_second``
+    is given. The target's world size (and compression) set the all-reduce times. Raises
+    ValueError when the run has no probe fit to carry over."""
+    cfg, net = summary.get("config") or {}, summary.get("prediction")
+    if not net or net.get("alpha_s") is None or not cfg:
+        raise ValueError("the run has no alpha-beta fit (summary.json 'prediction'): it ran without a probe")
+    if not compute_scale > 0:
+        raise ValueError(f"compute_scale must be > 0, got {compute_scale}")
+    layers = list(cfg["layers"])
+    bucket_mb = cfg["bucket_mb"] if cfg.get("sync", "ddp") == "ddp" else netmodel.parameter_bytes(layers) / 2 ** 20 + 1
+    leads = measured_leads(layers, bucket_mb, summary.get("bucket_schedule"))
+    return netmodel.estimate_step(
+        layers, world_size=world_size, alpha_s=alpha_per_step(net),
+        beta_bytes_per_second=beta_bytes_per_second or net["beta_bytes_per_second"],
+        compute_time_s=compute_time(summary) * compute_scale, bucket_mb=bucket_mb,
+        compression=compression or cfg.get("compression", "none"),
+        bucket_leads_s=None if leads is None else [x * compute_scale for x in leads])

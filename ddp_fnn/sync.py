@@ -120,6 +120,7 @@ class Synchroniser:
                 self.bucket_mb = max(bucket_mb, gradient_bytes(model) / 2 ** 20 + 1)
             device_ids = [device.index] if device is not None and device.type == "cuda" else None
             self.model = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
+            self.setup_wire_bytes = module_state_broadcast_bytes(model, world_size, dist.get_rank())
             ps = None
             if compression == "powersgd":
                 # start_powerSGD_iter=2: the smallest DDP allows with error feedback; the first
@@ -132,8 +133,12 @@ class Synchroniser:
         elif mode == "allreduce":
             self.model = model
             self.grad_scale = 1.0
+            self.setup_wire_bytes = 0           # same seed, same replica: nothing to broadcast
         else:
             raise ValueError(f"unknown sync mode {mode!r}")
+
+    setup_wire_bytes: int
+    """What this rank sent to set the replicas up (module_state_broadcast_bytes)."""
 
     def no_sync(self):
         return self.model.no_sync() if self.mode == "ddp" else contextlib.nullcontext()
@@ -217,3 +222,16 @@ def _cpu_dict(d: dict) -> dict:
 def gradient_bytes(model: nn.Module) -> int:
     """Uncompressed gradient size of one step: what a flat fp32 all-reduce would carry."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def module_state_broadcast_bytes(model: nn.Module, world_size: int, rank: int) -> int:
+    """Bytes this rank sends when DDP wraps the model: DDP broadcasts rank 0's parameters
+    and buffers to every rank (``_sync_module_states``), and Gloo's broadcast sends the
+    root's tensor to each other rank directly, so rank 0 sends (N-1) x their bytes and
+    the others nothing. (NCCL pipelines a broadcast along a ring, where every rank but
+    the last forwards it once; not measured here.) Checked against the namespace nodes'
+    kernel TX counters in tests/test_launch_netns.py."""
+    if rank != 0:
+        return 0
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return (world_size - 1) * state

@@ -151,6 +151,7 @@ def setup(cfg: TrainConfig, ctx: ddist.DistContext, ds: Dataset, metrics: Metric
                                discard=[p for p, _ in resume.skipped] if resume is not None else None)
              if cfg.checkpoint_dir is not None else None)
     metrics.set_gradient_bytes(gradient_bytes(model))
+    metrics.count_setup(syncer.setup_wire_bytes)
     steps_path = cfg.steps_file_path(rank)
     steps_file = StepFile(steps_path, start_step) if steps_path is not None else None
     clock = peers.estimate_offset(rank, world, device)       # collective: ping-pongs with rank 0
@@ -288,6 +289,7 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
     cfg, ctx, summary = run.cfg, run.ctx, run.acct.summary
     figures = summary.figures()
     mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures,
+            "setup_wire_bytes": run.syncer.setup_wire_bytes,
             "clock": clock, "tcp": tcpstats.summary_figures(run.acct.tcp.read() if run.acct.tcp else None)}
     ranks = gather_ranks(mine, ctx.world_size)
     module = run.syncer.module
@@ -302,6 +304,7 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
         # Every rank's own samples (uneven shards differ by a row) over rank 0's step time.
         "samples_per_second": (sum(r["samples"] for r in ranks) / sum(summary.step_s)) if summary.step_s else 0.0,
         "wall_time_s": elapsed, "data": run.ds.identity, **figures,
+        "setup_wire_bytes": run.syncer.setup_wire_bytes,
         "ranks": ranks,
         "clock_offsets": [r["clock"] for r in ranks],
         "mfu": run.acct.mfu(),

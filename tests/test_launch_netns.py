@@ -193,39 +193,35 @@ def test_counters_count_wire_frames(cluster):
 
 
 def test_reported_wire_bytes_match_kernel_tx(cluster):
-    """Each node's TCP payload sent (kernel TX bytes less headers) against the wire bytes
-    its rank reports: 2 (N-1)/N x the all-reduce payload for a ring all-reduce.
+    """Each node's TCP payload sent (kernel TX bytes less headers) against what its rank
+    reports sending: the all-reduces' ring share, 2 (N-1)/N x their payload, plus the
+    pre-training probe's wire bytes, plus the set-up bytes (DDP's broadcast of rank 0's
+    parameters when it wraps the model: (N-1) x P from rank 0 under Gloo, nothing from
+    the others).
 
-    Node k runs rank k (one worker per node; c10d ranks nodes by host name). On top of
-    the ring, DDP broadcasts rank 0's parameters once at start-up: every other rank
-    receives them once, (N-1) x P bytes in all, sent along Gloo's broadcast tree, so one
-    node may carry up to all of it. Store, rendezvous and the final gather add a little.
-    Over 100 steps that is well under 5% of any node's ring traffic, so each node's TX
-    payload is within 5% of its rank's reported wire bytes; summed over nodes, within 5%
-    of the ring shares + (N-1) x P.
+    Node k runs rank k (one worker per node; c10d ranks nodes by host name). What is left
+    uncounted is the store, the rendezvous, the clock ping-pongs, the ready-time exchange
+    and the final gathers: a few kB, well under 2 % of any node's traffic over 100 steps.
     """
     summary = json.loads((cluster.out / "node0" / "summary.json").read_text())
-    if "allreduce_wire_bytes_total" not in summary:
-        pytest.skip("summary.json has no allreduce_wire_bytes_total yet")
     n = cluster.nodes
-    # Per-rank figures when summary.json carries them; else rank 0's (the ring is symmetric).
-    per_rank = summary.get("ranks") or [summary] * n
+    per_rank = summary["ranks"]
     # The prediction's probe (a few all-reduces before the first step) is traffic too; its
     # wire bytes (summary.json's probe, fit or no fit) are the same ring share on every rank.
-    probe_wire = (summary.get("probe") or {}).get("wire_bytes", 0)
-    wire = [r["allreduce_wire_bytes_total"] + probe_wire for r in per_rank]
+    probe_wire = summary["probe"]["wire_bytes"]
     for r in per_rank:
         assert r["allreduce_wire_bytes_total"] == pytest.approx(2 * (n - 1) / n * r["allreduce_payload_bytes_total"])
-    params = summary["gradient_bytes"]          # fp32 parameters = fp32 gradients, no buffers
+    assert [r["setup_wire_bytes"] for r in per_rank] == [(n - 1) * summary["gradient_bytes"]] + [0] * (n - 1)
+    wire = [r["allreduce_wire_bytes_total"] + probe_wire + r["setup_wire_bytes"] for r in per_rank]
     stats = cluster.netstats
     header = header_bytes_per_packet(stats)
     sent = [tx_payload_estimate(node, header) for node in stats["nodes"]]
-    report = ", ".join(f"node{k} {s:,} B vs {w:,.0f} B ({(s - w) / w:+.1%})"
+    report = ", ".join(f"node{k} {s:,} B vs {w:,.0f} B ({(s - w) / w:+.2%})"
                        for k, (s, w) in enumerate(zip(sent, wire)))
-    print(f"\nTX payload (header {header} B/packet) vs reported wire bytes: {report}")
+    print(f"\nTX payload (header {header} B/packet) vs reported bytes: {report}")
     for k, (s, w) in enumerate(zip(sent, wire)):
-        assert s == pytest.approx(w, rel=0.05), f"node{k}: {report}"
-    assert sum(sent) == pytest.approx(sum(wire) + (n - 1) * params, rel=0.05), report
+        assert s == pytest.approx(w, rel=0.02), f"node{k}: {report}"
+        assert s >= w, f"node{k} sent less than it reports: {report}"
 
 
 # ---------------------------------------------------------------------------------------

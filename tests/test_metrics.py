@@ -213,6 +213,7 @@ FIGURE_KEYS = {
     "allreduce_wire_bytes_total", "comm_time_per_step_s", "comm_span_per_step_s", "exposed_comm_time_per_step_s",
     "sync_tail_per_step_s", "algbw_bytes_per_second", "busbw_bytes_per_second",
     "wait_for_peers_per_step_s", "transfer_per_step_s", "last_ready_steps", "last_ready_share",
+    "bucket_schedule",
 }
 
 
@@ -243,6 +244,18 @@ def test_summary_leaves_the_first_step_out_of_timings_but_not_out_of_bytes():
     assert f["allreduce_wire_bytes_per_step"] == PAYLOAD * 3 / 2
     assert f["allreduce_calls_per_step"] == (1 + 5 * 5) / 6
     assert s.samples == 6 * 32
+
+
+def test_bucket_schedule_is_each_buckets_mean_lead_before_ready_after_the_rebuild():
+    s = Summary(world_size=WORLD)
+    s.add(record(1, [(PAYLOAD, 1, 0.0, 4.0)]))                     # DDP's first step: one bucket of all
+    s.add(record(2, COLLECTIVES))                                   # ready = the last hand-over, 0.625
+    s.add(record(3, [(1024, 1, 0.375, 0.5), (2048, 3, 0.5, 0.75), (4096, 1, 0.625, 0.875)]))
+    assert s.figures()["bucket_schedule"] == [
+        {"bucket": 0, "payload_bytes": 1024, "lead_s": (0.5 + 0.25) / 2, "duration_s": (0.25 + 0.125) / 2},
+        {"bucket": 1, "payload_bytes": 2048, "lead_s": (0.375 + 0.125) / 2, "duration_s": 0.25},
+        {"bucket": 2, "payload_bytes": 4096, "lead_s": 0.0, "duration_s": (0.125 + 0.25) / 2},
+    ]
 
 
 def test_peer_figures_feed_histograms_the_last_ready_counter_and_the_summary():

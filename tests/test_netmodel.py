@@ -285,6 +285,37 @@ def test_a_slow_network_backs_the_buckets_up():
     assert est.comm_time_per_step_s == pytest.approx(est.payload_bytes_per_step / 1e8)
 
 
+def test_a_measured_schedule_replaces_the_linear_one():
+    # Three buckets handed over 30 ms, 10 ms and 0 ms before backward ends, at 1 GB/s bus
+    # bandwidth and no latency: bucket k's all-reduce takes its bytes / 1e9 (N = 2).
+    widths = [1000, 1000, 1000, 1000, 10]
+    layout = netmodel.bucket_layout(widths, 2.0)
+    t = [b.numel * 4 / 1e9 for b in layout]                     # 4.04, 4.0, 8.0 ms
+    est = netmodel.estimate_step(widths, world_size=2, alpha_s=0.0, beta_bytes_per_second=1e9,
+                                 compute_time_s=0.06, bucket_mb=2.0, bucket_leads_s=[0.030, 0.010, 0.0])
+    backward = 0.04                                             # 2/3 of the compute
+    ready = [backward - 0.030, backward - 0.010, backward]
+    assert [b.ready_s for b in est.buckets] == pytest.approx(ready)
+    # Bucket 0 is done before bucket 1 is ready; bucket 2 starts when backward ends.
+    assert [b.start_s for b in est.buckets] == pytest.approx(ready)
+    assert est.exposed_comm_time_per_step_s == pytest.approx(t[2])
+    # Handed over together at the end: all three queue up after backward.
+    late = netmodel.estimate_step(widths, world_size=2, alpha_s=0.0, beta_bytes_per_second=1e9,
+                                  compute_time_s=0.06, bucket_mb=2.0, bucket_leads_s=[0.0, 0.0, 0.0])
+    assert late.exposed_comm_time_per_step_s == pytest.approx(sum(t))
+    # A lead longer than the modelled backward stretches backward, not time before zero.
+    long = netmodel.estimate_step(widths, world_size=2, alpha_s=0.0, beta_bytes_per_second=1e9,
+                                  compute_time_s=0.06, bucket_mb=2.0, bucket_leads_s=[0.1, 0.0, 0.0])
+    assert long.buckets[0].ready_s == 0.0
+
+
+@pytest.mark.parametrize("leads", [[0.0, 0.0], [0.0, -1.0, 0.0], [0.0, float("nan"), 0.0]])
+def test_a_schedule_that_does_not_fit_the_layout_is_refused(leads):
+    with pytest.raises(ValueError, match="schedule|leads"):
+        netmodel.estimate_step([1000, 1000, 1000, 1000, 10], world_size=2, alpha_s=0.0, beta_bytes_per_second=1e9,
+                               compute_time_s=0.06, bucket_mb=2.0, bucket_leads_s=leads)
+
+
 def test_compression_halves_the_payload_but_not_the_buckets():
     kw = dict(world_size=8, alpha_s=5e-6, beta_bytes_per_second=12.5e9, compute_time_s=0.01, bucket_mb=25)
     full = netmodel.estimate_step([4096, 4096, 4096, 10], **kw)

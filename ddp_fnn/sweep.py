@@ -1,0 +1,515 @@
+"""`ddp-fnn sweep`: a grid of real training jobs, each one's measurement beside the cost
+model's prediction.
+
+The grid is world sizes x link rates x bucket caps x compression x packet loss x queue
+limits. Each point is one `ddp-fnn train` job, on network-namespace nodes
+(launch/netns-cluster.sh: one worker a node, each node's egress shaped by tc, root) or
+on loopback (torchrun --standalone; no shaping or faults there). What it writes in
+``--out``:
+
+    points/NAME/          the job's own outputs (summary.json, step files, logs,
+                          netstats.json); NAME says the point's settings
+    points/NAME/point.json  written last: the point is complete (a rerun of the same
+                          sweep reuses it rather than running it again)
+    sweep.csv             one row per point (COLUMNS): settings, measured, predicted, errors
+    sweep.json            the same rows and the validation figures, strict JSON
+    validation.md         the rows as a Markdown table and the error statistics
+    *.png                 plots (sweepplot.py; needs matplotlib, the `plot` extra)
+
+Two predictions per point:
+
+- ``pred_*``, the run's own (summary.json ``predicted_*``): its probe's alpha and beta,
+  its measured compute and bucket schedule, the model's queue of all-reduces (predict.py).
+- ``cal_*``, calibrated elsewhere: from the point of ``--calibrate-on`` nodes with the
+  same link, buckets, compression and faults (predict.from_run), its compute scaled by
+  the CPU share of this machine's cores (``compute_scale``): the nodes of a
+  one-machine cluster share its cores, so N workers with one thread each on C cores
+  compute max(1, N / C) times slower than one. On separate machines the scale is 1.
+
+Measured figures are rank 0's (summary.json's top level) unless said otherwise; p99 of
+the step time comes from its step file (steps after the first, as the summary's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ddp_fnn import netmodel, predict, strictjson
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "launch" / "netns-cluster.sh"
+LAUNCHERS = ("netns", "loopback")
+TCP_MSS_BYTES = 1448          # MTU 1500 less IPv4 (20), TCP (20) and timestamps (12): netns-cluster.sh's links
+HEADER_BYTES = 14 + 20 + 20 + 12   # per frame on a node's eth0 (tests/test_launch_netns.py says why)
+
+
+@dataclass(frozen=True)
+class Point:
+    nodes: int
+    link_rate: str | None           # None: unshaped
+    bucket_mb: float
+    compression: str
+    loss_percent: float
+    queue_limit_bytes: int | None
+    repeat: int = 0
+
+    @property
+    def name(self) -> str:
+        q = f"-q{self.queue_limit_bytes}" if self.queue_limit_bytes else ""
+        r = f"-r{self.repeat}" if self.repeat else ""
+        return (f"n{self.nodes}-{self.link_rate or 'unshaped'}-b{self.bucket_mb:g}-{self.compression}"
+                f"-loss{self.loss_percent:g}{q}{r}")
+
+    def sibling(self, nodes: int) -> Point:
+        """The same settings at another world size (the calibration point)."""
+        return Point(nodes, self.link_rate, self.bucket_mb, self.compression, self.loss_percent,
+                     self.queue_limit_bytes, self.repeat)
+
+
+@dataclass
+class SweepConfig:
+    out: Path
+    nodes: tuple[int, ...] = (2, 4)
+    link_rates: tuple[str | None, ...] = (None,)
+    bucket_mbs: tuple[float, ...] = (25.0,)
+    compressions: tuple[str, ...] = ("none",)
+    losses: tuple[float, ...] = (0.0,)
+    queue_limits: tuple[int | None, ...] = (None,)
+    launcher: str = "netns"
+    layers: tuple[int, ...] = (256, 512, 512, 512, 512, 10)
+    rows_per_rank: int = 32
+    steps: int = 30
+    repeat: int = 1
+    calibrate_on: int | None = None
+    loss_node: int = 1
+    host_cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    train_args: tuple[str, ...] = ()
+    plot: bool = True
+
+    def check(self) -> None:
+        """ValueError naming the option and the value."""
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if any(n < 2 for n in self.nodes):
+            raise ValueError(f"--nodes: every world size must be >= 2 (nothing crosses a network at 1), "
+                             f"got {','.join(map(str, self.nodes))}")
+        if any(q is not None for q in self.queue_limits) and None in self.link_rates:
+            raise ValueError("--queue-limit needs a shaped --link-rate at every point (it is the shaper's "
+                             "queue); drop 'unshaped' from --link-rate")
+        for p in self.losses:
+            if not 0 <= p < 100:
+                raise ValueError(f"--loss must be a percentage in [0, 100), got {p:g}")
+        if self.launcher == "loopback":
+            for option, values, none in (("--link-rate", self.link_rates, None), ("--loss", self.losses, 0.0),
+                                         ("--queue-limit", self.queue_limits, None)):
+                if any(v != none for v in values):
+                    shown = ",".join("unshaped" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                                     for v in values)
+                    raise ValueError(f"{option} needs --launcher netns (loopback has no link to shape or "
+                                     f"fault), got {shown}")
+        if any(p > 0 for p in self.losses) and not 0 <= self.loss_node < min(self.nodes):
+            raise ValueError(f"--loss-node {self.loss_node} is not a node of the smallest world size "
+                             f"{min(self.nodes)}")
+        for option, v in (("--rows-per-rank", self.rows_per_rank), ("--steps", self.steps),
+                          ("--repeat", self.repeat), ("--host-cores", self.host_cores)):
+            if v < 1:
+                raise ValueError(f"{option} must be >= 1, got {v}")
+        if self.steps < 3:
+            raise ValueError(f"--steps must be >= 3 (the first step is DDP's bucket rebuild), got {self.steps}")
+        if self.calibrate_on is not None and self.calibrate_on not in self.nodes:
+            raise ValueError(f"--calibrate-on {self.calibrate_on} is not one of --nodes "
+                             f"{','.join(map(str, self.nodes))}")
+        netmodel.bucket_layout(self.layers, self.bucket_mbs[0])      # the layer widths' own check
+        if self.launcher == "netns":
+            if os.geteuid() != 0:
+                raise ValueError("--launcher netns needs root (it creates network namespaces); "
+                                 "run as root or use --launcher loopback")
+            if not CLUSTER.is_file():
+                raise ValueError(f"--launcher netns needs the repository's launch/netns-cluster.sh, "
+                                 f"not found at {CLUSTER}")
+
+    def points(self) -> list[Point]:
+        return [Point(n, r, b, c, p, q, k) for k, n, r, b, c, p, q in itertools.product(
+            range(self.repeat), self.nodes, self.link_rates, self.bucket_mbs, self.compressions,
+            self.losses, self.queue_limits)]
+
+    def train_argv(self, p: Point) -> list[str]:
+        """`ddp-fnn train`'s arguments at point p (weak scaling: rows_per_rank a rank)."""
+        # On loopback the workers share the host's ports: no /metrics endpoints unless asked
+        # (a namespace node has its own).
+        ports = ["--metrics-port", "0"] if self.launcher == "loopback" else []
+        return ["--layers", ",".join(map(str, self.layers)), "--bucket-mb", f"{p.bucket_mb:g}",
+                "--compression", p.compression, "--global-batch-size", str(p.nodes * self.rows_per_rank),
+                "--max-steps", str(self.steps), "--progress", "none", *ports, *self.train_args]
+
+    def command_line(self) -> str:
+        """The `ddp-fnn sweep` command that makes this sweep (written beside its results)."""
+        import shlex
+
+        join = lambda xs, f=str: ",".join(f(x) for x in xs)          # noqa: E731
+        args = ["--out", str(self.out), "--launcher", self.launcher, "--nodes", join(self.nodes),
+                "--link-rate", join(self.link_rates, lambda r: r or "unshaped"),
+                "--bucket-mb", join(self.bucket_mbs, lambda b: f"{b:g}"), "--compression", join(self.compressions),
+                "--loss", join(self.losses, lambda p: f"{p:g}"), "--loss-node", str(self.loss_node),
+                "--queue-limit", join(self.queue_limits, lambda q: str(q or "none")),
+                "--layers", join(self.layers), "--rows-per-rank", str(self.rows_per_rank),
+                "--steps", str(self.steps), "--repeat", str(self.repeat),
+                "--calibrate-on", str(self.calibrate_on), "--host-cores", str(self.host_cores)]
+        if not self.plot:
+            args.append("--no-plot")
+        if self.train_args:
+            args += ["--", *self.train_args]
+        return "ddp-fnn sweep " + shlex.join(args)
+
+    def compute_scale(self, nodes: int, calibrated_on: int) -> float:
+        """How much slower a worker computes at ``nodes`` than at ``calibrated_on`` when they
+        all share this machine's cores, one thread each (the sweep runs them so)."""
+        share = lambda n: max(1.0, n / self.host_cores)        # noqa: E731
+        return share(nodes) / share(calibrated_on)
+
+
+# ---------------------------------------------------------------------------------------
+# running one point
+# ---------------------------------------------------------------------------------------
+
+def point_dir(cfg: SweepConfig, p: Point) -> Path:
+    return cfg.out / "points" / p.name
+
+
+def _identity(cfg: SweepConfig, p: Point) -> dict:
+    """What a complete point must have been run with to be reused."""
+    return {"point": {**asdict(p), "name": p.name}, "launcher": cfg.launcher, "train_args": cfg.train_argv(p),
+            "loss_node": cfg.loss_node}
+
+
+def command(cfg: SweepConfig, p: Point, pdir: Path) -> list[str]:
+    train = cfg.train_argv(p)
+    if cfg.launcher == "loopback":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(p.nodes),
+                "-m", "ddp_fnn", "train", *train, "--output", str(pdir / "node0")]
+    cmd = ["bash", str(CLUSTER), "--nodes", str(p.nodes), "--out", str(pdir)]
+    if p.link_rate:
+        cmd += ["--link-rate", p.link_rate]
+    if p.loss_percent > 0:
+        cmd += ["--loss", f"{cfg.loss_node}:{p.loss_percent:g}"]
+    if p.queue_limit_bytes:
+        for k in range(p.nodes):
+            cmd += ["--queue-limit", f"{k}:{p.queue_limit_bytes}"]
+    return [*cmd, "--", *train]
+
+
+def run_point(cfg: SweepConfig, p: Point) -> tuple[bool, Path]:
+    """Run point p unless a complete run of the same settings is there. Returns (ok, dir).
+    A directory left by an interrupted or failed run is replaced (main has already refused
+    an --out holding a complete point of other settings)."""
+    pdir = point_dir(cfg, p)
+    done = pdir / "point.json"
+    ident = _identity(cfg, p)
+    if done.is_file():
+        old = json.loads(done.read_text())
+        if {k: old.get(k) for k in ident} == ident and old.get("ok"):
+            return True, pdir
+        shutil.rmtree(pdir)                  # a failed run is tried again
+    if pdir.exists():
+        shutil.rmtree(pdir)                  # an interrupted run of this point: nothing complete in it
+    pdir.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}      # one thread a worker: compute_scale's premise
+    with open(pdir / "run.log", "wb") as log:
+        proc = subprocess.Popen(command(cfg, p, pdir), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        rc = proc.wait()
+    ok = rc == 0 and (pdir / "node0" / "summary.json").is_file()
+    # pid: netns-cluster.sh names its namespaces ddpfnn-PID-*, so a check can find them.
+    strictjson_write(done, {**ident, "ok": ok, "exit_status": rc, "pid": proc.pid})
+    return ok, pdir
+
+
+def strictjson_write(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(strictjson.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# reading one point
+# ---------------------------------------------------------------------------------------
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default, 'inclusive')."""
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
+    """The measured columns of a complete point."""
+    summary = json.loads((pdir / "node0" / "summary.json").read_text())
+    steps = [json.loads(line) for line in (pdir / "node0" / "steps-rank0.jsonl").read_text().splitlines()
+             if line.strip()]
+    step_s = [s["step_s"] for s in steps[1:]] or [s["step_s"] for s in steps]
+    ranks = summary.get("ranks") or [summary]
+    tcp = [r.get("tcp") or {} for r in ranks]
+    # Each namespace node has its own TCP counters; on loopback every rank reads the host's.
+    tcp = tcp if cfg.launcher == "netns" else tcp[:1]
+    retrans = sum(t.get("retransmitted_segments") or 0 for t in tcp)
+    probe = (summary.get("probe") or {}).get("wire_bytes") or 0
+    # What each rank reports sending: its all-reduces, the probe, the replicas' set-up.
+    reported = [(r.get("allreduce_wire_bytes_total") or 0) + probe + (r.get("setup_wire_bytes") or 0) for r in ranks]
+    row = {
+        "step_mean_s": summary["step_time_mean_s"], "step_p50_s": summary["step_time_p50_s"],
+        "step_p99_s": quantile(step_s, 0.99),
+        "comm_s": summary["comm_time_per_step_s"], "exposed_s": summary["exposed_comm_time_per_step_s"],
+        "transfer_s": summary.get("transfer_per_step_s"), "wait_s": summary.get("wait_for_peers_per_step_s"),
+        "compute_s": predict.compute_time(summary),
+        "busbw_bytes_per_second": summary["busbw_bytes_per_second"],
+        "payload_bytes_per_step": summary["allreduce_payload_bytes_per_step"],
+        "wire_bytes_per_step": summary["allreduce_wire_bytes_per_step"],
+        "buckets": len(summary.get("bucket_schedule") or []),
+        "retransmits_per_step": retrans / max(1, summary["steps"]),
+        "reported_tx_bytes": max(reported),
+    }
+    net = summary.get("prediction") or {}
+    row |= {"probe_method": net.get("method"), "alpha_s": net.get("alpha_s"),
+            "beta_bytes_per_second": net.get("beta_bytes_per_second"),
+            "pred_step_s": summary.get("predicted_step_time_s"), "pred_comm_s": summary.get("predicted_comm_time_per_step_s"),
+            "pred_exposed_s": summary.get("predicted_exposed_comm_time_per_step_s")}
+    # The best round trip of the clock-offset ping-pongs: an idle RTT for Mathis' formula.
+    bounds = [o.get("bound_start_s") for o in summary.get("clock_offsets") or [] if o.get("bound_start_s")]
+    row["rtt_s"] = 2 * max(bounds) if bounds else None
+    netstats = pdir / "netstats.json"
+    if netstats.is_file():
+        ns = json.loads(netstats.read_text())
+        # Node k runs rank k (c10d ranks the nodes by host name, node0, node1, ...).
+        payload_tx = [n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES for n in ns["nodes"]]
+        row["kernel_tx_payload_bytes"] = max(payload_tx)
+        row["tx_error"] = max((t / w - 1 for t, w in zip(payload_tx, reported) if w), key=abs, default=None)
+        row["tc_dropped_packets"] = sum((n.get("qdisc") or {}).get("dropped", 0)
+                                        + (n.get("port_qdisc") or {}).get("dropped", 0) for n in ns["nodes"])
+        row["loss_dropped_packets"] = sum(n.get("loss_dropped_packets") or 0 for n in ns["nodes"])
+    if p.loss_percent > 0 and row["rtt_s"]:
+        link = netmodel.parse_rate(p.link_rate) if p.link_rate else None
+        row["mathis_busbw_bytes_per_second"] = netmodel.mathis_rate(TCP_MSS_BYTES, row["rtt_s"],
+                                                                    p.loss_percent / 100, link)
+    return row | {"_summary": summary}
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------
+
+COLUMNS = (
+    "point", "status", "nodes", "link_rate", "bucket_mb", "buckets", "compression", "loss_percent",
+    "queue_limit_bytes", "steps",
+    "step_mean_s", "step_p50_s", "step_p99_s", "comm_s", "exposed_s", "transfer_s", "wait_s", "compute_s",
+    "busbw_bytes_per_second", "payload_bytes_per_step", "wire_bytes_per_step",
+    "probe_method", "alpha_s", "beta_bytes_per_second",
+    "pred_step_s", "pred_comm_s", "pred_exposed_s", "step_error", "exposed_error",
+    "cal_from", "compute_scale", "cal_step_s", "cal_exposed_s", "cal_step_error", "cal_exposed_error",
+    "retransmits_per_step", "tc_dropped_packets", "loss_dropped_packets",
+    "rtt_s", "mathis_busbw_bytes_per_second",
+    "reported_tx_bytes", "kernel_tx_payload_bytes", "tx_error",
+)
+
+
+def _err(pred, meas):
+    return (pred - meas) / meas if pred is not None and meas else None
+
+
+def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> list[dict]:
+    measured = {p: measure(cfg, p, d) for p, (ok, d) in results.items() if ok}
+    rows = []
+    for p, (ok, _d) in results.items():
+        row = {"point": p.name, "status": "ok" if ok else "failed", "nodes": p.nodes, "link_rate": p.link_rate or "unshaped",
+               "bucket_mb": p.bucket_mb, "compression": p.compression, "loss_percent": p.loss_percent,
+               "queue_limit_bytes": p.queue_limit_bytes, "steps": cfg.steps}
+        m = measured.get(p)
+        if m is not None:
+            row |= {k: v for k, v in m.items() if not k.startswith("_")}
+            row["step_error"] = _err(row["pred_step_s"], row["step_mean_s"])
+            row["exposed_error"] = _err(row["pred_exposed_s"], row["exposed_s"])
+            base = p.sibling(cfg.calibrate_on) if cfg.calibrate_on is not None else None
+            if base is not None and base != p and base in measured:
+                scale = cfg.compute_scale(p.nodes, base.nodes)
+                try:
+                    est = predict.from_run(measured[base]["_summary"], world_size=p.nodes, compute_scale=scale)
+                except ValueError:
+                    est = None
+                if est is not None:
+                    row |= {"cal_from": base.name, "compute_scale": scale, "cal_step_s": est.step_time_s,
+                            "cal_exposed_s": est.exposed_comm_time_per_step_s,
+                            "cal_step_error": _err(est.step_time_s, row["step_mean_s"]),
+                            "cal_exposed_error": _err(est.exposed_comm_time_per_step_s, row["exposed_s"])}
+        rows.append({c: row.get(c) for c in COLUMNS})
+    return rows
+
+
+def validation(rows: list[dict]) -> dict:
+    """Median and largest absolute errors of each prediction over the complete points."""
+    out = {}
+    for key in ("step_error", "exposed_error", "cal_step_error", "cal_exposed_error", "tx_error"):
+        errs = [abs(r[key]) for r in rows if r.get(key) is not None]
+        out[key] = {"points": len(errs), "median_abs": statistics.median(errs) if errs else None,
+                    "max_abs": max(errs) if errs else None}
+    out["points"] = len(rows)
+    out["failed"] = sum(r["status"] != "ok" for r in rows)
+    out["probe_methods"] = dict(sorted(
+        {m: sum(r["probe_method"] == m for r in rows) for r in rows if (m := r["probe_method"])}.items()))
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:+.1%}"
+
+
+def _ms(x) -> str:
+    return "" if x is None else f"{x * 1e3:.1f}"
+
+
+def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
+    """validation.md: the command, the error statistics, every point."""
+    lines = ["# `ddp-fnn sweep`: measured vs predicted", "", "```", command_line, "```", ""]
+    names = {"step_error": "step time, the run's own prediction", "exposed_error": "exposed communication, the run's own prediction",
+             "cal_step_error": "step time, calibrated on another world size", "cal_exposed_error": "exposed communication, calibrated",
+             "tx_error": "kernel TX payload vs reported bytes (steps + probe), worst node"}
+    lines += ["| prediction | points | median abs error | largest abs error |", "|---|---|---|---|"]
+    for key, label in names.items():
+        f = figures[key]
+        if f["points"]:
+            lines.append(f"| {label} | {f['points']} | {f['median_abs']:.1%} | {f['max_abs']:.1%} |")
+    lines += ["", f"Points: {figures['points']}, failed: {figures['failed']}; probe fits: "
+              + ", ".join(f"{k} {v}" for k, v in figures["probe_methods"].items()), ""]
+    head = ("| nodes | link | bucket MiB (n) | wire | loss % | step ms | p99 ms | exposed ms | wait ms | "
+            "predicted step | err | predicted exposed | err | calibrated step | err | retrans/step |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['nodes']} | {r['link_rate']} | {r['bucket_mb']:g} | {r['compression']} | "
+                         f"{r['loss_percent']:g} | failed |" + " |" * 11)
+            continue
+        lines.append(
+            f"| {r['nodes']} | {r['link_rate']} | {r['bucket_mb']:g} ({r['buckets']}) | "
+            f"{'fp32' if r['compression'] == 'none' else r['compression']} | {r['loss_percent']:g} | "
+            f"{_ms(r['step_mean_s'])} | {_ms(r['step_p99_s'])} | {_ms(r['exposed_s'])} | {_ms(r['wait_s'])} | "
+            f"{_ms(r['pred_step_s'])} | {_pct(r['step_error'])} | {_ms(r['pred_exposed_s'])} | "
+            f"{_pct(r['exposed_error'])} | {_ms(r['cal_step_s'])} | {_pct(r['cal_step_error'])} | "
+            f"{r['retransmits_per_step']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(cfg: SweepConfig, rows: list[dict], command_line: str) -> tuple[dict, list[Path]]:
+    figures = validation(rows)
+    write_csv(cfg.out / "sweep.csv", rows)
+    strictjson_write(cfg.out / "sweep.json", {"command": command_line, "validation": figures, "rows": rows,
+                                              "host_cores": cfg.host_cores, "calibrate_on": cfg.calibrate_on})
+    (cfg.out / "validation.md").write_text(markdown(rows, figures, command_line))
+    plots = []
+    if cfg.plot:
+        from ddp_fnn import sweepplot
+
+        plots = sweepplot.draw(cfg, rows, cfg.out)
+    return figures, plots
+
+
+# ---------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------
+
+def parse_list(option: str, text: str, kind: str) -> tuple:
+    """A comma list of --OPTION's values; ValueError naming the option and the value."""
+    items = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{option}: no values in {text!r}")
+    out = []
+    for v in items:
+        try:
+            if kind == "int":
+                out.append(int(v))
+            elif kind == "float":
+                x = float(v.rstrip("%"))
+                if not math.isfinite(x):
+                    raise ValueError
+                out.append(x)
+            elif kind == "rate":
+                out.append(None if v in ("unshaped", "none") else (netmodel.parse_rate(v), v)[1])
+            elif kind == "bytes":
+                out.append(None if v in ("none", "0") else int(v))
+                if out[-1] is not None and out[-1] < 1:
+                    raise ValueError
+            else:
+                out.append(v)
+        except ValueError:
+            raise ValueError(f"{option}: bad value {v!r}") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"{option}: a value is given twice in {text!r}")
+    return tuple(out)
+
+
+def main(cfg: SweepConfig) -> int:
+    """Run every point (reusing complete ones), then write the table, the validation
+    figures and the plots. Exit status 0, or 1 when a point failed."""
+    import click
+
+    cfg.check()
+    points = cfg.points()
+    for p in points:                         # before anything runs: no complete point of other settings
+        done = point_dir(cfg, p) / "point.json"
+        if done.is_file():
+            ident, old = _identity(cfg, p), json.loads(done.read_text())
+            if {k: old.get(k) for k in ident} != ident:
+                raise ValueError(f"--out {cfg.out}: point {p.name} was run with other settings ({done}); "
+                                 f"use another --out")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    results: dict[Point, tuple[bool, Path]] = {}
+    click.echo(f"ddp-fnn sweep: {len(points)} point(s), launcher {cfg.launcher}, {cfg.steps} steps each; "
+               f"results in {cfg.out}", err=True)
+    with click.progressbar(points, label="sweep", file=sys.stderr, show_pos=True, show_eta=True,
+                           item_show_func=lambda p: p.name if p else "") as bar:
+        for p in bar:
+            results[p] = run_point(cfg, p)
+    rows = build_rows(cfg, results)
+    figures, plots = write_outputs(cfg, rows, cfg.command_line())
+    for key, label in (("step_error", "step time"), ("exposed_error", "exposed comm"),
+                       ("cal_step_error", f"step time calibrated on {cfg.calibrate_on} nodes"),
+                       ("tx_error", "kernel TX vs reported bytes")):
+        f = figures[key]
+        if f["points"]:
+            click.echo(f"{label}: median abs error {f['median_abs']:.1%}, largest {f['max_abs']:.1%} "
+                       f"over {f['points']} point(s)")
+    for path in [cfg.out / "sweep.csv", cfg.out / "sweep.json", cfg.out / "validation.md", *plots]:
+        click.echo(f"wrote {path}")
+    failed = [r["point"] for r in rows if r["status"] != "ok"]
+    if failed:
+        click.echo(f"ddp-fnn sweep: {len(failed)} point(s) failed: {', '.join(failed)} (logs in "
+                   f"{cfg.out / 'points'}/NAME/run.log; a rerun of the same command retries them)", err=True)
+        return 1
+    return 0
+
+
+def check_plotting() -> None:
+    """Before any point runs: --plot needs matplotlib (ValueError naming the fix)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'ddp-fnn[plot]' (or pass --no-plot)") from None

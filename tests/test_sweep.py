@@ -1,0 +1,185 @@
+"""`ddp-fnn sweep`: a grid of real jobs, each measured beside the model's prediction.
+
+The settings checks run in-process (click's runner); the sweeps themselves are real
+torchrun jobs on loopback and real namespace nodes (root), and every figure in sweep.csv
+is checked against the job's own summary.json and step file, and the kernel's counters.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from ddp_fnn import netmodel, predict, sweep
+
+TINY = ("--layers", "16,64,64,4", "--rows-per-rank", "8", "--steps", "6")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------
+# settings: one line, exit status 2, nothing run
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (("--launcher", "loopback", "--link-rate", "1gbit"), "--link-rate needs --launcher netns"),
+    (("--launcher", "loopback", "--loss", "0,1"), "--loss needs --launcher netns"),
+    (("--nodes", "1,2"), "--nodes: every world size must be >= 2"),
+    (("--nodes", "2,x"), "--nodes: bad value 'x'"),
+    (("--nodes", "2,2"), "--nodes: a value is given twice"),
+    (("--link-rate", "fast"), "--link-rate: bad value 'fast'"),
+    (("--launcher", "netns", "--loss", "100"), "--loss must be a percentage in [0, 100), got 100"),
+    (("--compression", "int8"), "--compression: bad value 'int8'"),
+    (("--calibrate-on", "3"), "--calibrate-on 3 is not one of --nodes 2,4"),
+    (("--launcher", "netns", "--queue-limit", "20000"), "--queue-limit needs a shaped --link-rate"),
+    (("--steps", "2"), "--steps must be >= 3"),
+    (("--bucket-mb", "0"), "--bucket-mb: every cap must be > 0"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, args, message):
+    out = tmp_path / "sweep"
+    res = run_cli("sweep", "--out", str(out), "--launcher", "loopback", *args)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("ddp-fnn: error: "), res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()                     # nothing ran, nothing written
+
+
+def test_the_grid_is_every_combination_and_names_each_point():
+    cfg = sweep.SweepConfig(out=None, nodes=(2, 3, 4), link_rates=(None, "1gbit", "200mbit"),
+                            bucket_mbs=(100.0, 0.25), compressions=("none", "fp16"), repeat=2)
+    points = cfg.points()
+    assert len(points) == 2 * 3 * 3 * 2 * 2
+    assert len({p.name for p in points}) == len(points)
+    assert "n3-200mbit-b0.25-fp16-loss0-r1" in {p.name for p in points}
+    assert cfg.train_argv(points[0])[cfg.train_argv(points[0]).index("--global-batch-size") + 1] == "64"
+
+
+def test_the_compute_scale_is_the_share_of_the_hosts_cores():
+    cfg = sweep.SweepConfig(out=None, host_cores=2)
+    assert [cfg.compute_scale(n, 2) for n in (2, 3, 4)] == [1.0, 1.5, 2.0]
+    assert sweep.SweepConfig(out=None, host_cores=8).compute_scale(4, 2) == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# a real sweep on loopback
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    args = ("sweep", "--out", str(out), "--launcher", "loopback", "--nodes", "2,3", "--bucket-mb", "25,0.001",
+            *TINY)
+    res = run_cli(*args, timeout=600)
+    return out, args, res
+
+
+@pytest.mark.slow
+def test_a_loopback_sweep_writes_a_row_per_point_from_the_jobs_own_figures(loopback):
+    out, _, res = loopback
+    assert res.returncode == 0, res.stderr + res.stdout
+    rows = read_csv(out / "sweep.csv")
+    assert [r["point"] for r in rows] == ["n2-unshaped-b25-none-loss0", "n2-unshaped-b0.001-none-loss0",
+                                          "n3-unshaped-b25-none-loss0", "n3-unshaped-b0.001-none-loss0"]
+    assert list(rows[0]) == list(sweep.COLUMNS)
+    for r in rows:
+        assert r["status"] == "ok"
+        summary = json.loads((out / "points" / r["point"] / "node0" / "summary.json").read_text())
+        assert summary["world_size"] == int(r["nodes"]) and summary["steps"] == 6
+        assert summary["global_batch_size"] == 8 * int(r["nodes"])
+        # The measured columns are the job's own figures (6 significant digits in the CSV).
+        for col, key in (("step_mean_s", "step_time_mean_s"), ("exposed_s", "exposed_comm_time_per_step_s"),
+                         ("pred_step_s", "predicted_step_time_s"), ("busbw_bytes_per_second", "busbw_bytes_per_second")):
+            assert float(r[col]) == pytest.approx(summary[key], rel=1e-5), col
+        assert int(r["buckets"]) == len(summary["bucket_schedule"])
+        steps = [json.loads(line)["step_s"] for line in
+                 (out / "points" / r["point"] / "node0" / "steps-rank0.jsonl").read_text().splitlines()][1:]
+        assert float(r["step_p99_s"]) == pytest.approx(sweep.quantile(steps, 0.99), rel=1e-5)
+        assert min(steps) <= float(r["step_p50_s"]) <= float(r["step_p99_s"]) <= max(steps)
+        assert float(r["step_error"]) == pytest.approx(float(r["pred_step_s"]) / float(r["step_mean_s"]) - 1,
+                                                       abs=1e-5)
+    # One bucket at 25 MiB; the tiny cap splits the gradient into several.
+    assert rows[0]["buckets"] == "1" and int(rows[1]["buckets"]) == len(netmodel.bucket_layout([16, 64, 64, 4], 0.001)) == 3
+    # 3 ranks are predicted from the 2-rank run of the same cap, computing 1.5 x slower
+    # on 2 cores (3 workers, one thread each) -- or 1 x on a machine with more cores.
+    for r, base in ((rows[2], rows[0]), (rows[3], rows[1])):
+        assert r["cal_from"] == base["point"]
+        scale = max(1.0, 3 / len(os.sched_getaffinity(0))) / max(1.0, 2 / len(os.sched_getaffinity(0)))
+        assert float(r["compute_scale"]) == pytest.approx(scale)
+        base_summary = json.loads((out / "points" / base["point"] / "node0" / "summary.json").read_text())
+        est = predict.from_run(base_summary, world_size=3, compute_scale=scale)
+        assert float(r["cal_step_s"]) == pytest.approx(est.step_time_s, rel=1e-5)
+    assert rows[0]["cal_from"] == ""
+    figures = json.loads((out / "sweep.json").read_text())
+    errs = [abs(float(r["step_error"])) for r in rows]
+    assert figures["validation"]["step_error"]["median_abs"] == pytest.approx(statistics.median(errs), rel=1e-4)
+    assert figures["validation"]["step_error"]["max_abs"] == pytest.approx(max(errs), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_sweep_writes_its_own_command_beside_the_table_and_the_plots(loopback):
+    out, _, res = loopback
+    assert res.returncode == 0, res.stderr
+    md = (out / "validation.md").read_text()
+    command = next(line for line in md.splitlines() if line.startswith("ddp-fnn sweep "))
+    assert f"--out {out}" in command and "--nodes 2,3" in command and "--bucket-mb 25,0.001" in command
+    assert md.count("\n| 2 | unshaped |") == 2 and md.count("\n| 3 | unshaped |") == 2
+    for name in ("step_time.png", "comm_share.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    json.loads((out / "sweep.json").read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_complete_points_and_another_setting_is_refused(loopback):
+    out, args, first = loopback
+    assert first.returncode == 0, first.stderr
+    summary = out / "points" / "n2-unshaped-b25-none-loss0" / "node0" / "summary.json"
+    before, table = summary.stat().st_mtime_ns, (out / "sweep.csv").read_text()
+    again = run_cli(*args, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert summary.stat().st_mtime_ns == before                 # not run again
+    assert (out / "sweep.csv").read_text() == table
+    other = run_cli(*[("8" if a == "6" else a) for a in args], timeout=60)     # --steps 8
+    assert other.returncode == 2
+    assert "point n2-unshaped-b25-none-loss0 was run with other settings" in other.stderr
+    assert other.stderr.count("\n") == 1
+    assert summary.stat().st_mtime_ns == before and (out / "sweep.csv").read_text() == table
+
+
+# ---------------------------------------------------------------------------------------
+# a real sweep on namespace nodes: the kernel's bytes are the reported bytes
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="namespace nodes need root and iproute2")
+def test_a_namespace_sweep_reports_every_byte_the_kernel_sent(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("sweep", "--out", str(out), "--nodes", "2,3", "--link-rate", "200mbit", "--no-plot",
+                  "--layers", "64,512,512,10", "--rows-per-rank", "8", "--steps", "10", timeout=600)
+    assert res.returncode == 0, res.stderr + res.stdout
+    rows = read_csv(out / "sweep.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        # Every node's TCP payload (kernel TX less headers) is its rank's all-reduces + the
+        # probe + the set-up broadcast, to within 2 % (the store, rendezvous, gathers).
+        assert 0 <= float(r["tx_error"]) < 0.02, r
+        assert r["probe_method"] == "least-squares"
+        assert float(r["pred_step_s"]) > 0 and float(r["wait_s"]) >= 0
+    assert not (out / "step_time.png").exists()                # --no-plot
+    # Nothing of the clusters is left (netns-cluster.sh names its namespaces ddpfnn-PID-*).
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for r in rows:
+        pid = json.loads((out / "points" / r["point"] / "point.json").read_text())["pid"]
+        assert f"ddpfnn-{pid}-" not in left, left
