@@ -350,7 +350,7 @@ def interquartile_mean(values: list[float]) -> float:
 
 
 def fit_probe(sizes: list[int], times: list[float], n: int) -> dict:
-    """alpha and beta from the probe's (size, mean time) points, always: least squares,
+    """alpha and beta from the probe's (size, time) points, always: least squares,
     else the two-point or the largest-size fallback (see ``probe``)."""
     factor = netmodel.busbw_factor(n)
     try:
