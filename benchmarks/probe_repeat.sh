@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# 20 launch/demo.sh runs and 10 runs on 4 namespace nodes (root): how the pre-training
-# probe fitted each time (its method, its traffic, its beta). Results: docs/netmodel.md.
+# The pre-training probe, repeated (benchmarks/probe_repeat.py): 20 launch/demo.sh runs
+# (2 ranks, loopback), 10 runs on 4 namespace nodes (root), and the probe alone timed 15
+# times; per run the fit's method, alpha, beta, the probe's traffic in summary.json and
+# in every rank's Prometheus counters, and (namespaces) kernel TX vs reported bytes.
+# Each part writes /tmp/probe-repeat-{demo,netns,cost}.* as well. Results: docs/netmodel.md.
+#   benchmarks/probe_repeat.sh [demo] [netns] [cost]      (default: all three)
+set -euo pipefail
 cd "$(dirname "$0")/.."
-for i in $(seq 1 20); do
-  launch/demo.sh --metrics-linger 0 --progress none > /tmp/pl-demo.out 2> /tmp/pl-demo.err
-  rc=$?
-  python3 -c "
-import json,sys
-s=json.load(open('runs/demo/summary.json')); p=s['probe']
-print('demo', $i, 'rc', $rc, p['method'], 'wire', p['wire_bytes'], 'beta MB/s %.0f' % (s['prediction']['beta_bytes_per_second']/1e6), 'couldnotfit', 'could not fit' in open('/tmp/pl-demo.err').read())"
-done
-for i in $(seq 1 10); do
-  rm -rf /tmp/pl4
-  launch/netns-cluster.sh --nodes 4 --out /tmp/pl4 -- --max-steps 30 --progress none --layers 256,512,512,10 > /dev/null 2>&1
-  rc=$?
-  python3 -c "
-import json
-s=json.load(open('/tmp/pl4/node0/summary.json')); p=s['probe']
-print('netns4', $i, 'rc', $rc, p['method'], 'wire', p['wire_bytes'], 'beta MB/s %.0f' % (s['prediction']['beta_bytes_per_second']/1e6))"
+py=.venv/bin/python
+[ -x "$py" ] || py=$(launch/setup.sh)/bin/python
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(demo netns cost)
+for part in "${parts[@]}"; do
+    case $part in
+        demo)  "$py" benchmarks/probe_repeat.py demo --runs 20 --steps 60 --json /tmp/probe-repeat-demo.json ;;
+        netns) "$py" benchmarks/probe_repeat.py netns --runs 10 --nodes 4 --steps 30 --json /tmp/probe-repeat-netns.json ;;
+        cost)  "$py" benchmarks/probe_repeat.py cost --runs 15 | tee /tmp/probe-repeat-cost.txt ;;
+        *) echo "probe_repeat.sh: unknown part '$part' (demo, netns or cost)" >&2; exit 2 ;;
+    esac
 done

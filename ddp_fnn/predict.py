@@ -3,7 +3,8 @@
 `ddp-fnn train` needs the network's alpha (latency) and beta (bus bandwidth): from
 ``--bench-json`` (a `ddp-fnn bench --json` file), else from a quick probe of the job's
 own fabric before the first step (bench.probe: a few fp32 all-reduces up to the
-largest gradient bucket). With them and the run's measured compute time per step,
+largest gradient bucket or 1 MiB, interleaved over rounds, with one retry at larger
+sizes where the line would be noise). With them and the run's measured compute time per step,
 netmodel.estimate_step predicts the step's communication time and its exposed part,
 which summary.json records beside the measured figures:
 
@@ -62,7 +63,8 @@ def probe_traffic(net: dict | None) -> dict | None:
     """What the probe put on the wire (summary.json's ``probe``), or None without one."""
     if not net or net.get("source") != "probe":
         return None
-    return {k: net[k] for k in ("payload_bytes", "wire_bytes", "calls", "sizes", "method")}
+    return {k: net[k] for k in ("payload_bytes", "wire_bytes", "calls", "calls_per_size", "sizes", "attempt_sizes",
+                                "method")}
 
 
 def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dict) -> dict:

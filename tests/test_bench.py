@@ -136,3 +136,25 @@ def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
     got = fit_probe(sizes, [2e-3, 1e-3], 4)
     assert got["method"] == "largest" and got["alpha_s"] == 0.0
     assert got["beta_bytes_per_second"] == pytest.approx(1048576 * 1.5 / 1e-3)   # 2(N-1)/N at N = 4
+
+
+def test_probe_keeps_the_middle_half_of_its_rounds():
+    from ddp_fnn.bench import interquartile_mean
+    assert interquartile_mean([1, 2, 3, 4, 100]) == 3                  # the burst (100) and the best (1) dropped
+    assert interquartile_mean([5, 1, 100, 2, 3, 4, 6, 50]) == pytest.approx((3 + 4 + 5 + 6) / 4)
+    assert interquartile_mean([2.0, 4.0]) == 3.0                        # fewer than 4: the plain mean
+
+
+def test_probe_retries_larger_where_the_largest_size_is_not_slower_than_noise():
+    from ddp_fnn.bench import PROBE_MAX_TOP_BYTES, PROBE_MIN_SPREAD, probe_retry_top
+    mib = 1 << 20
+    # Loopback: 1 MiB takes about what 4 KiB does, so the line is noise: try 16 MiB.
+    assert probe_retry_top(mib, "least-squares", [1.0e-3, 1.1e-3, 1.2e-3, 1.5e-3, 2.0e-3]) == 16 * mib
+    # A fallback is retried too, whatever the spread.
+    assert probe_retry_top(mib, "two-point", [1e-3, 9e-3, 9e-3, 9e-3, 20e-3]) == 16 * mib
+    # The largest size is PROBE_MIN_SPREAD times the smallest: the bytes set the slope, no retry.
+    assert probe_retry_top(mib, "least-squares", [1e-3, 2e-3, 3e-3, 5e-3, PROBE_MIN_SPREAD * 1e-3]) is None
+    # No larger than PROBE_MAX_TOP_BYTES, or the largest bucket when that is larger already.
+    assert probe_retry_top(8 * mib, "largest", [1e-3, 1e-3]) == PROBE_MAX_TOP_BYTES
+    assert probe_retry_top(PROBE_MAX_TOP_BYTES, "largest", [1e-3, 1e-3]) is None
+    assert probe_retry_top(100 * mib, "largest", [1e-3, 1e-3]) is None

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import torchrun
-from ddp_fnn import stepfile
+from ddp_fnn import bench, stepfile
 from test_metrics import _Gateway
 from test_observe import check_trace
 
@@ -155,8 +155,13 @@ def test_the_probe_fits_and_its_traffic_is_counted_in_summary_and_prometheus(tmp
     assert probe["method"] in ("least-squares", "two-point", "largest")
     assert summary["prediction"]["beta_bytes_per_second"] > 0
     assert summary["predicted_comm_time_per_step_s"] > 0
-    # At N = 2 each rank sends the payload: 7 calls (2 warm-up + 5 timed) of each size.
-    assert probe["wire_bytes"] == probe["payload_bytes"] == 7 * sum(probe["sizes"])
+    # At N = 2 each rank sends the payload: every size of every attempt, all-reduced once
+    # per warm-up and timed round.
+    assert probe["calls_per_size"] == bench.PROBE_WARMUP_ROUNDS + bench.PROBE_ROUNDS
+    assert probe["sizes"] == probe["attempt_sizes"][-1] and len(probe["attempt_sizes"]) in (1, 2)
+    assert probe["wire_bytes"] == probe["payload_bytes"] == probe["calls_per_size"] * sum(
+        sum(a) for a in probe["attempt_sizes"])
+    assert probe["calls"] == probe["calls_per_size"] * sum(len(a) for a in probe["attempt_sizes"])
     assert max(probe["sizes"]) >= 1 << 20
     for _method, path, body in _Gateway.received:
         samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
