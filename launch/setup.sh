@@ -16,7 +16,7 @@ stamp="$venv/.ddp-fnn-installed"
 want=$(cat "$repo/pyproject.toml" "$repo/launch/constraints-cpu.txt" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$venv/bin/python" -m pip install --quiet -c "$repo/launch/constraints-cpu.txt" -e "$repo[test]" >&2
+    "$venv/bin/python" -m pip install --quiet -c "$repo/launch/constraints-cpu.txt" -e "$repo[test,plot]" >&2
     echo "$want" > "$stamp"
 fi
 echo "$venv"
