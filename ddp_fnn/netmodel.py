@@ -324,6 +324,68 @@ def mathis_rate(mss_bytes: float, rtt_s: float, loss: float, link_bytes_per_seco
 # one training step
 # ---------------------------------------------------------------------------------------
 
+BACKEND_CONCURRENCY = {"gloo": 2, "nccl": 1}
+"""All-reduces a backend runs at once. Gloo: ProcessGroupGloo serves its queue of async
+work with ``threads`` worker threads, 2 by default (``ProcessGroupGloo._Options()._threads``
+is 2 in torch 2.13), so DDP's buckets go two at a time -- seen in the step files as
+pairs of buckets that start apart and finish together. NCCL: one stream per process
+group, so one at a time."""
+
+
+def queue_allreduces(ready_s: Sequence[float], latency_s: Sequence[float], transfer_s: Sequence[float],
+                     concurrency: int = 1) -> list[tuple[float, float]]:
+    """(start, finish) of each all-reduce, in order, on a backend that runs up to
+    ``concurrency`` at once, first come first served: all-reduce k starts when it is ready
+    and a worker is free (never before k-1 started). It then spends ``latency_s[k]`` in
+    message latency (which overlaps with anything) and ``transfer_s[k]`` moving its bytes
+    at the full bus bandwidth -- or longer, since the all-reduces moving bytes at the same
+    time share that bandwidth equally (processor sharing: the link's rate is split, not
+    multiplied). At concurrency 1 this is start_k = max(ready_k, finish_{k-1}),
+    finish_k = start_k + latency_k + transfer_k."""
+    n = len(ready_s)
+    start, finish = [0.0] * n, [0.0] * n
+    left = [float(x) for x in transfer_s]          # seconds of transfer at the full bandwidth
+    lat_end: dict[int, float] = {}                 # started, in latency
+    moving: set[int] = set()                       # started, moving bytes
+    t, nxt = 0.0, 0
+    while nxt < n or lat_end or moving:
+        while nxt < n and len(lat_end) + len(moving) < concurrency and ready_s[nxt] <= t:
+            start[nxt] = t = max(t, ready_s[nxt])
+            lat_end[nxt] = t + latency_s[nxt]
+            nxt += 1
+        events = list(lat_end.values())
+        if moving:
+            events.append(t + min(left[k] for k in moving) * len(moving))
+        if nxt < n and len(lat_end) + len(moving) < concurrency:
+            events.append(ready_s[nxt])
+        t_next = min(events)
+        if moving:
+            share = (t_next - t) / len(moving)
+            for k in list(moving):
+                left[k] -= share
+                if left[k] <= 1e-15:
+                    moving.discard(k)
+                    finish[k] = t_next
+        t = t_next
+        for k, e in list(lat_end.items()):
+            if e <= t:
+                del lat_end[k]
+                if left[k] <= 0:
+                    finish[k] = t
+                else:
+                    moving.add(k)
+    return list(zip(start, finish))
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 @dataclass(frozen=True)
 class BucketTiming:
     index: int
@@ -383,7 +445,7 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
                   compute_time_s: float, bucket_mb: float | None = None, compression: str = "none",
                   algorithm: str = "ring", backward_fraction: float = 2 / 3,
                   first_bucket_mb: float | None = None,
-                  bucket_leads_s: Sequence[float] | None = None) -> StepEstimate:
+                  bucket_leads_s: Sequence[float] | None = None, concurrency: int = 1) -> StepEstimate:
     """Network load and exposed communication of one DDP step (model in the module docstring).
 
     ``alpha_s`` is the per-step latency (see ``latency_steps``), ``beta_bytes_per_second``
@@ -396,6 +458,10 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
     it replaces the model's assumption that backward's work is spread over the parameters
     in proportion to their count: bucket k is ready at B - lead_k, where B is backward's
     length (at least the largest lead). The queue after that is the same.
+
+    ``concurrency`` is how many all-reduces the backend runs at once (``queue_allreduces``;
+    ``BACKEND_CONCURRENCY``): 1 is the one-at-a-time queue. The comm time is the union of
+    the all-reduces' intervals, as a run measures it.
     """
     n = _check_world(world_size)
     if algorithm not in ALGORITHMS:
@@ -423,18 +489,22 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
         if any(not (x >= 0 and math.isfinite(x)) for x in leads):
             raise ValueError(f"bucket leads must be finite and >= 0 s, got {leads}")
         backward = max([backward, *leads])
-    timings = []
-    done = 0
-    finish = 0.0
+    if int(concurrency) != concurrency or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency}")
+    readies, payloads, done = [], [], 0
     for k, b in enumerate(layout):
         done += b.numel
-        ready = backward * done / total if bucket_leads_s is None else backward - leads[k]
-        payload = b.numel * elt
-        start = max(ready, finish)
-        finish = start + allreduce_time(payload, n, alpha_s, beta_bytes_per_second, algorithm)
-        timings.append(BucketTiming(b.index, b.numel, payload, ready, start, finish))
+        readies.append(backward * done / total if bucket_leads_s is None else backward - leads[k])
+        payloads.append(b.numel * elt)
+    latency = latency_steps(n, algorithm) * alpha_s
+    spans = queue_allreduces(readies, [latency] * len(layout),
+                             [allreduce_time(s, n, alpha_s, beta_bytes_per_second, algorithm) - latency
+                              for s in payloads], int(concurrency))
+    timings = [BucketTiming(b.index, b.numel, s, r, a, f)
+               for b, s, r, (a, f) in zip(layout, payloads, readies, spans)]
     payload_total = total * elt
-    comm = sum(t.finish_s - t.start_s for t in timings)
+    comm = _union([(t.start_s, t.finish_s) for t in timings])
+    finish = max((t.finish_s for t in timings), default=0.0)
     exposed = max(0.0, finish - backward) if n > 1 else 0.0
     step = compute_time_s + exposed
     return StepEstimate(

@@ -72,31 +72,45 @@ def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dic
 
     The model replays this run's measured bucket schedule (``bucket_schedule``: when each
     bucket was handed over, before the end of backward) with all-reduces of alpha + S/beta
-    queued one after another; where the schedule does not fit the model's bucket layout it
-    falls back to the model's own (``prediction.schedule`` says which). Predicted exposed
-    communication is this rank's measured wait for peers plus the model's exposed
-    transfer; the predicted step is compute plus that transfer (compute includes the wait:
-    it is the slowest rank's compute)."""
+    queued as the backend runs them (Gloo two at a time, netmodel.BACKEND_CONCURRENCY);
+    where the schedule does not fit the model's bucket layout it falls back to the
+    model's own (``prediction.schedule`` says which). Predicted exposed communication is
+    this rank's measured wait for peers plus the model's exposed transfer; the predicted
+    step is compute plus that transfer (compute includes the wait: it is the slowest
+    rank's compute)."""
     keys = ("predicted_comm_time_per_step_s", "predicted_exposed_comm_time_per_step_s", "predicted_step_time_s")
     empty = dict.fromkeys(keys) | {"prediction": None}
     if net is None or "step_time_mean_s" not in figures or cfg.compression == "powersgd":
         return empty
     wait = figures.get("wait_for_peers_per_step_s") or 0.0
-    compute = compute_time(figures)
-    # --sync allreduce is one bucket of everything, launched when backward ends.
-    bucket_mb = cfg.bucket_mb if cfg.sync == "ddp" else netmodel.parameter_bytes(cfg.layers) / 2 ** 20 + 1
-    leads = measured_leads(cfg.layers, bucket_mb, figures.get("bucket_schedule"))
-    est = netmodel.estimate_step(cfg.layers, world_size=world_size, alpha_s=alpha_per_step(net),
-                                 beta_bytes_per_second=net["beta_bytes_per_second"], compute_time_s=compute,
-                                 bucket_mb=bucket_mb, compression=cfg.compression, bucket_leads_s=leads)
+    est, leads = _estimate(list(cfg.layers), cfg.sync, cfg.bucket_mb, cfg.compression, figures.get("backend"),
+                           net, figures, world_size)
     return {
         "predicted_comm_time_per_step_s": est.comm_time_per_step_s,
         "predicted_exposed_comm_time_per_step_s": wait + est.exposed_comm_time_per_step_s,
         "predicted_step_time_s": est.step_time_s,
         "prediction": {k: v for k, v in net.items() if k != "times_s"}
-                      | {"compute_time_per_step_s": compute, "wait_for_peers_per_step_s": wait,
-                         "schedule": "linear" if leads is None else "measured"},
+                      | {"compute_time_per_step_s": est.compute_time_per_step_s, "wait_for_peers_per_step_s": wait,
+                         "schedule": "linear" if leads is None else "measured",
+                         "concurrency": netmodel.BACKEND_CONCURRENCY.get(figures.get("backend"), 1)},
     }
+
+
+def _estimate(layers: list[int], sync: str, bucket_mb: float, compression: str, backend: str | None, net: dict,
+              figures: dict, world_size: int, compute_scale: float = 1.0,
+              beta_bytes_per_second: float | None = None) -> tuple[netmodel.StepEstimate, list[float] | None]:
+    """The model at ``world_size`` from a run's figures and network fit (the one place
+    both the run's own prediction and ``from_run`` build it)."""
+    # --sync allreduce is one bucket of everything, launched when backward ends.
+    cap = bucket_mb if sync == "ddp" else netmodel.parameter_bytes(layers) / 2 ** 20 + 1
+    leads = measured_leads(layers, cap, figures.get("bucket_schedule"))
+    est = netmodel.estimate_step(
+        layers, world_size=world_size, alpha_s=alpha_per_step(net),
+        beta_bytes_per_second=beta_bytes_per_second or net["beta_bytes_per_second"],
+        compute_time_s=compute_time(figures) * compute_scale, bucket_mb=cap, compression=compression,
+        bucket_leads_s=None if leads is None else [x * compute_scale for x in leads],
+        concurrency=netmodel.BACKEND_CONCURRENCY.get(backend, 1))
+    return est, leads
 
 
 def alpha_per_step(net: dict) -> float:
@@ -136,20 +150,15 @@ def from_run(summary: dict, *, world_size: int, beta_bytes_per_second: float | N
     Carried over from the run: its compute per step (``compute_time``) and its measured
     bucket schedule, both times ``compute_scale`` (1 on separate machines; more where the
     target's ranks share CPU cores, as the nodes of a one-machine simulation do), its
-    probe's alpha per message step, and its bus bandwidth unless ``beta_bytes_per_second``
-    is given. The target's world size (and compression) set the all-reduce times. Raises
-    ValueError when the run has no probe fit to carry over."""
+    backend, its probe's alpha per message step, and its bus bandwidth unless
+    ``beta_bytes_per_second`` is given. The target's world size (and compression) set the
+    all-reduce times. Raises ValueError when the run has no probe fit to carry over."""
     cfg, net = summary.get("config") or {}, summary.get("prediction")
     if not net or net.get("alpha_s") is None or not cfg:
         raise ValueError("the run has no alpha-beta fit (summary.json 'prediction'): it ran without a probe")
     if not compute_scale > 0:
         raise ValueError(f"compute_scale must be > 0, got {compute_scale}")
-    layers = list(cfg["layers"])
-    bucket_mb = cfg["bucket_mb"] if cfg.get("sync", "ddp") == "ddp" else netmodel.parameter_bytes(layers) / 2 ** 20 + 1
-    leads = measured_leads(layers, bucket_mb, summary.get("bucket_schedule"))
-    return netmodel.estimate_step(
-        layers, world_size=world_size, alpha_s=alpha_per_step(net),
-        beta_bytes_per_second=beta_bytes_per_second or net["beta_bytes_per_second"],
-        compute_time_s=compute_time(summary) * compute_scale, bucket_mb=bucket_mb,
-        compression=compression or cfg.get("compression", "none"),
-        bucket_leads_s=None if leads is None else [x * compute_scale for x in leads])
+    est, _ = _estimate(list(cfg["layers"]), cfg.get("sync", "ddp"), cfg["bucket_mb"],
+                       compression or cfg.get("compression", "none"), summary.get("backend"), net, summary,
+                       world_size, compute_scale, beta_bytes_per_second)
+    return est

@@ -18,8 +18,9 @@ on loopback (torchrun --standalone; no shaping or faults there). What it writes 
 
 Two predictions per point:
 
-- ``pred_*``, the run's own (summary.json ``predicted_*``): its probe's alpha and beta,
-  its measured compute and bucket schedule, the model's queue of all-reduces (predict.py).
+- ``pred_*``, the run's own (summary.json ``predicted_*``, recomputed by the model as
+  it is now): its probe's alpha and beta, its measured compute, wait and bucket
+  schedule, the backend's queue of all-reduces (predict.py).
 - ``cal_*``, calibrated elsewhere: from the point of ``--calibrate-on`` nodes with the
   same link, buckets, compression and faults (predict.from_run), its compute scaled by
   the CPU share of this machine's cores (``compute_scale``): the nodes of a
@@ -281,9 +282,13 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     }
     net = summary.get("prediction") or {}
     row |= {"probe_method": net.get("method"), "alpha_s": net.get("alpha_s"),
-            "beta_bytes_per_second": net.get("beta_bytes_per_second"),
-            "pred_step_s": summary.get("predicted_step_time_s"), "pred_comm_s": summary.get("predicted_comm_time_per_step_s"),
-            "pred_exposed_s": summary.get("predicted_exposed_comm_time_per_step_s")}
+            "beta_bytes_per_second": net.get("beta_bytes_per_second")}
+    # The run's own prediction, by the model as it is now (the same as summary.json's
+    # predicted_* when the job ran this code): a model change re-reads old points.
+    if net.get("alpha_s") is not None:
+        est = predict.from_run(summary, world_size=p.nodes)
+        row |= {"pred_step_s": est.step_time_s, "pred_comm_s": est.comm_time_per_step_s,
+                "pred_exposed_s": (row["wait_s"] or 0.0) + est.exposed_comm_time_per_step_s}
     # The best round trip of the clock-offset ping-pongs: an idle RTT for Mathis' formula.
     bounds = [o.get("bound_start_s") for o in summary.get("clock_offsets") or [] if o.get("bound_start_s")]
     row["rtt_s"] = 2 * max(bounds) if bounds else None

@@ -316,6 +316,48 @@ def test_a_schedule_that_does_not_fit_the_layout_is_refused(leads):
                                compute_time_s=0.06, bucket_mb=2.0, bucket_leads_s=leads)
 
 
+def test_one_at_a_time_is_the_plain_queue():
+    spans = netmodel.queue_allreduces([0.0, 0.0, 5.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], concurrency=1)
+    assert spans == [(0.0, 3.0), (3.0, 6.0), (6.0, 9.0)]
+
+
+def test_two_at_a_time_overlap_their_latency_and_share_the_bandwidth():
+    # Two ready together: both pay latency 1 at once, then move 2 s of bytes each at half
+    # the bandwidth; the third waits for a free worker (the first to finish).
+    spans = netmodel.queue_allreduces([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], concurrency=2)
+    assert spans[0] == pytest.approx((0.0, 5.0)) and spans[1] == pytest.approx((0.0, 5.0))
+    # The third starts at 5, alone: 1 + 2.
+    assert spans[2] == pytest.approx((5.0, 8.0))
+    # A short one beside a long one: it gets half the bandwidth while both move.
+    spans = netmodel.queue_allreduces([0.0, 0.0], [0.0, 0.0], [4.0, 1.0], concurrency=2)
+    assert spans[1] == pytest.approx((0.0, 2.0)) and spans[0] == pytest.approx((0.0, 5.0))
+    # Bytes are conserved: the last finish is the total transfer when the link never idles.
+    assert max(f for _, f in spans) == pytest.approx(5.0)
+
+
+def test_gloos_concurrency_is_torchs_default_worker_threads():
+    import torch.distributed as dist
+
+    assert netmodel.BACKEND_CONCURRENCY["gloo"] == dist.ProcessGroupGloo._Options()._threads
+
+
+def test_estimate_step_with_gloos_two_workers_hides_one_latency_in_two():
+    widths = [1000, 1000, 1000, 1000, 10]
+    kw = dict(world_size=2, alpha_s=0.005, beta_bytes_per_second=1e8, compute_time_s=0.0, bucket_mb=2.0,
+              bucket_leads_s=[0.0, 0.0, 0.0])
+    one = netmodel.estimate_step(widths, concurrency=1, **kw)
+    two = netmodel.estimate_step(widths, concurrency=netmodel.BACKEND_CONCURRENCY["gloo"], **kw)
+    # Three buckets handed over together: one at a time pays 3 latencies of 2 steps each;
+    # two at a time pay buckets 0 and 1's together, and bucket 2's partly under bucket 0's
+    # last bytes; the bytes take as long either way.
+    transfer, latency = one.payload_bytes_per_step / 1e8, 2 * 0.005
+    assert one.exposed_comm_time_per_step_s == pytest.approx(transfer + 3 * latency)
+    assert transfer + latency < two.exposed_comm_time_per_step_s < transfer + 2 * latency
+    b = two.buckets
+    assert b[0].start_s == b[1].start_s == 0.0 and b[2].start_s == pytest.approx(min(b[0].finish_s, b[1].finish_s))
+    assert two.comm_time_per_step_s == pytest.approx(two.exposed_comm_time_per_step_s)   # a union, not a sum
+
+
 def test_compression_halves_the_payload_but_not_the_buckets():
     kw = dict(world_size=8, alpha_s=5e-6, beta_bytes_per_second=12.5e9, compute_time_s=0.01, bucket_mb=25)
     full = netmodel.estimate_step([4096, 4096, 4096, 10], **kw)
