@@ -3,14 +3,16 @@
 step_time.png   step time against link rate, one panel per bucket cap and wire dtype:
                 measured points (one marker a world size) and the model's lines,
                 calibrated on the smallest world size's run at the slowest shaped link
-                (predict.from_run), with the link rate below which the step becomes
+                (predict.from_run), the bus bandwidth eta x rate (eta: that run's probe
+                beta over its link rate) capped at the unshaped run's probe beta (the
+                path's own ceiling), with the link rate below which the step becomes
                 network-bound (the predicted exposed communication exceeds the compute)
 comm_share.png  the same for the share of the step spent in exposed communication
 fabric.png      with several --loss values: mean and p99 step time, busbw beside the
                 Mathis estimate, retransmitted segments and transfer time against loss
 
-Unshaped points have no link rate; they are drawn at their measured bus bandwidth, and
-the lines assume the shaped links' efficiency (probe beta / link rate) holds there.
+Unshaped points have no link rate; they are drawn at the axis' right edge, where the
+lines have reached the ceiling.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def model_lines(cfg, rows: list[dict], out: Path) -> dict:
     for key in sorted({(r["bucket_mb"], r["compression"]) for r in ok}):
         cands = [r for r in ok if (r["bucket_mb"], r["compression"]) == key and r["nodes"] == base_n]
         shaped = [r for r in cands if r["link_rate"] != "unshaped"]
+        unshaped = [r for r in cands if r["link_rate"] == "unshaped"]
         if shaped:
             base = min(shaped, key=lambda r: netmodel.parse_rate(r["link_rate"]))
             eta = base["beta_bytes_per_second"] / netmodel.parse_rate(base["link_rate"])
@@ -58,26 +61,34 @@ def model_lines(cfg, rows: list[dict], out: Path) -> dict:
             base, eta = cands[0], 1.0
         else:
             continue
+        # The path's own ceiling: what the unshaped run's probe found (on namespace nodes,
+        # the CPU moving frames through veth and the bridge).
+        ceiling = unshaped[0]["beta_bytes_per_second"] if unshaped else math.inf
         summary = _summary(out, base["point"])
         per_n = {}
         for n in sorted({r["nodes"] for r in ok}):
             scale = cfg.compute_scale(n, base_n)
-            ests = [predict.from_run(summary, world_size=n, compute_scale=scale, beta_bytes_per_second=eta * x)
-                    for x in rates]
+            ests = [predict.from_run(summary, world_size=n, compute_scale=scale,
+                                     beta_bytes_per_second=min(eta * x, ceiling)) for x in rates]
             bound = next((x for x, e in zip(reversed(rates), reversed(ests))
                           if e.exposed_comm_time_per_step_s > e.compute_time_per_step_s), None)
             per_n[n] = {"step": [e.step_time_s for e in ests],
                         "share": [e.exposed_comm_time_per_step_s / e.step_time_s for e in ests],
                         "network_bound_below_bytes_per_second": bound}
-        lines[key] = {"base": base["point"], "eta": eta, "rates": rates, "per_n": per_n}
+        lines[key] = {"base": base["point"], "eta": eta, "ceiling": ceiling, "rates": rates, "per_n": per_n}
     return lines
 
 
-def _x(row: dict, eta: float) -> float:
-    """A point's link rate in Mbit/s; an unshaped one's measured busbw as if shaped links' eta held."""
+UNSHAPED_X = 1e4
+"""Where unshaped points sit on the link-rate axis (Mbit/s): its right edge, where the
+lines have reached the path's own ceiling."""
+
+
+def _x(row: dict) -> float:
+    """A point's link rate in Mbit/s (unshaped: the axis' right edge)."""
     if row["link_rate"] != "unshaped":
         return netmodel.parse_rate(row["link_rate"]) / MBIT
-    return row["busbw_bytes_per_second"] / eta / MBIT
+    return UNSHAPED_X
 
 
 def draw(cfg, rows: list[dict], out: Path) -> list[Path]:
@@ -87,8 +98,13 @@ def draw(cfg, rows: list[dict], out: Path) -> list[Path]:
     if lines:
         for name, ylabel, field, scale in (("step_time.png", "step time (ms)", "step", 1e3),
                                            ("comm_share.png", "exposed communication / step (%)", "share", 100)):
-            fig, axes = plt.subplots(1, len(lines), figsize=(5.2 * len(lines), 4.2), squeeze=False, sharey=True)
-            for ax, ((bucket, comp), m) in zip(axes[0], lines.items()):
+            cols = min(2, len(lines))
+            rows_ = math.ceil(len(lines) / cols)
+            fig, grid = plt.subplots(rows_, cols, figsize=(6 * cols, 4.2 * rows_), squeeze=False, sharey=True)
+            axes = [a for row in grid for a in row]
+            for ax in axes[len(lines):]:
+                ax.set_visible(False)
+            for ax, ((bucket, comp), m) in zip(axes, lines.items()):
                 colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
                 for i, (n, pred) in enumerate(m["per_n"].items()):
                     c = colours[i % len(colours)]
@@ -98,20 +114,21 @@ def draw(cfg, rows: list[dict], out: Path) -> list[Path]:
                            and r["compression"] == comp and r["loss_percent"] == 0 and not r["queue_limit_bytes"]]
                     ys = [r["step_mean_s"] * scale if field == "step" else r["exposed_s"] / r["step_mean_s"] * scale
                           for r in pts]
-                    ax.plot([_x(r, m["eta"]) for r in pts], ys, "o", color=c, label=f"{n} nodes, measured")
+                    ax.plot([_x(r) for r in pts], ys, "o", color=c, label=f"{n} nodes, measured")
                     bound = pred["network_bound_below_bytes_per_second"]
                     if bound:
                         ax.axvline(bound / MBIT, color=c, ls=":", lw=1)
                 ax.set_xscale("log")
-                ax.set_xlabel("link rate (Mbit/s); dotted: network-bound below")
+                ax.set_xlabel("link rate (Mbit/s; unshaped at the right edge); dotted: network-bound below")
                 ax.set_title(f"bucket cap {bucket:g} MiB, {'fp32' if comp == 'none' else comp} on the wire",
                              fontsize=10)
                 ax.grid(True, which="both", alpha=0.3)
-            axes[0][0].set_ylabel(ylabel)
+            for row in grid:
+                row[0].set_ylabel(ylabel)
             if field == "step":
-                for ax in axes[0]:
+                for ax in axes:
                     ax.set_yscale("log")
-            axes[0][-1].legend(fontsize=7)
+            axes[len(lines) - 1].legend(fontsize=7)
             fig.suptitle(f"ddp-fnn sweep: layers {','.join(map(str, cfg.layers))}, {cfg.rows_per_rank} rows a rank; "
                          f"lines calibrated on {cfg.calibrate_on or min(cfg.nodes)} nodes", fontsize=10)
             fig.tight_layout()
