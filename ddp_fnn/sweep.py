@@ -420,6 +420,22 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
             f"{_ms(r['pred_step_s'])} | {_pct(r['step_error'])} | {_ms(r['pred_exposed_s'])} | "
             f"{_pct(r['exposed_error'])} | {_ms(r['cal_step_s'])} | {_pct(r['cal_step_error'])} | "
             f"{r['retransmits_per_step']:.1f} |")
+    if any(r["loss_percent"] or r["queue_limit_bytes"] for r in rows):
+        lines += ["", "Faults: what TCP saw (retransmitted segments per step, all nodes; frames the switch "
+                  "dropped over the run), the bus bandwidth beside Mathis et al.'s estimate for the "
+                  "configured loss and the clock ping-pong's RTT, capped by the link.", "",
+                  "| nodes | link | buckets | loss % | queue B | step ms | p99 ms | transfer ms | busbw MB/s | "
+                  "Mathis MB/s | retrans/step | dropped |", "|" + "---|" * 12]
+        for r in rows:
+            if r["status"] != "ok":
+                continue
+            mathis = r["mathis_busbw_bytes_per_second"]
+            lines.append(
+                f"| {r['nodes']} | {r['link_rate']} | {r['buckets']} | {r['loss_percent']:g} | "
+                f"{r['queue_limit_bytes'] or ''} | {_ms(r['step_mean_s'])} | {_ms(r['step_p99_s'])} | "
+                f"{_ms(r['transfer_s'])} | {r['busbw_bytes_per_second'] / 1e6:.1f} | "
+                f"{'' if mathis is None else f'{mathis / 1e6:.1f}'} | {r['retransmits_per_step']:.1f} | "
+                f"{(r['loss_dropped_packets'] or 0) + (r['tc_dropped_packets'] or 0)} |")
     return "\n".join(lines) + "\n"
 
 
