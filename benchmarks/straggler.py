@@ -34,7 +34,8 @@ in such pairs, 0.88-0.97 in quiet ones, docs/metrics.md). So every run records w
 of the machine's CPUs other processes took meanwhile (/proc/stat's busy time minus the
 run's own CPU time), and a pair in which either run saw more than --max-others-share
 (10 %) is printed, marked DISTURBED and repeated, up to --retries times; the round then
-counts its least disturbed pair (still marked so). Exit status 0 when every claim holds.
+counts its least disturbed pair (still marked so). Before each pair it waits (up to
+--quiet-wait seconds) for 2 s in which other jobs took no more than that share. Exit status 0 when every claim holds.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def busy_cpu_s() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(limit: float, max_wait_s: float, window_s: float = 2.0) -> float | None:
+    """Before a pair: wait (up to ``max_wait_s``) for a ``window_s`` in which the machine's
+    other jobs took at most ``limit`` of its CPUs (nothing of ours runs now, so all the busy
+    time is theirs). Returns the last window's share; on a shared machine a load comes and
+    goes over minutes, and a pair started into one is disturbed for certain."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0, t0 = busy_cpu_s(), time.monotonic()
+        time.sleep(window_s)
+        b1, t1 = busy_cpu_s(), time.monotonic()
+        if b0 is None or b1 is None:
+            return None
+        busy = (b1 - b0) / ((t1 - t0) * os.cpu_count())
+        if busy <= limit or t1 >= deadline:
+            return busy
 
 
 def children_cpu_s() -> float:
@@ -262,6 +280,8 @@ def main() -> int:
                    "CPUs (either run) is disturbed and repeated (default 0.10)")
     p.add_argument("--retries", type=nonnegative, default=3, help="repeats of a disturbed pair before the round counts "
                    "its least disturbed one (default 3)")
+    p.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait, before each pair, for the "
+                   "machine to be quiet by --max-others-share (default 120)")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary directory, "
                    "removed)")
     p.add_argument("--json", dest="json_file", type=Path, default=None, help="write every figure here")
@@ -278,6 +298,7 @@ def main() -> int:
                 order = [False, True] if r % 2 == 0 else [True, False]
                 attempts = []
                 for attempt in range(args.retries + 1):
+                    wait_for_quiet(args.max_others_share, args.quiet_wait)
                     tag = f"round{r + 1}-n{n}" + (f"-retry{attempt}" if attempt else "")
                     got = {s: run_one(n, s, out / f"{tag}-{'straggler' if s else 'clean'}", args) for s in order}
                     runs += [got[s] for s in order]
@@ -298,7 +319,8 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
     result = {"settings": {"world_sizes": args.world_sizes, "rounds": args.rounds, "steps": args.steps,
                            "rows_per_rank": args.rows_per_rank, "threads": args.threads,
-                           "max_others_share": args.max_others_share, "retries": args.retries, "slow_rank": SLOW_RANK,
+                           "max_others_share": args.max_others_share, "retries": args.retries,
+                           "quiet_wait_s": args.quiet_wait, "slow_rank": SLOW_RANK,
                            "slow_ms": SLOW_MS, "train": TRAIN, "argv": sys.argv},
               "world_sizes": {}, "runs": runs}
     for n, rounds in per_n.items():
