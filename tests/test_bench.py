@@ -152,8 +152,11 @@ def test_probe_retries_larger_where_the_largest_size_is_not_slower_than_noise():
     assert probe_retry_top(mib, "least-squares", [1.0e-3, 1.1e-3, 1.2e-3, 1.5e-3, 2.0e-3]) == 16 * mib
     # A fallback is retried too, whatever the spread.
     assert probe_retry_top(mib, "two-point", [1e-3, 6e-3, 6e-3, 6e-3, 5e-3]) == 16 * mib
-    # The largest size is PROBE_MIN_SPREAD times the smallest: the bytes set the slope, no retry.
-    assert probe_retry_top(mib, "least-squares", [1e-3, 2e-3, 3e-3, 5e-3, PROBE_MIN_SPREAD * 1e-3]) is None
+    # The largest size is PROBE_MIN_SPREAD times the smallest and takes PROBE_MIN_TOP_S:
+    # the bytes set the slope, no retry.
+    assert probe_retry_top(mib, "least-squares", [1e-3, 2e-3, 3e-3, 5e-3, PROBE_MIN_SPREAD * 2e-3]) is None
+    # The spread alone is not enough where the largest size is faster than scheduling noise.
+    assert probe_retry_top(mib, "least-squares", [0.4e-3, 1e-3, 2e-3, 3e-3, 4e-3]) == 16 * mib
     # No larger than PROBE_MAX_TOP_BYTES, or the largest bucket when that is larger already.
     assert probe_retry_top(8 * mib, "largest", [1e-3, 1e-3]) == PROBE_MAX_TOP_BYTES
     assert probe_retry_top(PROBE_MAX_TOP_BYTES, "largest", [1e-3, 1e-3]) is None
