@@ -233,11 +233,23 @@ PROBE_WARMUP_ROUNDS = 1
 PROBE_MIN_SPREAD = 8.0
 """The largest size must take at least this many times as long as the smallest for the
 line to be trusted: then bytes, not per-call latency and scheduling noise, set its slope."""
+PROBE_MIN_TOP_S = 0.01
+"""... and take at least this long: scheduling on a shared host costs milliseconds a
+call, so a largest size faster than that fits a line whose slope is not the bytes' even
+when the spread passes (on a quiet loopback moment, 4 KiB in 0.4 ms and 1 MiB in 4 ms
+gave beta 272 MB/s where 16 MiB gives about 1,000 MB/s)."""
 PROBE_GROWTH = 16
 """Where the first sizes fall short of PROBE_MIN_SPREAD, the one retry's largest size is
 this many times the first's ..."""
 PROBE_MAX_TOP_BYTES = 64 << 20
-"""... but no larger than this (or the largest bucket, if that is larger)."""
+"""... but no larger than this (or the largest bucket, if that is larger) ..."""
+PROBE_RETRY_MAX_CALL_S = 0.1
+"""... and no larger than one call of this many seconds at the first largest size's time
+per byte (an overestimate: that time includes the latency). Where the largest size
+already takes tens of milliseconds, as on a slow link with a large latency, bytes do set
+the slope, and a size 16 times larger would cost seconds; where it is small, as on
+loopback, it costs a few hundred milliseconds. A retry less than 4 times larger is not
+made."""
 
 
 def probe(world: _World, largest_bytes: int, points: int = 5, rounds: int = PROBE_ROUNDS,
@@ -259,11 +271,13 @@ def probe(world: _World, largest_bytes: int, points: int = 5, rounds: int = PROB
     (docs/links.md).
 
     Its quality is checked: least squares must fit, and the largest size must take at
-    least ``PROBE_MIN_SPREAD`` times as long as the smallest. On loopback 1 MiB costs
+    least ``PROBE_MIN_SPREAD`` times as long as the smallest and at least
+    ``PROBE_MIN_TOP_S``. On loopback 1 MiB costs
     about what 4 KiB does (both a few hundred microseconds to milliseconds of wake-ups),
     so a line through them is noise; if the check fails, the probe runs once more with
     the largest size ``PROBE_GROWTH`` times larger (at most ``PROBE_MAX_TOP_BYTES``, or
-    the largest bucket) and keeps that answer. Every rank sees the same times, so every
+    the largest bucket, and at most what one call of ``PROBE_RETRY_MAX_CALL_S`` moves at
+    the first attempt's rate) and keeps that answer. Every rank sees the same times, so every
     rank takes the same decision.
 
     It always answers. Where least squares still finds no growing line, it falls back,
@@ -311,12 +325,16 @@ def _probe_sizes(top: int, points: int) -> list[int]:
 
 def probe_retry_top(top: int, method: str, times: list[float]) -> int | None:
     """The largest size of the probe's retry, or None when the fit passes its check (least
-    squares, and the largest size at least PROBE_MIN_SPREAD times as slow as the smallest)
-    or when there is no larger size to try."""
-    if method == "least-squares" and times[-1] >= PROBE_MIN_SPREAD * times[0]:
+    squares, and the largest size at least PROBE_MIN_SPREAD times as slow as the smallest
+    and at least PROBE_MIN_TOP_S long)
+    or when no size at least 4 times larger is within PROBE_MAX_TOP_BYTES and
+    PROBE_RETRY_MAX_CALL_S (times[-1] is the largest size's, ``top``'s, time)."""
+    if method == "least-squares" and times[-1] >= max(PROBE_MIN_SPREAD * times[0], PROBE_MIN_TOP_S):
         return None
-    bigger = min(top * PROBE_GROWTH, max(top, PROBE_MAX_TOP_BYTES))
-    return bigger if bigger > top else None
+    by_time = int(top * PROBE_RETRY_MAX_CALL_S / times[-1]) if times[-1] > 0 else top * PROBE_GROWTH
+    bigger = min(top * PROBE_GROWTH, max(top, PROBE_MAX_TOP_BYTES), by_time)
+    bigger -= bigger % 4
+    return bigger if bigger >= 4 * top else None
 
 
 def _interleaved_times(world: _World, sizes: list[int], rounds: int, warmup: int) -> list[float]:

@@ -151,10 +151,18 @@ def test_probe_retries_larger_where_the_largest_size_is_not_slower_than_noise():
     # Loopback: 1 MiB takes about what 4 KiB does, so the line is noise: try 16 MiB.
     assert probe_retry_top(mib, "least-squares", [1.0e-3, 1.1e-3, 1.2e-3, 1.5e-3, 2.0e-3]) == 16 * mib
     # A fallback is retried too, whatever the spread.
-    assert probe_retry_top(mib, "two-point", [1e-3, 9e-3, 9e-3, 9e-3, 20e-3]) == 16 * mib
-    # The largest size is PROBE_MIN_SPREAD times the smallest: the bytes set the slope, no retry.
-    assert probe_retry_top(mib, "least-squares", [1e-3, 2e-3, 3e-3, 5e-3, PROBE_MIN_SPREAD * 1e-3]) is None
+    assert probe_retry_top(mib, "two-point", [1e-3, 6e-3, 6e-3, 6e-3, 5e-3]) == 16 * mib
+    # The largest size is PROBE_MIN_SPREAD times the smallest and takes PROBE_MIN_TOP_S:
+    # the bytes set the slope, no retry.
+    assert probe_retry_top(mib, "least-squares", [1e-3, 2e-3, 3e-3, 5e-3, PROBE_MIN_SPREAD * 2e-3]) is None
+    # The spread alone is not enough where the largest size is faster than scheduling noise.
+    assert probe_retry_top(mib, "least-squares", [0.4e-3, 1e-3, 2e-3, 3e-3, 4e-3]) == 16 * mib
     # No larger than PROBE_MAX_TOP_BYTES, or the largest bucket when that is larger already.
     assert probe_retry_top(8 * mib, "largest", [1e-3, 1e-3]) == PROBE_MAX_TOP_BYTES
     assert probe_retry_top(PROBE_MAX_TOP_BYTES, "largest", [1e-3, 1e-3]) is None
     assert probe_retry_top(100 * mib, "largest", [1e-3, 1e-3]) is None
+    # No larger than one call of PROBE_RETRY_MAX_CALL_S at the first largest size's rate:
+    # 1 MiB in 10 ms allows 10 MiB; 1.5 MB in 100 ms (4 namespace nodes, a 14 ms smallest
+    # size) allows nothing 4 times larger, so no retry.
+    assert probe_retry_top(mib, "least-squares", [2e-3, 4e-3, 6e-3, 8e-3, 10e-3]) == 10 * mib
+    assert probe_retry_top(1_600_000, "least-squares", [14e-3, 16e-3, 20e-3, 40e-3, 100e-3]) is None
