@@ -7,7 +7,8 @@ traffic is in summary.json and in Prometheus, and what it costs.
 
 Per run it prints one line: the fit's method, alpha, beta, the probe's wire bytes in
 summary.json, and the probe counters scraped from every rank's /metrics in the run's
---metrics-linger window after its last step (``ddp_fnn_probe_wire_bytes_total`` and ``ddp_fnn_probe_payload_bytes_total``,
+--metrics-linger window after its last step (``ddp_fnn_probe_wire_bytes_total`` and
+``ddp_fnn_probe_payload_bytes_total``,
 compared with summary.json's ``probe``). A demo run is scraped on 127.0.0.1; a
 namespace node from inside its namespace (``ip netns exec ... curl``). For namespace
 runs it also compares each node's kernel TX payload (netstats.json: TX bytes less one
