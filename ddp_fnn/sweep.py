@@ -25,10 +25,10 @@ Two predictions per point:
   same link, buckets, compression and faults (predict.from_run), its compute scaled by
   the CPU share of this machine's cores (``compute_scale``): the nodes of a
   one-machine cluster share its cores, so N workers with one thread each on C cores
-  compute max(1, N / C) times slower than one. The same cores move every node's frames
-  through veth and the bridge, so the path's own ceiling (the unshaped run's bus
-  bandwidth) shrinks by the same factor (``calibrated_beta``). On separate machines the
-  scale is 1 and neither applies.
+  compute max(1, N / C) times slower than one. On separate machines the scale is 1. The
+  bus bandwidth is the calibration run's: the same cores also move every node's frames
+  through veth and the bridge, which no smaller run shows (docs/netmodel.md says what
+  that costs the prediction here).
 
 Measured figures are rank 0's (summary.json's top level) unless said otherwise; p99 of
 the step time comes from its step file (steps after the first, as the summary's).
@@ -349,10 +349,8 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
             base = p.sibling(cfg.calibrate_on) if cfg.calibrate_on is not None else None
             if base is not None and base != p and base in measured:
                 scale = cfg.compute_scale(p.nodes, base.nodes)
-                beta = calibrated_beta(measured, base, scale)
                 try:
-                    est = predict.from_run(measured[base]["_summary"], world_size=p.nodes, compute_scale=scale,
-                                           beta_bytes_per_second=beta)
+                    est = predict.from_run(measured[base]["_summary"], world_size=p.nodes, compute_scale=scale)
                 except ValueError:
                     est = None
                 if est is not None:
@@ -362,22 +360,6 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
                             "cal_exposed_error": _err(est.exposed_comm_time_per_step_s, row["exposed_s"])}
         rows.append({c: row.get(c) for c in COLUMNS})
     return rows
-
-
-def calibrated_beta(measured: dict, base: Point, scale: float) -> float | None:
-    """The bus bandwidth carried from the calibration run ``base`` to a world size whose
-    workers are ``scale`` times more crowded on this machine's cores: the base run's probe
-    beta, but no more than the path's own ceiling -- the unshaped run's beta at the base's
-    world size, where the cores moving every node's frames (veth, the bridge) set the
-    rate -- divided by ``scale``, since the same cores then move frames for more nodes.
-    None (the base's beta as it is) without an unshaped base run or when scale is 1."""
-    beta = measured[base].get("beta_bytes_per_second")
-    free = Point(base.nodes, None, base.bucket_mb, base.compression, base.loss_percent, base.queue_limit_bytes,
-                 base.repeat)
-    ceiling = measured.get(free, {}).get("beta_bytes_per_second")
-    if beta is None or ceiling is None or scale == 1.0:
-        return None
-    return min(beta, ceiling / scale)
 
 
 def validation(rows: list[dict]) -> dict:

@@ -68,10 +68,8 @@ def model_lines(cfg, rows: list[dict], out: Path) -> dict:
         per_n = {}
         for n in sorted({r["nodes"] for r in ok}):
             scale = cfg.compute_scale(n, base_n)
-            # The same cores move more nodes' frames: the ceiling shrinks as the compute
-            # slows (sweep.calibrated_beta).
             ests = [predict.from_run(summary, world_size=n, compute_scale=scale,
-                                     beta_bytes_per_second=min(eta * x, ceiling / scale)) for x in rates]
+                                     beta_bytes_per_second=min(eta * x, ceiling)) for x in rates]
             bound = next((x for x, e in zip(reversed(rates), reversed(ests))
                           if e.exposed_comm_time_per_step_s > e.compute_time_per_step_s), None)
             per_n[n] = {"step": [e.step_time_s for e in ests],

@@ -71,18 +71,6 @@ def test_the_compute_scale_is_the_share_of_the_hosts_cores():
     assert sweep.SweepConfig(out=None, host_cores=8).compute_scale(4, 2) == 1.0
 
 
-def test_the_calibrated_bandwidth_is_capped_by_the_shared_paths_ceiling():
-    shaped = sweep.Point(2, "200mbit", 25.0, "none", 0.0, None)
-    free = sweep.Point(2, None, 25.0, "none", 0.0, None)
-    measured = {shaped: {"beta_bytes_per_second": 20e6}, free: {"beta_bytes_per_second": 30e6}}
-    # Twice as crowded: the cores that moved 30 MB/s a node now move 15 for each.
-    assert sweep.calibrated_beta(measured, shaped, 2.0) == 15e6
-    assert sweep.calibrated_beta(measured, shaped, 1.25) == 20e6       # the link still binds first
-    assert sweep.calibrated_beta(measured, free, 2.0) == 15e6
-    assert sweep.calibrated_beta(measured, shaped, 1.0) is None        # not crowded: the base's own beta
-    assert sweep.calibrated_beta({shaped: measured[shaped]}, shaped, 2.0) is None   # no unshaped run to know
-
-
 # ---------------------------------------------------------------------------------------
 # a real sweep on loopback
 # ---------------------------------------------------------------------------------------
