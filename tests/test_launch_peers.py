@@ -87,13 +87,15 @@ def check_split(n, slow, clean):
     # Gloo starts sending as soon as a rank calls the all-reduce, so an early rank's first
     # chunk is already in the late one's socket buffer when it gets there. A single pair
     # of runs, which is all this test has, moves by 0.79..1.25 between rounds even on a
-    # quiet machine, so the margin here is 30 %: a guard against a broken split, the
-    # 20 % claim is the benchmark's.
+    # quiet machine, and at 2 ranks the transfer is ~10 ms, where waking the rank that
+    # slept costs a scheduler tick or two (one suite run: 11.8 against 8.7 ms). So the
+    # margin here is 30 % + 3 ms: a guard against a broken split (wait counted as
+    # transfer would add the straggler's 20 ms); the 20 % claim is the benchmark's.
     for r in range(n):
         t = statistics.median(d["transfer_s"] for d in steps[r])
         t0 = statistics.median(d["transfer_s"] for d in clean_steps[r])
         print(f"n={n} rank {r}: transfer {t * 1e3:.2f} ms with the straggler, {t0 * 1e3:.2f} ms without")
-        assert t == pytest.approx(t0, rel=0.30)
+        assert abs(t - t0) <= 0.30 * t0 + 0.003, (t, t0)
 
 
 def test_a_slow_rank_makes_the_others_wait_and_is_named(runs):
