@@ -475,8 +475,10 @@ def parse_list(option: str, text: str, kind: str) -> tuple:
                 if not math.isfinite(x):
                     raise ValueError
                 out.append(x)
-            elif kind == "rate":
-                out.append(None if v in ("unshaped", "none") else (netmodel.parse_rate(v), v)[1])
+            elif kind == "rate":               # kept as written (tc's syntax), checked here
+                if v not in ("unshaped", "none"):
+                    netmodel.parse_rate(v)
+                out.append(None if v in ("unshaped", "none") else v)
             elif kind == "bytes":
                 out.append(None if v in ("none", "0") else int(v))
                 if out[-1] is not None and out[-1] < 1:
