@@ -378,6 +378,8 @@ def queue_allreduces(ready_s: Sequence[float], latency_s: Sequence[float], trans
 
 
 def _union(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals: observe.union_length's definition, here because
+    observe brings torch with it and this module stays pure arithmetic."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         if b > end:

@@ -49,7 +49,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ddp_fnn import netmodel, predict, strictjson
+from ddp_fnn import netmodel, predict, stepfile, strictjson
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "launch" / "netns-cluster.sh"
@@ -125,10 +125,15 @@ class SweepConfig:
         if any(p > 0 for p in self.losses) and not 0 <= self.loss_node < min(self.nodes):
             raise ValueError(f"--loss-node {self.loss_node} is not a node of the smallest world size "
                              f"{min(self.nodes)}")
-        for option, v in (("--rows-per-rank", self.rows_per_rank), ("--steps", self.steps),
-                          ("--repeat", self.repeat), ("--host-cores", self.host_cores)):
+        for option, v in (("--rows-per-rank", self.rows_per_rank), ("--repeat", self.repeat),
+                          ("--host-cores", self.host_cores)):
             if v < 1:
                 raise ValueError(f"{option} must be >= 1, got {v}")
+        for c in self.compressions:
+            if c not in netmodel.COMPRESSION_BYTES:
+                raise ValueError(f"--compression: bad value {c!r} ({', '.join(netmodel.COMPRESSION_BYTES)})")
+        if any(not b > 0 for b in self.bucket_mbs):
+            raise ValueError(f"--bucket-mb: every cap must be > 0, got {','.join(f'{b:g}' for b in self.bucket_mbs)}")
         if self.steps < 3:
             raise ValueError(f"--steps must be >= 3 (the first step is DDP's bucket rebuild), got {self.steps}")
         if self.calibrate_on is not None and self.calibrate_on not in self.nodes:
@@ -224,9 +229,8 @@ def run_point(cfg: SweepConfig, p: Point) -> tuple[bool, Path]:
         old = json.loads(done.read_text())
         if {k: old.get(k) for k in ident} == ident and old.get("ok"):
             return True, pdir
-        shutil.rmtree(pdir)                  # a failed run is tried again
     if pdir.exists():
-        shutil.rmtree(pdir)                  # an interrupted run of this point: nothing complete in it
+        shutil.rmtree(pdir)                  # a failed or interrupted run of this point: tried again
     pdir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}      # one thread a worker: compute_scale's premise
     with open(pdir / "run.log", "wb") as log:
@@ -249,18 +253,17 @@ def strictjson_write(path: Path, data) -> None:
 # ---------------------------------------------------------------------------------------
 
 def quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default, 'inclusive')."""
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """The q-quantile by statistics' inclusive method (linear between order statistics),
+    as metrics.Summary computes step_time_p95_s."""
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     """The measured columns of a complete point."""
-    summary = json.loads((pdir / "node0" / "summary.json").read_text())
-    steps = [json.loads(line) for line in (pdir / "node0" / "steps-rank0.jsonl").read_text().splitlines()
-             if line.strip()]
+    summary = strictjson.loads((pdir / "node0" / "summary.json").read_text())
+    steps = stepfile.read(pdir / "node0" / "steps-rank0.jsonl")
     step_s = [s["step_s"] for s in steps[1:]] or [s["step_s"] for s in steps]
     ranks = summary.get("ranks") or [summary]
     tcp = [r.get("tcp") or {} for r in ranks]
@@ -297,7 +300,7 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     row["rtt_s"] = 2 * max(bounds) if bounds else None
     netstats = pdir / "netstats.json"
     if netstats.is_file():
-        ns = json.loads(netstats.read_text())
+        ns = strictjson.loads(netstats.read_text())
         # Node k runs rank k (c10d ranks the nodes by host name, node0, node1, ...).
         payload_tx = [n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES for n in ns["nodes"]]
         row["kernel_tx_payload_bytes"] = max(payload_tx)
@@ -532,10 +535,3 @@ def main(cfg: SweepConfig) -> int:
         return 1
     return 0
 
-
-def check_plotting() -> None:
-    """Before any point runs: --plot needs matplotlib (ValueError naming the fix)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'ddp-fnn[plot]' (or pass --no-plot)") from None

@@ -26,12 +26,19 @@ from ddp_fnn import netmodel, predict
 MBIT = 1e6 / 8          # bytes/s in one Mbit/s
 
 
-def _plt():
+def check_plotting() -> None:
+    """ValueError naming the fix when matplotlib is missing (sweep --plot checks it before
+    any job runs)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("the sweep's plots need matplotlib: pip install 'ddp-fnn[plot]' "
-                         "(or pass --no-plot)") from None
+        raise ValueError("--plot needs matplotlib: pip install 'ddp-fnn[plot]' (or pass --no-plot)") from None
+
+
+def _plt():
+    check_plotting()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
