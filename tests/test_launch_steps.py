@@ -94,6 +94,25 @@ def test_buckets_overlap_backward_so_exposed_is_less_than_comm(run):
         assert any(c["start_s"] < d["ready_s"] for d in later for c in d["collectives"])
 
 
+def test_summarys_bucket_schedule_is_the_step_files_hand_overs(run):
+    """The schedule the prediction replays: each bucket's mean lead before the step's
+    ready, over the steps after DDP's one-bucket first step, as the step file records them."""
+    out, steps, _, _ = run
+    summary = json.loads((out / "summary.json").read_text())
+    later = steps[0][1:]
+    schedule = summary["bucket_schedule"]
+    assert len(schedule) == len(later[-1]["collectives"]) >= 3
+    for k, b in enumerate(schedule):
+        assert b["bucket"] == k and b["payload_bytes"] == later[-1]["collectives"][k]["payload_bytes"]
+        assert b["lead_s"] == pytest.approx(
+            statistics.fmean(d["ready_s"] - d["collectives"][k]["start_s"] for d in later), rel=1e-9, abs=1e-12)
+        assert b["duration_s"] == pytest.approx(
+            statistics.fmean(c["end_s"] - c["start_s"] for d in later for c in d["collectives"][k:k + 1]), rel=1e-9)
+    # Handed over in order during backward: leads fall to 0 at the last bucket.
+    leads = [b["lead_s"] for b in schedule]
+    assert leads == sorted(leads, reverse=True) and leads[-1] == 0 and leads[0] > 0
+
+
 def test_comm_span_and_exposed_agree_with_ddps_own_logger(run):
     """DDP's logger: comm interval = first bucket launch .. end of finalize (a span);
     its exposed = comm end - compute end. Means after warm-up within 10%."""

@@ -102,6 +102,7 @@ def test_a_loopback_sweep_writes_a_row_per_point_from_the_jobs_own_figures(loopb
                          ("pred_step_s", "predicted_step_time_s"), ("busbw_bytes_per_second", "busbw_bytes_per_second")):
             assert float(r[col]) == pytest.approx(summary[key], rel=1e-5), col
         assert int(r["buckets"]) == len(summary["bucket_schedule"])
+        assert summary["prediction"]["schedule"] == "measured"          # the run's own hand-overs replayed
         steps = [json.loads(line)["step_s"] for line in
                  (out / "points" / r["point"] / "node0" / "steps-rank0.jsonl").read_text().splitlines()][1:]
         assert float(r["step_p99_s"]) == pytest.approx(sweep.quantile(steps, 0.99), rel=1e-5)
