@@ -237,7 +237,12 @@ def test_interrupt_mid_run_removes_everything(sig, tmp_path):
     # qdisc is part of what must disappear.
     cmd = [str(SCRIPT), "--nodes", "2", "--link-rate", "1gbit", "--out", str(out), "--",
            "--max-steps", "100000", "--log-every", "1", "--progress", "json", "--metrics-port", "9400"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # A terminal's Ctrl-C reaches a script whose SIGINT is at its default. When pytest itself
+    # was started with SIGINT ignored (`nohup ... &`, any background job of a shell without
+    # job control), its children inherit that, and bash can neither trap nor reset a signal
+    # ignored on entry: the script would never see the signal. Restore the default here.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tag = f"ddpfnn-{proc.pid}-"
     try:
         ours = lambda: {ns for ns in netns_names() if ns.startswith(tag)}   # noqa: E731
