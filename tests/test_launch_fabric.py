@@ -34,8 +34,13 @@ pytestmark = [*netns_marks,
 # One DDP bucket of 5.25 MB (1,312,769 parameters) a step: about 3,600 full segments each
 # way per step, so 1 % loss means dozens of lost segments in every all-reduce.
 LAYERS = ("--layers", "256,1024,1024,1")
-TRAIN = (*LAYERS, "--samples", "4096", "--global-batch-size", "32", "--max-steps", "20", "--metrics-port", "9400",
-         "--progress", "none", "--no-probe", "--log-every", "5")
+COMMON = (*LAYERS, "--samples", "4096", "--global-batch-size", "32", "--metrics-port", "9400",
+          "--progress", "none", "--no-probe", "--log-every", "5")
+TRAIN = (*COMMON, "--max-steps", "20")
+# 1 % loss costs a step now and then (a lost segment near an all-reduce's end waits for a
+# probe or a timeout), not every step: the mean over 60 steps shows it (+12 to +30 % in
+# three alternating pairs here, the clean runs within 3 % of each other), 20 do not reliably.
+TRAIN_60 = (*COMMON, "--max-steps", "60")
 WARMUP = 3
 
 
@@ -51,8 +56,9 @@ def tcp_of(out: Path, node: int) -> dict:
     return summary["ranks"][rank]["tcp"]
 
 
-def median_step(out: Path) -> float:
-    return statistics.median(d["step_s"] for d in rank_steps(out, 0)[1][WARMUP:])
+def step_times(out: Path, upto: int | None = None) -> list[float]:
+    """Node0's step times after the warm-up (up to step ``upto``)."""
+    return [d["step_s"] for d in rank_steps(out, 0)[1][WARMUP:upto]]
 
 
 def left_behind(pid: int) -> list[str]:
@@ -71,24 +77,25 @@ def left_behind(pid: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clean_1gbit(tmp_path_factory):
-    run = run_cluster(2, tmp_path_factory.mktemp("clean"), *TRAIN, timeout=400, extra=("--link-rate", "1gbit"))
+    run = run_cluster(2, tmp_path_factory.mktemp("clean"), *TRAIN_60, timeout=400, extra=("--link-rate", "1gbit"))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
     return run
 
 
 def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_path):
-    run = run_cluster(2, tmp_path / "lossy", *TRAIN, timeout=400, extra=("--link-rate", "1gbit", "--loss", "1:1"))
+    run = run_cluster(2, tmp_path / "lossy", *TRAIN_60, timeout=400, extra=("--link-rate", "1gbit", "--loss", "1:1"))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
     stats = run.netstats
     assert stats["loss_percent"] == {"node1": 1}
     dropped = stats["nodes"][1]["loss_dropped_packets"]
     sent = stats["nodes"][1]["tx_packets"] + dropped           # what node1 put on its link
     lossy, clean = tcp_of(run.out, 1), tcp_of(clean_1gbit.out, 1)
-    steps = (median_step(clean_1gbit.out), median_step(run.out))
+    mean = [statistics.fmean(step_times(r.out)) for r in (clean_1gbit, run)]
+    slowest = [max(step_times(r.out)) for r in (clean_1gbit, run)]
     print(f"\nnode1: the switch dropped {dropped:,} of {sent:,} frames ({dropped / sent:.2%}); its TCP retransmitted "
           f"{lossy['retransmitted_segments']:,} of {lossy['sent_segments']:,} segments (without loss: "
-          f"{clean['retransmitted_segments']:,}); median step {steps[0] * 1e3:.0f} ms clean, "
-          f"{steps[1] * 1e3:.0f} ms lossy")
+          f"{clean['retransmitted_segments']:,}); mean step {mean[0] * 1e3:.0f} ms clean, {mean[1] * 1e3:.0f} ms "
+          f"lossy; slowest step {slowest[0] * 1e3:.0f} ms clean, {slowest[1] * 1e3:.0f} ms lossy")
     # The rule drops about 1 % (binomial: thousands of frames, so well within 0.5..2 %).
     assert 0.005 < dropped / sent < 0.02
     # Every lost data segment is sent again (lost pure ACKs need no retransmission), so
@@ -98,9 +105,10 @@ def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_pat
     # node0's data crossed no lossy rule (only some of node1's ACKs to it were lost):
     # it retransmits far less.
     assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.5 * lossy["retransmitted_segments"]
-    # (At 1 % the step time is not asserted: on this 2-core machine the CPU moves ~15 MB/s,
-    # below what TCP sustains at 1 % loss and a sub-millisecond RTT, so the steps are as
-    # fast as without loss within the machine's noise; docs/fabric.md.)
+    # The steps get slower: most are not (on this 2-core machine the CPU moves ~15 MB/s,
+    # below what TCP sustains at 1 % loss and a sub-millisecond RTT), but the ones whose
+    # loss fell near the end of the all-reduce wait for its recovery, and the mean shows it.
+    assert mean[1] > 1.03 * mean[0], f"mean step {mean[0] * 1e3:.1f} ms clean, {mean[1] * 1e3:.1f} ms at 1 % loss"
     assert not left_behind(run.pid), left_behind(run.pid)
 
 
@@ -109,7 +117,8 @@ def test_heavy_loss_makes_every_step_wait_for_retransmission_timeouts(clean_1gbi
     Linux) that the synchronous all-reduce waits for: the steps get clearly slower."""
     run = run_cluster(2, tmp_path / "lossy", *TRAIN, timeout=600, extra=("--link-rate", "1gbit", "--loss", "1:5"))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
-    mean = [statistics.fmean(d["step_s"] for d in rank_steps(r.out, 0)[1][WARMUP:]) for r in (clean_1gbit, run)]
+    # the clean run's first 20 steps, as many as this run's
+    mean = [statistics.fmean(step_times(clean_1gbit.out, upto=20)), statistics.fmean(step_times(run.out))]
     print(f"\nmean step {mean[0] * 1e3:.0f} ms clean, {mean[1] * 1e3:.0f} ms at 5 % loss; node1 retransmitted "
           f"{tcp_of(run.out, 1)['retransmitted_segments']:,} segments")
     assert mean[1] > 1.5 * mean[0]
