@@ -165,6 +165,15 @@ class Metrics:
                                    "TCP segments retransmitted in this rank's network namespace since the run "
                                    "started (/proc/net/snmp RetransSegs; read every --log-every steps).",
                                    r, registry=reg)
+        self.tcp_timeouts = Counter("ddp_fnn_tcp_timeouts",
+                                    "TCP retransmission timeouts in this rank's network namespace since the run "
+                                    "started (/proc/net/netstat TCPTimeouts): each stalls its flow for at least "
+                                    "the minimum RTO, 200 ms on Linux; read every --log-every steps.",
+                                    r, registry=reg)
+        self.tcp_probes = Counter("ddp_fnn_tcp_loss_probes",
+                                  "TCP tail-loss probes sent in this rank's network namespace since the run "
+                                  "started (/proc/net/netstat TCPLossProbes; read every --log-every steps).",
+                                  r, registry=reg)
         self.ar_calls = Counter("ddp_fnn_allreduce_calls", "Gradient all-reduce calls.", r, registry=reg)
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
@@ -202,7 +211,9 @@ class Metrics:
         self._probe_wire, self._probe_payload = self.probe_wire.labels(self.rank), self.probe_payload.labels(self.rank)
         self._setup_wire = self.setup_wire.labels(self.rank)
         self._tcp = {"sent_segments": self.tcp_sent.labels(self.rank),
-                     "retransmitted_segments": self.tcp_retrans.labels(self.rank)}
+                     "retransmitted_segments": self.tcp_retrans.labels(self.rank),
+                     "timeouts": self.tcp_timeouts.labels(self.rank),
+                     "loss_probes": self.tcp_probes.labels(self.rank)}
         self._tcp_seen = dict.fromkeys(self._tcp, 0)
         self._calls, self._payload = self.ar_calls.labels(self.rank), self.ar_payload.labels(self.rank)
         self._wire, self._ar_duration = self.ar_wire.labels(self.rank), self.ar_duration.labels(self.rank)

@@ -46,7 +46,8 @@ needs_promtool = pytest.mark.skipif(
 COUNTERS = ("ddp_fnn_steps_total", "ddp_fnn_samples_total", "ddp_fnn_allreduce_calls_total",
             "ddp_fnn_allreduce_payload_bytes_total", "ddp_fnn_allreduce_wire_bytes_total",
             "ddp_fnn_last_ready_steps_total", "ddp_fnn_probe_wire_bytes_total", "ddp_fnn_probe_payload_bytes_total",
-            "ddp_fnn_setup_wire_bytes_total", "ddp_fnn_tcp_sent_segments_total", "ddp_fnn_tcp_retransmitted_segments_total")
+            "ddp_fnn_setup_wire_bytes_total", "ddp_fnn_tcp_sent_segments_total", "ddp_fnn_tcp_retransmitted_segments_total",
+            "ddp_fnn_tcp_timeouts_total", "ddp_fnn_tcp_loss_probes_total")
 HISTOGRAMS = ("ddp_fnn_step_duration_seconds", "ddp_fnn_phase_duration_seconds",
               "ddp_fnn_sync_exposed_duration_seconds", "ddp_fnn_sync_tail_duration_seconds",
               "ddp_fnn_peer_wait_duration_seconds", "ddp_fnn_transfer_duration_seconds",
@@ -296,6 +297,8 @@ def synthetic_run(ranks: dict[str, tuple[float, float]], stop_at: int | None = N
         # A clean fabric: segments go out, none is retransmitted (tcp_faults() adds loss).
         add("ddp_fnn_tcp_sent_segments_total", lab, c(TCP_SEGMENTS_PER_STEP))
         add("ddp_fnn_tcp_retransmitted_segments_total", lab, f"0x{SERIES_S}")
+        add("ddp_fnn_tcp_timeouts_total", lab, f"0x{SERIES_S}")
+        add("ddp_fnn_tcp_loss_probes_total", lab, f"0x{SERIES_S}")
         busy = step_s - exposed_s
         # Histograms: every observation has the mean value; buckets 0.01 .. +Inf.
         for name, labels, per_step, value in (
@@ -562,6 +565,7 @@ def test_dashboard_has_the_views_it_promises():
                    "ddp_fnn_loss", "job:ddp_fnn_samples:rate15s",
                    "job:ddp_fnn_step_busy_seconds:median15s",          # straggler view
                    "rank:ddp_fnn_tcp_retransmitted_segments:rate30s",  # TCP's view of loss
+                   "rank:ddp_fnn_tcp_timeouts:rate30s",                # ... and of its stalls
                    "ddp_fnn_run_info"):
         assert needle in exprs, needle
     assert "histogram_quantile(0.99," in exprs

@@ -33,8 +33,28 @@ Udp: 5 0 0 5
 """
 
 
-def write_snmp(path: Path, ins: int, outs: int, retrans: int) -> None:
+# The layout of /proc/net/netstat (abridged): the TcpExt table, then IpExt, whose last
+# field has the same name as nothing in TcpExt (a reader must not mix the tables).
+NETSTAT = """\
+TcpExt: SyncookiesSent EmbryonicRsts TCPLossProbes TCPLossProbeRecovery TCPTimeouts TCPSpuriousRTOs
+TcpExt: 0 0 {probes} 1 {timeouts} 0
+IpExt: InNoRoutes InTruncatedPkts
+IpExt: 0 0
+"""
+
+
+def write_snmp(path: Path, ins: int, outs: int, retrans: int, timeouts: int = 0, probes: int = 0) -> None:
+    """/proc/net/snmp's Tcp figures at ``path``, and netstat's TcpExt beside it (path.netstat)."""
     path.write_text(SNMP.format(ip=ins + 7, ins=ins, outs=outs, retrans=retrans))
+    netstat_of(path).write_text(NETSTAT.format(timeouts=timeouts, probes=probes))
+
+
+def netstat_of(snmp: Path) -> Path:
+    return snmp.with_suffix(".netstat")
+
+
+def counters_of(snmp: Path) -> tcpstats.TcpCounters:
+    return tcpstats.TcpCounters(snmp, netstat_of(snmp))
 
 
 def test_read_tcp_takes_the_tcp_lines_by_field_name(tmp_path):
@@ -49,7 +69,7 @@ def test_missing_or_garbled_file_reads_as_none(tmp_path):
     assert tcpstats.read_tcp(tmp_path / "absent") is None
     (tmp_path / "bad").write_text("Tcp: InSegs OutSegs\nTcp: 1\n")
     assert tcpstats.read_tcp(tmp_path / "bad") is None
-    counters = tcpstats.TcpCounters(tmp_path / "absent")
+    counters = counters_of(tmp_path / "absent")
     assert counters.read() is None
     assert tcpstats.summary_figures(None)["retransmitted_segments"] is None
 
@@ -57,10 +77,12 @@ def test_missing_or_garbled_file_reads_as_none(tmp_path):
 def test_counters_are_increments_since_the_start(tmp_path):
     snmp = tmp_path / "snmp"
     write_snmp(snmp, ins=1000, outs=2000, retrans=17)
-    counters = tcpstats.TcpCounters(snmp)
-    assert counters.read() == {"sent_segments": 0, "retransmitted_segments": 0, "received_segments": 0}
-    write_snmp(snmp, ins=1500, outs=2800, retrans=29)
-    assert counters.read() == {"sent_segments": 800, "retransmitted_segments": 12, "received_segments": 500}
+    counters = counters_of(snmp)
+    assert counters.read() == {"sent_segments": 0, "retransmitted_segments": 0, "received_segments": 0,
+                               "timeouts": 0, "loss_probes": 0}
+    write_snmp(snmp, ins=1500, outs=2800, retrans=29, timeouts=3, probes=8)
+    assert counters.read() == {"sent_segments": 800, "retransmitted_segments": 12, "received_segments": 500,
+                               "timeouts": 3, "loss_probes": 8}
     # A file that vanishes for a moment keeps the last figures; counters never go back.
     snmp.unlink()
     assert counters.read()["retransmitted_segments"] == 12
@@ -76,21 +98,37 @@ def test_flush_exports_what_is_new_as_prometheus_counters(tmp_path):
     write_snmp(snmp, ins=10, outs=100, retrans=5)
     reg = CollectorRegistry()
     metrics = Metrics(0, 2, RUN_INFO, registry=reg)
-    acct = Accounting(metrics, Summary(2), tcp=tcpstats.TcpCounters(snmp))
+    acct = Accounting(metrics, Summary(2), tcp=counters_of(snmp))
 
     def value(name):
         return reg.get_sample_value(name, {"rank": "0"})
 
     assert value("ddp_fnn_tcp_sent_segments_total") == 0          # exists from the first scrape
     assert value("ddp_fnn_tcp_retransmitted_segments_total") == 0
-    write_snmp(snmp, ins=60, outs=400, retrans=9)
+    assert value("ddp_fnn_tcp_timeouts_total") == 0
+    write_snmp(snmp, ins=60, outs=400, retrans=9, timeouts=2, probes=5)
     acct.flush()
     assert value("ddp_fnn_tcp_sent_segments_total") == 300
     assert value("ddp_fnn_tcp_retransmitted_segments_total") == 4
-    write_snmp(snmp, ins=70, outs=450, retrans=9)
+    assert (value("ddp_fnn_tcp_timeouts_total"), value("ddp_fnn_tcp_loss_probes_total")) == (2, 5)
+    write_snmp(snmp, ins=70, outs=450, retrans=9, timeouts=2, probes=5)
     acct.flush()
     assert value("ddp_fnn_tcp_sent_segments_total") == 350
     assert value("ddp_fnn_tcp_retransmitted_segments_total") == 4
+    assert value("ddp_fnn_tcp_timeouts_total") == 2
+
+
+def test_a_kernel_without_netstat_still_counts_segments(tmp_path):
+    """/proc/net/netstat missing (or without TCPTimeouts): segments are counted, the
+    timeouts stay at 0 rather than failing the run."""
+    snmp = tmp_path / "snmp"
+    write_snmp(snmp, ins=10, outs=100, retrans=5)
+    netstat_of(snmp).unlink()
+    counters = counters_of(snmp)
+    write_snmp(snmp, ins=20, outs=150, retrans=6, timeouts=4)
+    netstat_of(snmp).unlink()
+    assert counters.read() == {"sent_segments": 50, "retransmitted_segments": 1, "received_segments": 10,
+                               "timeouts": 0, "loss_probes": 0}
 
 
 @pytest.mark.skipif(not Path("/proc/net/snmp").exists(), reason="needs Linux's /proc/net/snmp")
