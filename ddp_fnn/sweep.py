@@ -270,6 +270,8 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     # Each namespace node has its own TCP counters; on loopback every rank reads the host's.
     tcp = tcp if cfg.launcher == "netns" else tcp[:1]
     retrans = sum(t.get("retransmitted_segments") or 0 for t in tcp)
+    # Retransmission timeouts (each a stall of >= 200 ms); None for runs that predate them.
+    timeouts = [t["timeouts"] for t in tcp if t.get("timeouts") is not None]
     probe = (summary.get("probe") or {}).get("wire_bytes") or 0
     # What each rank reports sending: its all-reduces, the probe, the replicas' set-up.
     reported = [(r.get("allreduce_wire_bytes_total") or 0) + probe + (r.get("setup_wire_bytes") or 0) for r in ranks]
@@ -284,6 +286,7 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
         "wire_bytes_per_step": summary["allreduce_wire_bytes_per_step"],
         "buckets": len(summary.get("bucket_schedule") or []),
         "retransmits_per_step": retrans / max(1, summary["steps"]),
+        "timeouts_per_step": sum(timeouts) / max(1, summary["steps"]) if timeouts else None,
         "reported_tx_bytes": max(reported),
     }
     net = summary.get("prediction") or {}
@@ -327,7 +330,7 @@ COLUMNS = (
     "probe_method", "alpha_s", "beta_bytes_per_second",
     "pred_step_s", "pred_comm_s", "pred_exposed_s", "step_error", "exposed_error",
     "cal_from", "compute_scale", "cal_step_s", "cal_exposed_s", "cal_step_error", "cal_exposed_error",
-    "retransmits_per_step", "tc_dropped_packets", "loss_dropped_packets",
+    "retransmits_per_step", "timeouts_per_step", "tc_dropped_packets", "loss_dropped_packets",
     "rtt_s", "mathis_busbw_bytes_per_second",
     "reported_tx_bytes", "kernel_tx_payload_bytes", "tx_error",
 )
@@ -427,20 +430,22 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
             f"{_pct(r['exposed_error'])} | {_ms(r['cal_step_s'])} | {_pct(r['cal_step_error'])} | "
             f"{r['retransmits_per_step']:.1f} |")
     if any(r["loss_percent"] or r["queue_limit_bytes"] for r in rows):
-        lines += ["", "Faults: what TCP saw (retransmitted segments per step, all nodes; frames the switch "
-                  "dropped over the run), the bus bandwidth beside Mathis et al.'s estimate for the "
-                  "configured loss and the clock ping-pong's RTT, capped by the link.", "",
+        lines += ["", "Faults: what TCP saw (retransmitted segments per step and retransmission timeouts "
+                  "per 100 steps, all nodes; frames the switch dropped over the run), the bus bandwidth "
+                  "beside Mathis et al.'s estimate for the configured loss and the clock ping-pong's RTT, "
+                  "capped by the link.", "",
                   "| nodes | link | buckets | loss % | queue B | step ms | p99 ms | transfer ms | busbw MB/s | "
-                  "Mathis MB/s | retrans/step | dropped |", "|" + "---|" * 12]
+                  "Mathis MB/s | retrans/step | timeouts/100 steps | dropped |", "|" + "---|" * 13]
         for r in rows:
             if r["status"] != "ok":
                 continue
-            mathis = r["mathis_busbw_bytes_per_second"]
+            mathis, timeouts = r["mathis_busbw_bytes_per_second"], r["timeouts_per_step"]
             lines.append(
                 f"| {r['nodes']} | {r['link_rate']} | {r['buckets']} | {r['loss_percent']:g} | "
                 f"{r['queue_limit_bytes'] or ''} | {_ms(r['step_mean_s'])} | {_ms(r['step_p99_s'])} | "
                 f"{_ms(r['transfer_s'])} | {r['busbw_bytes_per_second'] / 1e6:.1f} | "
                 f"{'' if mathis is None else f'{mathis / 1e6:.1f}'} | {r['retransmits_per_step']:.1f} | "
+                f"{'' if timeouts is None else f'{100 * timeouts:.1f}'} | "
                 f"{(r['loss_dropped_packets'] or 0) + (r['tc_dropped_packets'] or 0)} |")
     return "\n".join(lines) + "\n"
 

@@ -167,9 +167,12 @@ def _fabric(plt, rows: list[dict], out: Path) -> Path:
         if mathis:
             b.plot([x for x, _ in mathis], [y / MBIT for _, y in mathis], "x:", color=col, label=label + ", Mathis")
         c.plot(loss, [r["retransmits_per_step"] for r in pts], "o-", color=col, label=label)
+        c.plot(loss, [math.nan if r.get("timeouts_per_step") is None else 100 * r["timeouts_per_step"] for r in pts],
+               "x:", color=col)
         d.plot(loss, [(r["transfer_s"] or math.nan) * 1e3 for r in pts], "o-", color=col, label=label)
     for ax, title, ylabel in ((a, "step time", "ms"), (b, "bus bandwidth", "Mbit/s"),
-                              (c, "TCP retransmitted segments per step (all nodes)", "segments"),
+                              (c, "TCP retransmitted segments per step (o) and timeouts per 100 steps (x)",
+                               "segments, timeouts"),
                               (d, "transfer (after the last rank is ready)", "ms")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("packet loss on one node's egress (%)")
