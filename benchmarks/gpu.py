@@ -757,20 +757,6 @@ def _top_level_ops(events: list[dict]) -> list[dict]:
     return out
 
 
-def union_us(intervals) -> float:
-    total, cur_s, cur_e = 0.0, None, None
-    for a, b in sorted(intervals):
-        if cur_e is None or a > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = a, b
-        else:
-            cur_e = max(cur_e, b)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
-
-
 def attribute(events: list[dict], prefix: str = "ddp_fnn.", cpu_standin: bool = False,
               steps: tuple[int, int] | None = None, step_prefix: str = "ddp_fnn_step.") -> dict:
     """Device time (us) per phase: each GPU kernel/memcpy/memset goes to the annotation
@@ -780,6 +766,7 @@ def attribute(events: list[dict], prefix: str = "ddp_fnn.", cpu_standin: bool = 
     ``steps=(A, B)``: only the phase windows inside the step annotations
     ``step_prefix`` + A..B count (the profiler runs from a few steps earlier, so that its
     warm-up misses nothing that is compared); kernels launched elsewhere are 'outside'."""
+    from ddp_fnn.observe import union_length   # the trainer's own interval union
     wins = _windows(events, prefix)
     step_wins = [w for w in _windows(events, step_prefix)
                  if steps is None or steps[0] <= int(w[2]) <= steps[1]]
@@ -856,7 +843,7 @@ def attribute(events: list[dict], prefix: str = "ddp_fnn.", cpu_standin: bool = 
     for _, _, name in wins:
         counts[name] = counts.get(name, 0) + 1
     return {"per_phase": per, "windows": counts, "step_windows": len(step_wins), "device_events": len(dev),
-            "device_us_total": total, "device_busy_us": union_us(busy), "unmatched_us": unmatched_us,
+            "device_us_total": total, "device_busy_us": union_length(busy), "unmatched_us": unmatched_us,
             "outside_windows_us": outside_us, "outside_steps_us": outside_steps_us,
             "nccl_us": nccl_us, "allreduce_calls_seen": len(reduce_calls)}
 
