@@ -20,9 +20,12 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ddp_fnn import stepfile
 from test_launch_netns import SCRIPT, netns_names, processes_mentioning, run_cluster, stop, wait_for
@@ -96,8 +99,30 @@ def stalls(times: list[float]) -> tuple[float, int]:
     return sum(max(0.0, t - median) for t in times), sum(t > median + STALL_S for t in times)
 
 
+TCP_SERIES = ("ddp_fnn_steps_total", "ddp_fnn_tcp_retransmitted_segments_total", "ddp_fnn_tcp_timeouts_total")
+
+
+def scrape_node(pid: int, node: int, steps: int, within_s: float = 10.0) -> dict[str, float]:
+    """Node ``node``'s own /metrics at the end of its run (ddp_fnn_steps_total == steps),
+    fetched from inside its namespace, where its address lives; {} if it never answered."""
+    code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+            f"'http://10.213.0.{node + 1}:9400/metrics', timeout=2).read().decode())")
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        got = subprocess.run(["ip", "netns", "exec", f"ddpfnn-{pid}-{node}", sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=10)
+        if got.returncode == 0:
+            samples = {s.name: s.value for f in text_string_to_metric_families(got.stdout) for s in f.samples
+                       if s.name in TCP_SERIES}
+            if samples.get("ddp_fnn_steps_total") == steps:
+                return samples
+        time.sleep(0.2)
+    return {}
+
+
 def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_path):
-    run = run_cluster(2, tmp_path / "lossy", *TRAIN_80, timeout=400, extra=("--link-rate", "1gbit", "--loss", "1:1"))
+    run = run_cluster(2, tmp_path / "lossy", *TRAIN_80, "--metrics-linger", "5", timeout=400,
+                      extra=("--link-rate", "1gbit", "--loss", "1:1"), at_end=lambda pid: scrape_node(pid, 1, 80))
     assert run.returncode == 0, f"{run.stderr}\n{run.logs()}"
     stats = run.netstats
     assert stats["loss_percent"] == {"node1": 1}
@@ -125,6 +150,15 @@ def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_pat
     assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.5 * lossy["retransmitted_segments"]
     # Some of those losses could only be repaired by the retransmission timer.
     assert lossy["timeouts"] >= 1 and lossy["timeouts"] > clean["timeouts"]
+    # The same counters as node1 served them to Prometheus after its last step: read at
+    # the last --log-every interval, so no more than summary.json's (read after the last
+    # step) and nearly all of it.
+    served = run.at_end
+    print(f"node1's /metrics after step 80: {served}")
+    assert served, "node1's /metrics did not answer with its final step count"
+    retrans, timeouts = served["ddp_fnn_tcp_retransmitted_segments_total"], served["ddp_fnn_tcp_timeouts_total"]
+    assert 0.3 * dropped <= retrans <= lossy["retransmitted_segments"]
+    assert timeouts <= lossy["timeouts"] and retrans >= 0.9 * lossy["retransmitted_segments"]
     # The steps get slower where the timeouts fell. The typical step does not move much
     # (on this 2-core machine the CPU moves ~15-30 MB/s, below what TCP sustains at 1 %
     # loss and a sub-millisecond RTT), so the time is compared above each run's median:

@@ -118,9 +118,10 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
 
 class Run:
     def __init__(self, nodes: int, out: Path, returncode: int, stdout: str, stderr: str, seconds: float,
-                 pid: int | None = None):
+                 pid: int | None = None, at_end=None):
         self.nodes, self.out, self.returncode, self.pid = nodes, out, returncode, pid
         self.stdout, self.stderr, self.seconds = stdout, stderr, seconds
+        self.at_end = at_end          # what run_cluster's at_end returned
 
     @property
     def netstats(self) -> dict:
@@ -131,17 +132,29 @@ class Run:
                          for k in range(self.nodes) if (self.out / f"node{k}.log").exists())
 
 
-def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300, extra: tuple[str, ...] = ()) -> Run:
-    """netns-cluster.sh with ``extra`` options (e.g. --link-rate) and ``train`` arguments."""
+def run_cluster(nodes: int, out: Path, *train: str, timeout: float = 300, extra: tuple[str, ...] = (),
+                at_end=None) -> Run:
+    """netns-cluster.sh with ``extra`` options (e.g. --link-rate) and ``train`` arguments.
+
+    ``at_end(pid)``, if given, is called once rank 0 has written summary.json, while the
+    nodes are still up (train's --metrics-linger keeps them serving /metrics): a scrape
+    of the finished run's counters, inside the namespaces named after ``pid``."""
     cmd = [str(SCRIPT), "--nodes", str(nodes), "--out", str(out), *extra, "--", *train]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ended = None
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        if at_end is not None:
+            summary = out / "node0" / "summary.json"
+            while not summary.exists() and proc.poll() is None and time.monotonic() - t0 < timeout:
+                time.sleep(0.2)
+            if summary.exists():
+                ended = at_end(proc.pid)
+        stdout, stderr = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
     except subprocess.TimeoutExpired:
         stop(proc)
         raise
-    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0, proc.pid)
+    return Run(nodes, out, proc.returncode, stdout, stderr, time.monotonic() - t0, proc.pid, ended)
 
 
 # ---------------------------------------------------------------------------------------

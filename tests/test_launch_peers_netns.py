@@ -54,8 +54,12 @@ def test_transfer_is_the_bytes_over_the_link_rate_and_nobody_waits(tmp_path):
 # Compute-heavy and communication-light (a large batch, 70 K parameters): the throttled
 # node spends its CPU quota mostly computing. (Where the quota runs out inside the
 # all-reduce instead, the peer's lateness shows as a slow transfer: a CPU-starved host
-# is slow at moving bytes too.)
-SLOW_NODE_TRAIN = ("--layers", "64,256,256,10", "--samples", "8192", "--global-batch-size", "1024",
+# is slow at moving bytes too.) The batch must make a rank's forward and backward take
+# more CPU than one quota period allows (10 ms of every 100 ms): with 512 rows a rank
+# (3 ms of compute) node1 sometimes began a step with its quota unspent, computed as fast
+# as node0 and was last ready only by chance (2 of 12 steps in one run); with 4,096 rows
+# (~25 ms) it is throttled inside every step's compute.
+SLOW_NODE_TRAIN = ("--layers", "64,256,256,10", "--samples", "16384", "--global-batch-size", "8192",
                    "--max-steps", "15", "--metrics-port", "9400", "--progress", "none", "--no-probe",
                    "--log-every", "5")
 
