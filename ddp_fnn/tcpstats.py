@@ -70,7 +70,7 @@ class TcpCounters:
     def _now(self) -> dict[tuple[str, str, str], int] | None:
         """Every field of FIELDS that can be read now; None without /proc/net/snmp."""
         files = {"snmp": self.path or SNMP_PATH, "netstat": self.netstat_path or NETSTAT_PATH}
-        tables = {(f, t): read_table(files[f], t) for f, t, _ in FIELDS}
+        tables = {(f, t): read_table(files[f], t) for f, t in {(f, t) for f, t, _ in FIELDS}}  # each once
         if tables["snmp", "Tcp"] is None:
             return None
         return {(f, t, k): tables[f, t][k] for f, t, k in FIELDS if tables[f, t] and k in tables[f, t]}
