@@ -114,21 +114,26 @@ def test_summarys_bucket_schedule_is_the_step_files_hand_overs(run):
 
 
 def test_comm_span_and_exposed_agree_with_ddps_own_logger(run):
-    """DDP's logger: comm interval = first bucket launch .. end of finalize (a span);
-    its exposed = comm end - compute end. Means after warm-up within 10%."""
+    """DDP's logger ends its comm interval at the end of finalize_backward, after the
+    reduced buckets are copied back into .grad: inside ddp-fnn's sync tail, which runs
+    from the last completion to backward() returning. So DDP's comm span and exposed
+    time lie between ddp-fnn's and ddp-fnn's plus the tail. Means after warm-up, 10 %
+    margin either side (the two clocks also read the start and ready a hook call apart)."""
     _, steps, _, witness = run
     for r in (0, 1):
         ours = {d["step"]: d for d in steps[r]}
         common = [s for s in witness[r] if s > WARMUP]
         assert len(common) >= STEPS - WARMUP - 2
+        tail = statistics.fmean(ours[s]["tail_s"] for s in common)
         span = statistics.fmean(ours[s]["comm_span_s"] for s in common)
         ddp_span = statistics.fmean(witness[r][s]["backward_comm_span_s"] for s in common)
         exposed = statistics.fmean(ours[s]["exposed_s"] for s in common)
         ddp_exposed = statistics.fmean(witness[r][s]["exposed_s"] for s in common)
         print(f"rank {r}: comm span {span * 1e3:.3f} ms vs DDP {ddp_span * 1e3:.3f} ms; "
-              f"exposed {exposed * 1e3:.3f} ms vs DDP {ddp_exposed * 1e3:.3f} ms")
-        assert span == pytest.approx(ddp_span, rel=0.10)
-        assert exposed == pytest.approx(ddp_exposed, rel=0.10)
+              f"exposed {exposed * 1e3:.3f} ms vs DDP {ddp_exposed * 1e3:.3f} ms; "
+              f"tail {tail * 1e3:.3f} ms")
+        assert 0.9 * span <= ddp_span <= 1.1 * (span + tail)
+        assert 0.9 * exposed <= ddp_exposed <= 1.1 * (exposed + tail)
 
 
 def test_timeline_is_trace_event_format_and_matches_the_step_files(run):
