@@ -61,6 +61,14 @@ def compute(lines) -> float:
     return statistics.fmean(d["data_s"] + d["forward_s"] + d["backward_s"] for d in lines)
 
 
+def start_lag(summary, steps, r) -> float:
+    """Mean of how much later rank 1 starts a step than rank ``r``, from each rank's own
+    step starts moved into rank 0's time base by its measured clock offset."""
+    offset = [(c["offset_start_s"] + c["offset_end_s"]) / 2 for c in summary["clock_offsets"]]
+    return statistics.fmean((a["start_s"] - offset[1]) - (b["start_s"] - offset[r])
+                            for a, b in zip(steps[1], steps[r], strict=True))
+
+
 def check_split(n, slow, clean):
     summary, steps = slow
     _, clean_steps = clean
@@ -69,13 +77,20 @@ def check_split(n, slow, clean):
         if r == 1:
             continue
         # Every other rank waits for rank 1: the injected 20 ms plus rank 1's own compute
-        # minus this rank's (either sign). What the formula leaves out is how much later
-        # rank 1 also *starts* its steps (it finishes the previous one last); docs/metrics.md.
+        # minus this rank's (either sign), plus how much later rank 1 also *starts* its
+        # steps (it finishes the previous one last). That lag is ~0 at 2 ranks and 0-4 ms
+        # at 4 ranks on 2 cores, where it alone once put the wait 21 % above the first two
+        # terms; with it the wait has matched within 2 % (docs/metrics.md).
         expected = SLOW_MS / 1e3 + own1 - compute(steps[r])
+        lag = start_lag(summary, steps, r)
         wait = mean(steps[r], "wait_s")
         print(f"n={n} rank {r}: wait {wait * 1e3:.2f} ms, expected {expected * 1e3:.2f} ms "
-              f"(20 ms + compute difference {(expected - SLOW_MS / 1e3) * 1e3:+.2f} ms)")
-        assert wait == pytest.approx(expected, rel=0.20)
+              f"(20 ms + compute difference {(expected - SLOW_MS / 1e3) * 1e3:+.2f} ms) "
+              f"+ start lag {lag * 1e3:.2f} ms")
+        assert wait == pytest.approx(expected + lag, rel=0.10)
+        # ... and most of it is the straggler's injected delay, not the lag
+        assert -0.1 * SLOW_MS / 1e3 <= lag <= 0.5 * SLOW_MS / 1e3, lag
+        assert wait >= 0.8 * expected
         assert mean(steps[1], "wait_s") < 0.10 * expected
     last = [d["last_ready_rank"] for d in steps[0]]
     assert sum(1 for v in last if v == 1) >= 0.9 * len(last)
