@@ -48,6 +48,12 @@ from ddp_fnn import netmodel, strictjson  # noqa: E402  (the repo's package, wit
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 LAYERS = "256,1024,1024,1024,1"
 UNSHAPED = "unshaped"
+PROBE_ROUNDS = 15
+"""train's --probe-rounds here. With four single-thread workers on two cores an
+all-reduce's time varies by about 10 % from call to call, and the default probe's 5
+timed rounds at the start of the job once set beta 16 % below what the 20 steps then
+ran at (predicted 521 ms, measured 450 ms, every step 406 to 513 ms); 15 rounds, about
+7 s more at 4 nodes, average over three times as many calls."""
 # A worker that trained to the end can still abort while the interpreter exits (Gloo's
 # threads; see launch/repro_ddp_exit.py). Named in the row's error when it is the cause.
 EXIT_FAILURES = ("terminate called without an active exception",)
@@ -57,7 +63,7 @@ def train_args(layers: str, steps: int, batch: int) -> list[str]:
     """`ddp-fnn train` arguments for every node. lr 0.0005: this deep, wide FNN diverges
     on the synthetic data at the default 0.01 with momentum 0.9."""
     return ["--layers", layers, "--global-batch-size", str(batch), "--lr", "0.0005", "--max-steps", str(steps),
-            "--metrics-port", "0", "--progress", "none"]
+            "--metrics-port", "0", "--progress", "none", "--probe-rounds", str(PROBE_ROUNDS)]
 
 
 def link_bytes_per_second(rate: str) -> float | None:
@@ -120,7 +126,7 @@ def run_one(nodes: int, rate: str, out: Path, args: list[str], threads: int, tim
         "exposed_prediction_error": rel_error(s.get("predicted_exposed_comm_time_per_step_s"),
                                               s["exposed_comm_time_per_step_s"]),
         "probe": {k: pred.get(k) for k in ("source", "alpha_s", "beta_bytes_per_second", "rms_relative_error",
-                                           "sizes", "compute_time_per_step_s")},
+                                           "sizes", "rounds", "compute_time_per_step_s")},
         "ranks": [{k: r.get(k) for k in ("rank", "step_time_p50_s", "step_time_mean_s", "comm_time_per_step_s",
                                          "exposed_comm_time_per_step_s", "algbw_bytes_per_second",
                                          "busbw_bytes_per_second")} for r in ranks],

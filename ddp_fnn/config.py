@@ -118,6 +118,9 @@ class TrainConfig:
                                   "prediction of this run's communication (summary.json predicted_*).", file=True)
     probe: bool = opt(True, "Without --bench-json, time a few all-reduces before training to fit alpha and beta "
                       "for the prediction (world size >= 2).", flag=True)
+    probe_rounds: int = opt(5, "Timed rounds of the probe, each one all-reduce of every probe size; each size's "
+                            "time is the mean of the middle half of its rounds. More rounds cost more time "
+                            "before the first step and steady the fit on a noisy host.")
     progress: str = opt("auto", "Rank 0's progress: a bar on a terminal, JSON lines otherwise.",
                         choices=("auto", "bar", "json", "none"))
     metrics_port: int = opt(9400, "Base port of the Prometheus /metrics endpoint; each worker serves "
@@ -169,6 +172,7 @@ class TrainConfig:
              f"--slow-rank and --slow-ms go together (got --slow-rank {self.slow_rank}, --slow-ms {self.slow_ms:g})")
         need(self.slow_rank is None or self.slow_rank >= 0, f"--slow-rank must be >= 0, got {self.slow_rank}")
         need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        need(self.probe_rounds >= 1, f"--probe-rounds must be >= 1, got {self.probe_rounds}")
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         if self.bench_json is not None:
             object.__setattr__(self, "bench_json", Path(self.bench_json))

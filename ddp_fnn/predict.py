@@ -52,7 +52,7 @@ def network(cfg: TrainConfig, ctx, bench_data: dict | None) -> dict | None:
     if not cfg.probe or ctx.world_size < 2:
         return None
     largest = max(b.nbytes for b in netmodel.bucket_layout(cfg.layers, cfg.bucket_mb))
-    found = bench.probe(ctx, largest)
+    found = bench.probe(ctx, largest, rounds=cfg.probe_rounds)
     if found.get("method") != "least-squares" and ctx.is_master:
         print(f"ddp-fnn: note: the probe's least-squares fit failed ({found['fallback_because']}); "
               f"alpha and beta from its {found['method']} fallback (bench.probe)", file=sys.stderr)

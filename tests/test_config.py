@@ -2,6 +2,7 @@
 
 import pytest
 
+from ddp_fnn import bench
 from ddp_fnn.config import ConfigError, TrainConfig
 
 
@@ -15,10 +16,15 @@ from ddp_fnn.config import ConfigError, TrainConfig
     ({"task": "classification", "layers": "4,8,1"}, r"class count"),
     ({"metrics_port": 70000}, r"--metrics-port must be in 0..65535, got 70000"),
     ({"max_steps": 0}, r"--max-steps must be >= 1, got 0"),
+    ({"probe_rounds": 0}, r"--probe-rounds must be >= 1, got 0"),
 ])
 def test_bad_values_name_the_option(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_the_probe_rounds_default_is_the_probes_own():
+    assert TrainConfig().probe_rounds == bench.PROBE_ROUNDS
 
 
 def test_any_world_size_with_a_row_for_every_rank_and_micro_step():
