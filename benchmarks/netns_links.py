@@ -53,7 +53,7 @@ PROBE_ROUNDS = 15
 all-reduce's time varies by about 10 % from call to call, and the default probe's 5
 timed rounds at the start of the job once set beta 16 % below what the 20 steps then
 ran at (predicted 521 ms, measured 450 ms, every step 406 to 513 ms); 15 rounds, about
-7 s more at 4 nodes, average over three times as many calls."""
+3 s more at 4 nodes (29 s a run instead of 26), average over three times as many calls."""
 # A worker that trained to the end can still abort while the interpreter exits (Gloo's
 # threads; see launch/repro_ddp_exit.py). Named in the row's error when it is the cause.
 EXIT_FAILURES = ("terminate called without an active exception",)
