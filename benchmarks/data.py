@@ -113,7 +113,7 @@ def probe(kind: str, path: str, cache_dir: str) -> None:
     import pyarrow.csv as pacsv
     if kind in ("first", "hit"):
         from ddp_fnn.config import TrainConfig
-        from ddp_fnn.data import load_dataset
+        from ddp_fnn.data.datasets import load_dataset
     t0 = time.perf_counter()
     if kind == "pyarrow":
         rows = pacsv.read_csv(path).num_rows

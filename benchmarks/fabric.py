@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import netmodel, stepfile  # noqa: E402  (the repo's package, without installing it)
+from ddp_fnn.observe import stepfile  # noqa: E402
+from ddp_fnn.perfmodel import netmodel  # noqa: E402  (the repo's package, without installing it)
 
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 MSS = 1448

@@ -8,7 +8,7 @@ Run from the repository root (ddp-fnn need not be installed; PYTHONPATH=. is eno
     launch/gpu.sh OUT                                                              # the same, sized < 7 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu.py --out /tmp/g --device cpu --quick   # smoke test
 
-It writes OUT/gpu.json (strict JSON via ddp_fnn.strictjson: a missing or non-finite
+It writes OUT/gpu.json (strict JSON via ddp_fnn.fileio: a missing or non-finite
 figure is null), OUT/gpu.md (the same as tables), OUT/logs/ (every subprocess's stdout
 and stderr) and OUT/artifacts/ (summary.json, step files, the profiler trace, gzipped).
 gpu.json and gpu.md are rewritten after every part, so a run killed from outside still
@@ -52,7 +52,7 @@ b.   The clock against torch.profiler. ddp-fnn's own training loop runs in-proce
 
 c.   bf16 throughput and MFU of a wide FNN (256,8192x5,256: 272 M weights; global batch
      8192): ddp-fnn train --precision bf16 under torchrun at world size 1; MFU against
-     ddp_fnn/mfu.py's dense bf16 peak for the device name (the table entry used is
+     ddp_fnn/observe/mfu.py's dense bf16 peak for the device name (the table entry used is
      printed), from summary.json (every step, the first included) and from the median
      step after warm-up. Then, in-process, the same model in a plain PyTorch loop (data
      already on the GPU, bf16 autocast, SGD with momentum, no DDP, no observer, no host
@@ -67,7 +67,7 @@ d.   What the per-step NaN check costs. trainer.py checks each micro-step's loss
      rotated each round) three variants: ``every`` (unchanged), ``deferred`` (step k's flag
      is copied to pinned memory without waiting and checked at step k+1, after an event
      that has completed by then: the change proposed for trainer.py) and ``off`` (no
-     check). The variants are made by shadowing the name ``bool`` in ddp_fnn.trainer's
+     check). The variants are made by shadowing the name ``bool`` in ddp_fnn.train.loop's
      module namespace for the run (tensors only; anything else goes to the builtin);
      trainer.py itself is untouched. Medians of the host's step interval (consecutive
      steps' start_s) and of the step time ddp-fnn records, after warm-up; ratio every /
@@ -105,8 +105,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import mfu as mfu_table  # noqa: E402  (no torch import: a table and two functions)
-from ddp_fnn import strictjson  # noqa: E402
+from ddp_fnn.observe import mfu as mfu_table  # noqa: E402  (no torch import: a table and two functions)
+from ddp_fnn import fileio  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 TARGET_SUM = 0.05          # a: phases add up to the step within 5 %
@@ -164,16 +164,16 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def _write_json(path: Path, value) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(strictjson.dumps(value, indent=2, default=str) + "\n")
+    tmp.write_text(fileio.dumps(value, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def _read_json(path: Path):
-    return strictjson.loads(path.read_text())
+    return fileio.loads(path.read_text())
 
 
 def _read_steps(path: Path) -> list[dict]:
-    return [strictjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [fileio.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _free_port() -> int:
@@ -296,7 +296,7 @@ def flops_per_sample(layers: str) -> int:
 
 
 def peak_entry(device_name: str | None, precision: str) -> dict:
-    """ddp_fnn/mfu.py's peak for this device, and which table entry gave it."""
+    """ddp_fnn/observe/mfu.py's peak for this device, and which table entry gave it."""
     if not device_name:
         return {"device": device_name, "precision": precision, "entry": None, "peak_flops": None}
     for fragment, peaks in mfu_table.PEAK_FLOPS.items():     # the same search as mfu.peak_flops
@@ -921,7 +921,8 @@ def worker_profile(cfg: dict, em: Emitter) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ddp_fnn import observe, trainer
+    from ddp_fnn import observe
+    from ddp_fnn.train import loop as trainer
 
     em["selftest"] = _selftest_attribute()
     dev = cfg["device"]
@@ -1028,7 +1029,7 @@ def worker_plain(cfg: dict, em: Emitter) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ddp_fnn.model import build_fnn
+    from ddp_fnn.train.model import build_fnn
 
     dev = torch.device(cfg["device"])
     cuda = dev.type == "cuda"
@@ -1107,7 +1108,7 @@ def worker_plain(cfg: dict, em: Emitter) -> None:
 # ---- d: the NaN check ------------------------------------------------------------------
 
 class NanCheck:
-    """Stands in for the builtin ``bool`` inside ddp_fnn.trainer: anything but a tensor goes
+    """Stands in for the builtin ``bool`` inside ddp_fnn.train.loop: anything but a tensor goes
     to the builtin; a tensor (the isfinite flag) is checked one step late (``deferred``) or
     not at all (``off``)."""
 
@@ -1137,7 +1138,7 @@ class NanCheck:
 
 
 def worker_nancheck(cfg: dict, em: Emitter) -> None:
-    from ddp_fnn import trainer
+    from ddp_fnn.train import loop as trainer
 
     variants = ("every", "deferred", "off")
     em["variants"] = list(variants)
@@ -1330,10 +1331,10 @@ def _md_c_train(r):
          f" {_f(r.get('flops_per_sample'))} FLOP per sample"]
     pk = r.get("peak") or {}
     if pk.get("peak_flops"):
-        L.append(f"peak used: ddp_fnn/mfu.py PEAK_FLOPS[{pk.get('entry')!r}][{pk.get('precision')!r}] = "
+        L.append(f"peak used: ddp_fnn/observe/mfu.py PEAK_FLOPS[{pk.get('entry')!r}][{pk.get('precision')!r}] = "
                  f"{pk['peak_flops'] / 1e12:.1f} TFLOP/s for device {pk.get('device')!r}")
     else:
-        L.append(f"no peak in ddp_fnn/mfu.py for device {pk.get('device')!r} ({pk.get('precision')}): no MFU")
+        L.append(f"no peak in ddp_fnn/observe/mfu.py for device {pk.get('device')!r} ({pk.get('precision')}): no MFU")
     if pk.get("note"):
         L.append(f"note: {pk['note']}")
     L += ["", "| | |", "|---|---|",

@@ -43,7 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import netmodel, strictjson  # noqa: E402  (the repo's package, without installing it)
+from ddp_fnn import fileio  # noqa: E402
+from ddp_fnn.perfmodel import netmodel  # noqa: E402  (the repo's package, without installing it)
 
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 LAYERS = "256,1024,1024,1024,1"
@@ -247,7 +248,7 @@ def main() -> int:
     }
     print(table(rows))
     if args.json_file is not None:
-        args.json_file.write_text(strictjson.dumps(report, indent=2) + "\n")
+        args.json_file.write_text(fileio.dumps(report, indent=2) + "\n")
         print(f"# wrote {args.json_file}", file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
 

@@ -54,7 +54,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import stepfile, strictjson  # noqa: E402  (the repo's package, without installing it)
+from ddp_fnn import fileio  # noqa: E402
+from ddp_fnn.observe import stepfile  # noqa: E402  (the repo's package, without installing it)
 
 SLOW_RANK = 1
 SLOW_MS = 20.0
@@ -120,7 +121,7 @@ def run_one(n: int, straggler: bool, out: Path, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"straggler.py: error: run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
                          f"{proc.stderr.strip()[-2000:]}")
-    summary = strictjson.loads((out / "summary.json").read_text())
+    summary = fileio.loads((out / "summary.json").read_text())
     ranks = []
     for r in range(n):
         s = summary["ranks"][r]
@@ -331,7 +332,7 @@ def main() -> int:
                                          "disturbed_rounds_counted": sum(x["disturbed"] for x in rounds),
                                          "disturbed_attempts_repeated": discarded[n]}
     if args.json_file:
-        args.json_file.write_text(strictjson.dumps(result, indent=1) + "\n")
+        args.json_file.write_text(fileio.dumps(result, indent=1) + "\n")
     return 0 if all(v for w in result["world_sizes"].values() for v in w["claims"].values()) else 1
 
 

@@ -62,15 +62,17 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_fnn import dist as ddist
-from ddp_fnn import stepfile, strictjson, trainer
+from ddp_fnn.train import dist as ddist
+from ddp_fnn.observe import stepfile
+from ddp_fnn import fileio
+from ddp_fnn.train import loop as trainer
 from ddp_fnn.config import TrainConfig, parse_layers
-from ddp_fnn.data import GlobalBatches, load_dataset
-from ddp_fnn.metrics import Metrics, NullMetrics, Summary
-from ddp_fnn.model import build_fnn
-from ddp_fnn.netmodel import bucket_layout
+from ddp_fnn.data.datasets import GlobalBatches, load_dataset
+from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
+from ddp_fnn.train.model import build_fnn
+from ddp_fnn.perfmodel.netmodel import bucket_layout
 from ddp_fnn.observe import Clock, CollectiveRecord, Observer, make_record
-from ddp_fnn.sync import Synchroniser
+from ddp_fnn.train.sync import Synchroniser
 
 
 def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
@@ -257,7 +259,7 @@ def main() -> None:
               + f" (record with {len(layout)} collectives)")
         if args.json_file:
             with open(args.json_file, "w") as f:
-                f.write(strictjson.dumps({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
+                f.write(fileio.dumps({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
                            "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict()},
                            "buckets": {"layout": len(layout), "seen": buckets_seen, "indices_ok": indices_ok},
                            "per_step_cost_us": cost}, indent=2, default=str) + "\n")

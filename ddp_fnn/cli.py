@@ -100,7 +100,7 @@ def train(dry_run: bool, **options):
     N processes:       torchrun --standalone --nproc-per-node N -m ddp_fnn train
     Several nodes:     see launch/node.sh (torchrun with c10d rendezvous)
     """
-    from ddp_fnn import trainer
+    from ddp_fnn.train import loop as trainer
 
     try:
         cfg = TrainConfig(**options)
@@ -135,7 +135,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
     Your own small network:   ddp-fnn example --spec net.json --steps 20
     """
     from ddp_fnn import example as worked
-    from ddp_fnn import strictjson
+    from ddp_fnn import fileio
 
     try:
         spec = worked.seed_spec() if spec_file is None else worked.load_spec(spec_file)
@@ -143,7 +143,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
         raise UserError(f"--spec {spec_file}: {e}") from None
     result = worked.run(spec, steps or 1)
     if as_json:
-        click.echo(strictjson.dumps(worked.to_json(result, with_history=steps is not None)))
+        click.echo(fileio.dumps(worked.to_json(result, with_history=steps is not None)))
     else:
         click.echo("\n".join(worked.format_text(result)))
     if not result.agrees:
@@ -153,7 +153,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 
 
 # ---------------------------------------------------------------------------------------
-# bench and estimate: all-reduce sweep and the cost model (ddp_fnn/bench.py, ddp_fnn/netmodel.py)
+# bench and estimate: all-reduce sweep and the cost model (ddp_fnn/perfmodel/bench.py, ddp_fnn/perfmodel/netmodel.py)
 # ---------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--layers", default="32,256,256,1", show_default=True,
@@ -208,7 +208,8 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     ddp-fnn estimate --bench-json bench.json --layers 784,1024,1024,10 --world-size 64 \\
         --compute-ms 8 --sweep world-size=2,8,64,512
     """
-    from ddp_fnn import netmodel, strictjson
+    from ddp_fnn.perfmodel import netmodel
+    from ddp_fnn import fileio
     from ddp_fnn.config import parse_layers
 
     try:
@@ -289,14 +290,14 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
 
     if sweep_name is None:
         if as_json:
-            click.echo(strictjson.dumps(est.to_dict(), indent=2))
+            click.echo(fileio.dumps(est.to_dict(), indent=2))
         else:
             click.echo("\n".join(netmodel.format_estimate(est, alpha_src, beta_src)))
         return
     if plot_file is not None:
         _plot_sweep(plot_file, sweep_name, sweep_values, rows)
     if as_json:
-        click.echo(strictjson.dumps({"sweep": sweep_name, "values": sweep_values,
+        click.echo(fileio.dumps({"sweep": sweep_name, "values": sweep_values,
                                "estimates": [r.to_dict() for r in rows]}, indent=2))
     else:
         click.echo("\n".join(netmodel.format_sweep(sweep_name, sweep_values, rows)))
@@ -338,7 +339,7 @@ def _plot_sweep(path: str, name: str, values: list, rows: list) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ddp_fnn import netmodel
+    from ddp_fnn.perfmodel import netmodel
 
     xs = [netmodel.parse_rate(v) * 8 / 1e9 for v in values] if name == "link-rate" else [float(v) for v in values]
     xlabel = "link rate (Gbit/s)" if name == "link-rate" else name
@@ -401,7 +402,7 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
     Rank 0 prints per size: bytes, elements, type, time (mean over ranks of each rank's
     median, with the fastest and slowest rank's), algbw = S/t and busbw = algbw x 2(N-1)/N.
     """
-    from ddp_fnn import bench as benchmod
+    from ddp_fnn.perfmodel import bench as benchmod
 
     try:
         compare_bytes = benchmod.parse_size(compare_bare)
@@ -473,7 +474,7 @@ def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, lo
     Writes DIR/sweep.csv (one row a point), DIR/sweep.json, DIR/validation.md and PNG
     plots; docs/netmodel.md and docs/fabric.md describe the columns and the plots.
     """
-    from ddp_fnn import sweep as sweepmod
+    from ddp_fnn.perfmodel import sweep as sweepmod
     from ddp_fnn.config import parse_layers
 
     try:
@@ -491,7 +492,7 @@ def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, lo
         if host_cores is not None:
             cfg.host_cores = host_cores
         if plot:
-            from ddp_fnn.sweepplot import check_plotting
+            from ddp_fnn.perfmodel.plots import check_plotting
 
             check_plotting()
         code = sweepmod.main(cfg)

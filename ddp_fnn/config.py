@@ -159,7 +159,7 @@ class TrainConfig:
         need(not (self.no_steps_file and self.steps_file is not None),
              f"--no-steps-file and --steps-file {self.steps_file} contradict each other")
         if self.timeline is not None:
-            from ddp_fnn.timeline import parse_range
+            from ddp_fnn.observe.timeline import parse_range
             try:
                 parse_range(self.timeline)
             except ValueError as e:
@@ -210,7 +210,7 @@ class TrainConfig:
     @property
     def timeline_steps(self) -> tuple[int, int] | None:
         """--timeline A:B as (A, B), or None."""
-        from ddp_fnn.timeline import parse_range
+        from ddp_fnn.observe.timeline import parse_range
         return parse_range(self.timeline) if self.timeline is not None else None
 
     def steps_file_path(self, rank: int) -> Path | None:

@@ -8,7 +8,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from ddp_fnn import bench, strictjson
+from ddp_fnn.perfmodel import bench
+from ddp_fnn import fileio
 from ddp_fnn.cli import cli
 from tests.conftest import run_cli, torchrun
 
@@ -55,7 +56,7 @@ def test_world_size_one_without_torchrun(tmp_path):
                    "--compare-bare", "16K", "--compare-rounds", "2", "--json", str(out),
                    env={"OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    report = strictjson.loads(out.read_text())                 # strict JSON: null, never NaN
+    report = fileio.loads(out.read_text())                 # strict JSON: null, never NaN
     assert report["world_size"] == 1 and report["backend"] == "gloo"
     assert [r["bytes"] for r in report["results"]] == [4096, 8192, 16384, 32768, 65536]
     assert [r["count"] for r in report["results"]] == [2048, 4096, 8192, 16384, 32768]
@@ -111,7 +112,7 @@ def test_two_gloo_ranks_default_run_keeps_the_contract_and_matches_a_bare_loop(t
 # ---------------------------------------------------------------------------------------
 
 def test_probe_fit_is_least_squares_when_the_times_grow():
-    from ddp_fnn.bench import fit_probe
+    from ddp_fnn.perfmodel.bench import fit_probe
     sizes = [4096, 16384, 65536, 262144, 1048576]
     times = [1e-4 + s / 1e9 for s in sizes]                  # alpha 100 us, beta 1 GB/s at N = 2
     got = fit_probe(sizes, times, 2)
@@ -120,7 +121,7 @@ def test_probe_fit_is_least_squares_when_the_times_grow():
 
 
 def test_probe_falls_back_to_two_points_where_least_squares_finds_no_line():
-    from ddp_fnn.bench import fit_probe
+    from ddp_fnn.perfmodel.bench import fit_probe
     sizes = [4096, 16384, 65536, 262144, 1048576]
     # Noise: the middle sizes are slower than the largest, so the line's slope comes out <= 0.
     times = [1.0e-3, 9.0e-3, 9.0e-3, 9.0e-3, 1.2e-3]
@@ -131,7 +132,7 @@ def test_probe_falls_back_to_two_points_where_least_squares_finds_no_line():
 
 
 def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
-    from ddp_fnn.bench import fit_probe
+    from ddp_fnn.perfmodel.bench import fit_probe
     sizes = [4096, 1048576]
     got = fit_probe(sizes, [2e-3, 1e-3], 4)
     assert got["method"] == "largest" and got["alpha_s"] == 0.0
@@ -139,14 +140,14 @@ def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
 
 
 def test_probe_keeps_the_middle_half_of_its_rounds():
-    from ddp_fnn.bench import interquartile_mean
+    from ddp_fnn.perfmodel.bench import interquartile_mean
     assert interquartile_mean([1, 2, 3, 4, 100]) == 3                  # the burst (100) and the best (1) dropped
     assert interquartile_mean([5, 1, 100, 2, 3, 4, 6, 50]) == pytest.approx((3 + 4 + 5 + 6) / 4)
     assert interquartile_mean([2.0, 4.0]) == 3.0                        # fewer than 4: the plain mean
 
 
 def test_probe_retries_larger_where_the_largest_size_is_not_slower_than_noise():
-    from ddp_fnn.bench import PROBE_MAX_TOP_BYTES, PROBE_MIN_SPREAD, probe_retry_top
+    from ddp_fnn.perfmodel.bench import PROBE_MAX_TOP_BYTES, PROBE_MIN_SPREAD, probe_retry_top
     mib = 1 << 20
     # Loopback: 1 MiB takes about what 4 KiB does, so the line is noise: try 16 MiB.
     assert probe_retry_top(mib, "least-squares", [1.0e-3, 1.1e-3, 1.2e-3, 1.5e-3, 2.0e-3]) == 16 * mib

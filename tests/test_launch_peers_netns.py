@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_fnn import stepfile
+from ddp_fnn.observe import stepfile
 from test_launch_netns import pytestmark as netns_marks
 from test_launch_netns import run_cluster
 

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import torchrun
-from ddp_fnn import bench, stepfile
+from ddp_fnn.perfmodel import bench
+from ddp_fnn.observe import stepfile
 from test_metrics import _Gateway
 from test_observe import check_trace
 

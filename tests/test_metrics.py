@@ -1,4 +1,4 @@
-"""ddp_fnn.metrics without processes: StepRecords in, Prometheus samples and summary
+"""ddp_fnn.observe.prometheus without processes: StepRecords in, Prometheus samples and summary
 figures out. Every test uses its own CollectorRegistry and reads values back with
 registry.get_sample_value(...); the HTTP tests use real sockets on loopback."""
 
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from ddp_fnn.config import ConfigError
-from ddp_fnn.metrics import Metrics, NullMetrics, Summary
+from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
 from ddp_fnn.observe import PHASES, CollectiveRecord, StepRecord, union_length
 from test_deploy import CONTRACT_SERIES
 

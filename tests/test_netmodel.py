@@ -13,9 +13,9 @@ import pytest
 import torch.distributed as dist
 from click.testing import CliRunner
 
-from ddp_fnn import netmodel
+from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.cli import cli
-from ddp_fnn.model import build_fnn
+from ddp_fnn.train.model import build_fnn
 from tests.conftest import REPO, free_port, run_cli
 
 # ---------------------------------------------------------------------------------------
@@ -197,14 +197,14 @@ def test_bucket_layout_keeps_the_tensor_that_crosses_the_cap():
 # A world-size-1 Gloo group in a subprocess: wrap real FNNs in DDP, register a comm hook
 # that records each bucket it is handed, and report what the second step saw (the first
 # step runs with one bucket holding everything; DDP rebuilds its buckets after it).
-# It leaves the group as the workers do (ddp_fnn.dist imported before the group exists,
+# It leaves the group as the workers do (ddp_fnn.train.dist imported before the group exists,
 # teardown(), os._exit after flushing: docs/shutdown.md), so that it cannot abort at exit.
 _DDP_PROBE = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from ddp_fnn import dist as ddist
-    from ddp_fnn.model import build_fnn
+    from ddp_fnn.train import dist as ddist
+    from ddp_fnn.train.model import build_fnn
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     out = []

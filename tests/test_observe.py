@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from ddp_fnn import observe, stepfile, timeline
+from ddp_fnn import observe
+from ddp_fnn.observe import stepfile
+from ddp_fnn.observe import timeline
 from ddp_fnn.observe import CollectiveRecord, Observer, make_record, union_after, union_length
 
 # Binary fractions throughout, so every sum and difference is exact in floating point.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from ddp_fnn import strictjson
+from ddp_fnn import fileio
 from test_train import QUICK
 
 
@@ -36,11 +36,11 @@ def test_rerunning_a_finished_run_says_so_in_one_line_and_touches_nothing(tmp_pa
     # More steps is more work: the same command with --max-steps 8 resumes and trains 2.
     more = run_cli(*args[:-6], "--max-steps", "8", *args[-6:])
     assert more.returncode == 0, more.stderr
-    summary = strictjson.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = fileio.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["resumed_from_step"] == 6 and summary["steps"] == 8
     # ... and the step file keeps steps 1..6 and adds 7 and 8.
     lines = (tmp_path / "out" / "steps-rank0.jsonl").read_text().splitlines()
-    assert [strictjson.loads(x)["step"] for x in lines] == list(range(1, 9))
+    assert [fileio.loads(x)["step"] for x in lines] == list(range(1, 9))
 
 
 def test_a_run_that_met_its_target_loss_is_finished_too(tmp_path):
@@ -48,7 +48,7 @@ def test_a_run_that_met_its_target_loss_is_finished_too(tmp_path):
             "--checkpoint-dir", str(tmp_path / "ck"), "--output", str(tmp_path / "out"))
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    summary = strictjson.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = fileio.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stop_reason"] == "target-loss" and summary["steps"] < 400
     before = snapshot(tmp_path / "ck", tmp_path / "out")
     again = run_cli(*args)
@@ -63,7 +63,7 @@ def test_summary_without_an_eval_split_is_strict_json_with_null(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
-    summary = strictjson.loads(text)
+    summary = fileio.loads(text)
     assert summary["eval_loss"] is None and summary["eval_accuracy"] is None
     assert math.isfinite(summary["final_train_loss"])
 
@@ -72,11 +72,11 @@ def test_progress_lines_and_dry_run_are_strict_json(tmp_path):
     r = run_cli("train", *QUICK[:-2], "--progress", "json", "--max-steps", "4", "--log-every", "2",
                 "--eval-fraction", "0")
     assert r.returncode == 0, r.stderr
-    lines = [strictjson.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    lines = [fileio.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [d["step"] for d in lines] == [2, 4]
     dry = run_cli("train", *QUICK, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert strictjson.loads(dry.stdout)["micro_batch_per_rank"] == [32, 32]
+    assert fileio.loads(dry.stdout)["micro_batch_per_rank"] == [32, 32]
 
 
 def test_estimate_and_example_json_are_strict():
@@ -84,7 +84,7 @@ def test_estimate_and_example_json_are_strict():
                   "--compute-ms", "5", "--json"), ("example", "--json")):
         r = run_cli(*args)
         assert r.returncode == 0, r.stderr
-        strictjson.loads(r.stdout)
+        fileio.loads(r.stdout)
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -94,13 +94,13 @@ def test_estimate_and_example_json_are_strict():
     (torch.tensor([float("nan"), 3.0]), [None, 3.0]), (None, None), (True, True),
 ])
 def test_dumps_writes_null_for_every_non_finite_number(value, expected):
-    text = strictjson.dumps(value)
-    assert strictjson.loads(text) == expected
+    text = fileio.dumps(value)
+    assert fileio.loads(text) == expected
 
 
 def test_strict_loads_rejects_what_json_dumps_writes_by_default():
     import json
     with pytest.raises(ValueError, match="NaN"):
-        strictjson.loads(json.dumps({"x": float("nan")}))
+        fileio.loads(json.dumps({"x": float("nan")}))
     with pytest.raises(ValueError, match="Infinity"):
-        strictjson.loads(json.dumps([float("inf")]))
+        fileio.loads(json.dumps([float("inf")]))

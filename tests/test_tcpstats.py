@@ -1,4 +1,4 @@
-"""ddp_fnn/tcpstats.py: the namespace's TCP counters from /proc/net/snmp, and their export.
+"""ddp_fnn/observe/tcpstats.py: the namespace's TCP counters from /proc/net/snmp, and their export.
 
 Hand-made snmp files stand in for the kernel's where exact figures are needed; one test
 reads the real file around a real loopback TCP transfer, as an independent witness that
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ddp_fnn import tcpstats
-from ddp_fnn.metrics import Metrics, Summary
-from ddp_fnn.report import Accounting
+from ddp_fnn.observe import tcpstats
+from ddp_fnn.observe.prometheus import Metrics, Summary
+from ddp_fnn.observe.accounting import Accounting
 
 RUN_INFO = {"backend": "gloo", "sync": "ddp", "compression": "none", "layers": "4,1", "device": "cpu"}
 

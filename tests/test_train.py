@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from ddp_fnn.model import FNN
+from ddp_fnn.train.model import FNN
 
 QUICK = ("--layers", "8,16,1", "--samples", "512", "--global-batch-size", "32", "--metrics-port", "0",
          "--progress", "none")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_fnn.checkpoint import np_state, np_tuple
+from ddp_fnn.train.checkpoint import np_state, np_tuple
 from ddp_fnn.observe import Observer
 
 

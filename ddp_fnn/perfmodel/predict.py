@@ -23,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from ddp_fnn import bench, netmodel
+from ddp_fnn.perfmodel import bench
+from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.config import ConfigError, TrainConfig
 
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ddp_fnn.config import ConfigError
-from ddp_fnn.csvcache import Blocks
+from ddp_fnn.data.csvcache import Blocks
 
 ARROW_BLOCK_BYTES = 4 << 20        # pyarrow's unit of parallel parsing
 PY_BLOCK_ROWS = 65536

@@ -53,9 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddp_fnn import csvcache, tabular
+from ddp_fnn.data import csvcache
+from ddp_fnn.data import tabular
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.model import FNN, he_init_
+from ddp_fnn.train.model import FNN, he_init_
 
 RESIDENT_BUDGET = 64 << 20     # a mapped data set larger than this is not left resident
 DROP_EVERY_ROWS = 64           # rows fetch reads between hand-backs of the mapped pages

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ddp_fnn import dist as ddist
-from ddp_fnn import netmodel, strictjson
+from ddp_fnn.train import dist as ddist
+from ddp_fnn.perfmodel import netmodel
+from ddp_fnn import fileio
 from ddp_fnn.observe import Clock, Stopwatch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -137,7 +138,7 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------
 # process group
 # ---------------------------------------------------------------------------------------
-# ddp_fnn.dist brings the group up: torchrun's environment, or a group of one in an
+# ddp_fnn.train.dist brings the group up: torchrun's environment, or a group of one in an
 # in-process store outside torchrun (no port is opened).
 _World = ddist.DistContext
 
@@ -477,7 +478,7 @@ def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
     }
     if world.rank == 0 and cfg.json_path is not None:
         cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_path.write_text(strictjson.dumps(report, indent=2) + "\n")
+        cfg.json_path.write_text(fileio.dumps(report, indent=2) + "\n")
         out(f"# wrote {cfg.json_path}")
     return report
 

@@ -9,7 +9,7 @@ exposed communication, sync tail) are in observe.py and docs/metrics.md. Here:
 
 * wire bytes: bytes this rank sends, from the algorithm's formula. Gloo and NCCL's ring
   all-reduce send 2(N-1)/N x payload per rank (reduce-scatter then all-gather, each
-  N-1 steps of payload/N); see docs/metrics.md and ddp_fnn/netmodel.py.
+  N-1 steps of payload/N); see docs/metrics.md and ddp_fnn/perfmodel/netmodel.py.
 * algbw = payload / comm time; busbw = algbw x 2(N-1)/N (nccl-tests' definitions).
 """
 
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import push_to_gateway
 
 from ddp_fnn.config import ConfigError
-from ddp_fnn.netmodel import busbw_factor, ring_wire_bytes
+from ddp_fnn.perfmodel.netmodel import busbw_factor, ring_wire_bytes
 from ddp_fnn.observe import PHASES, StepRecord
 
 # 100 us .. 10 s: an FNN step on CPU is often well under the client's default 5 ms floor.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from ddp_fnn import strictjson
+from ddp_fnn import fileio
 
 
 def make_progress(mode: str, total_steps: int):
@@ -31,7 +31,7 @@ class Quiet:
 class JsonLines(Quiet):
     def update(self, step, loss, summary):
         fig = summary.figures()
-        print(strictjson.dumps({"step": step, "steps": self.total, "train_loss": loss,
+        print(fileio.dumps({"step": step, "steps": self.total, "train_loss": loss,
                           "samples_per_second": round(_rate(summary), 1),
                           "step_time_p50_s": fig.get("step_time_p50_s"),
                           "exposed_comm_time_per_step_s": fig.get("exposed_comm_time_per_step_s")}), flush=True)

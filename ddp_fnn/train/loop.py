@@ -29,19 +29,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ddp_fnn import checkpoint as ckpt
-from ddp_fnn import dist as ddist
-from ddp_fnn import mfu, peers, predict, strictjson, tcpstats
+from ddp_fnn.train import checkpoint as ckpt
+from ddp_fnn.train import dist as ddist
+from ddp_fnn.observe import mfu
+from ddp_fnn.observe import peers
+from ddp_fnn.perfmodel import predict
+from ddp_fnn import fileio
+from ddp_fnn.observe import tcpstats
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.data import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
-from ddp_fnn.metrics import Metrics, NullMetrics, Summary
-from ddp_fnn.model import build_fnn
+from ddp_fnn.data.datasets import Dataset, GlobalBatches, epochs_to_steps, eval_shard, load_dataset
+from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
+from ddp_fnn.train.model import build_fnn
 from ddp_fnn.observe import Clock, DdpLoggerWitness, Observer, Stopwatch
-from ddp_fnn.progress import make_progress, print_table
-from ddp_fnn.report import Accounting, gather_ranks, peak_flops
-from ddp_fnn.stepfile import JsonLines, StepFile
-from ddp_fnn.sync import Synchroniser, gradient_bytes
-from ddp_fnn.timeline import Timeline
+from ddp_fnn.observe.progress import make_progress, print_table
+from ddp_fnn.observe.accounting import Accounting, gather_ranks, peak_flops
+from ddp_fnn.observe.stepfile import JsonLines, StepFile
+from ddp_fnn.train.sync import Synchroniser, gradient_bytes
+from ddp_fnn.observe.timeline import Timeline
 
 
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -331,7 +335,7 @@ def write_outputs(cfg: TrainConfig, result: dict, model: torch.nn.Module) -> Non
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out / "model.pt")
     tmp = out / ".summary.json.tmp"
-    tmp.write_text(strictjson.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
+    tmp.write_text(fileio.dumps({**result, "config": cfg.to_dict()}, indent=2, default=str) + "\n")
     os.replace(tmp, out / "summary.json")
 
 
@@ -354,7 +358,7 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
             _note(f"checkpoint {path} is unreadable ({why}); using {resume.path.name} instead", "warning")
     if dry_run:
         if rank == 0:
-            print(strictjson.dumps({"ok": True, "world_size": world, "data": ds.identity,
+            print(fileio.dumps({"ok": True, "world_size": world, "data": ds.identity,
                               "train_rows": len(ds.train_idx), "eval_rows": len(ds.eval_idx),
                               "micro_batch_per_rank": cfg.check_world(world)}))
         return 0

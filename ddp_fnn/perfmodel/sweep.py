@@ -49,7 +49,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ddp_fnn import netmodel, predict, stepfile, strictjson
+from ddp_fnn.perfmodel import netmodel
+from ddp_fnn.perfmodel import predict
+from ddp_fnn.observe import stepfile
+from ddp_fnn import fileio
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "launch" / "netns-cluster.sh"
@@ -244,7 +247,7 @@ def run_point(cfg: SweepConfig, p: Point) -> tuple[bool, Path]:
 
 def strictjson_write(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(strictjson.dumps(data, indent=2) + "\n")
+    tmp.write_text(fileio.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -262,7 +265,7 @@ def quantile(xs: list[float], q: float) -> float:
 
 def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     """The measured columns of a complete point."""
-    summary = strictjson.loads((pdir / "node0" / "summary.json").read_text())
+    summary = fileio.loads((pdir / "node0" / "summary.json").read_text())
     steps = stepfile.read(pdir / "node0" / "steps-rank0.jsonl")
     step_s = [s["step_s"] for s in steps[1:]] or [s["step_s"] for s in steps]
     ranks = summary.get("ranks") or [summary]
@@ -303,7 +306,7 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
     row["rtt_s"] = 2 * max(bounds) if bounds else None
     netstats = pdir / "netstats.json"
     if netstats.is_file():
-        ns = strictjson.loads(netstats.read_text())
+        ns = fileio.loads(netstats.read_text())
         # Node k runs rank k (c10d ranks the nodes by host name, node0, node1, ...).
         payload_tx = [n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES for n in ns["nodes"]]
         row["kernel_tx_payload_bytes"] = max(payload_tx)
@@ -458,7 +461,7 @@ def write_outputs(cfg: SweepConfig, rows: list[dict], command_line: str) -> tupl
     (cfg.out / "validation.md").write_text(markdown(rows, figures, command_line))
     plots = []
     if cfg.plot:
-        from ddp_fnn import sweepplot
+        from ddp_fnn.perfmodel import plots as sweepplot
 
         plots = sweepplot.draw(cfg, rows, cfg.out)
     return figures, plots

@@ -21,7 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from ddp_fnn import netmodel, predict
+from ddp_fnn.perfmodel import netmodel
+from ddp_fnn.perfmodel import predict
 
 MBIT = 1e6 / 8          # bytes/s in one Mbit/s
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ddp_fnn import mfu
-from ddp_fnn.metrics import Summary
+from ddp_fnn.observe import mfu
+from ddp_fnn.observe.prometheus import Summary
 from ddp_fnn.observe import StepRecord
 
 

@@ -1,0 +1,99 @@
+"""The clock: host marks (perf_counter), CUDA-event marks, stopwatches, and interval
+arithmetic (unions of [start, end] spans). ``PHASES`` names a step's compute phases."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def _clock_shift() -> float:
+    """Fault injection for tests of clock alignment: ``DDP_FNN_CLOCK_SHIFT=R:SECONDS``
+    moves rank R's clock by SECONDS, as another host's clock would be (docs/metrics.md)."""
+    spec = os.environ.get("DDP_FNN_CLOCK_SHIFT")
+    if not spec:
+        return 0.0
+    rank, _, seconds = spec.partition(":")
+    return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
+
+
+_SHIFT_S = _clock_shift()
+
+
+def now() -> float:
+    """This host's monotonic clock in seconds: the time base of marks, step records and
+    timelines (shared by every process on one host)."""
+    return time.perf_counter() + _SHIFT_S
+
+
+def wall() -> float:
+    """Unix time in seconds (for humans and for ``time() - x`` in Prometheus; never for
+    durations: it can jump)."""
+    return time.time()
+
+
+class Stopwatch:
+    """Host-side elapsed seconds since construction (or the last ``restart``)."""
+
+    def __init__(self):
+        self.t0 = now()
+
+    def restart(self) -> None:
+        self.t0 = now()
+
+    def seconds(self) -> float:
+        return now() - self.t0
+
+
+def _cuda_mark():
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+class Clock:
+    """Marks on the device's timeline: floats on CPU, CUDA events on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        # ``mark`` is the function itself, chosen once: DDP's hook takes two marks per
+        # bucket, and on CPU that is a bare perf_counter() call.
+        self.mark = _cuda_mark if self.cuda else now
+
+    def seconds(self, start, end) -> float:
+        """Elapsed seconds between two marks (waits for ``end`` on CUDA, if needed)."""
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+# ---------------------------------------------------------------------------------------
+# interval arithmetic
+# ---------------------------------------------------------------------------------------
+
+def union_length(intervals) -> float:
+    """Length of the union of [start, end] intervals. Example (docs/metrics.md): [0.125,
+    0.375], [0.25, 0.5] and [0.625, 0.75] give 0.5, not the 0.625 their durations sum to."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def union_after(intervals, t: float) -> float:
+    """Length of the part of the intervals' union that lies after ``t``."""
+    return union_length([(max(a, t), b) for a, b in intervals if b > t])
+
+

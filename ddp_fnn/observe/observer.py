@@ -1,0 +1,154 @@
+"""The observer: phase and collective marks in, ``StepRecord``s out; and DDP's own C++
+logger read as an independent witness."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ddp_fnn.observe.clock import Clock, now, wall
+from ddp_fnn.observe.records import CollectiveRecord, StepRecord, make_record
+
+# ---------------------------------------------------------------------------------------
+# the observer: marks in, StepRecords out
+# ---------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Collective:
+    bucket: int
+    payload_bytes: int
+    calls: int
+    launched: object
+    done: object = None
+
+
+@dataclass
+class _Step:
+    step: int
+    time_unix_s: float
+    host_start_s: float
+    start: object
+    marks: list = field(default_factory=list)          # (phase, start mark, end mark)
+    collectives: list = field(default_factory=list)    # _Collective
+    end: object = None
+    samples: int = 0
+    loss: object = None                                 # a tensor, read when the record is made
+
+
+class Observer:
+    """Collects one step at a time and turns it into a ``StepRecord``.
+
+    ``launch``/``complete`` are called from DDP's communication hook (the autograd thread)
+    and from the backend's completion callbacks (its own thread); list.append is atomic in
+    CPython, and a step's record is made only after backward returned, when every
+    callback has run."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self._cur: _Step | None = None
+        self._stray: list[_Collective] = []     # collectives outside a step (bucket settling)
+        self._pending: list[_Step] = []
+
+    # ---- the loop's side ------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        self._cur = _Step(step=step, time_unix_s=wall(), host_start_s=now(), start=self.clock.mark())
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = self.clock.mark()
+        try:
+            yield
+        finally:
+            self._cur.marks.append((name, t0, self.clock.mark()))
+
+    def end_step(self, samples: int, loss: torch.Tensor | None = None) -> None:
+        """Close the current step. ``loss``: this rank's mean loss over its rows, as a
+        tensor (read without a host sync: on CUDA, one step later)."""
+        cur = self._cur
+        if loss is not None and self.clock.cuda:
+            loss = loss.detach().to("cpu", non_blocking=True)    # ready once ``end`` is
+        cur.loss, cur.samples, cur.end = loss, samples, self.clock.mark()
+        self._pending.append(cur)
+        self._cur = None
+
+    def finished(self) -> list[StepRecord]:
+        """Records of the closed steps whose marks can be read now: on CPU every one; on
+        CUDA all but the newest (read one step late: no synchronisation in the loop)."""
+        keep = 1 if self.clock.cuda else 0
+        out = []
+        while len(self._pending) > keep:
+            out.append(self._record(self._pending.pop(0)))
+        return out
+
+    def flush(self) -> list[StepRecord]:
+        """Every remaining record (the end of the run)."""
+        out = [self._record(s) for s in self._pending]
+        self._pending = []
+        return out
+
+    # ---- the hooks' side ------------------------------------------------------------
+    def launch(self, bucket: int, payload_bytes: int, calls: int = 1) -> _Collective:
+        rec = _Collective(bucket, payload_bytes, calls, self.clock.mark())
+        (self._cur.collectives if self._cur is not None else self._stray).append(rec)
+        return rec
+
+    def complete(self, rec: _Collective) -> None:
+        rec.done = self.clock.mark()
+
+    def discard_stray(self) -> None:
+        """Forget collectives made outside a step (e.g. DDP's bucket settling on resume)."""
+        self._stray = []
+
+    # ---- marks to seconds -----------------------------------------------------------
+    def _record(self, s: _Step) -> StepRecord:
+        sec = self.clock.seconds
+        intervals = [(name, sec(s.start, a), sec(s.start, b)) for name, a, b in s.marks]
+        colls = [CollectiveRecord(c.bucket, c.payload_bytes, c.calls, sec(s.start, c.launched),
+                                  sec(s.start, c.done if c.done is not None else s.end))
+                 for c in s.collectives]
+        loss = None
+        if s.loss is not None:
+            loss = float(s.loss)
+        return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s, start_s=s.host_start_s,
+                           step_s=sec(s.start, s.end), intervals=intervals, collectives=colls, loss=loss)
+
+
+# ---------------------------------------------------------------------------------------
+# an independent witness: PyTorch DDP's own C++ logger
+# ---------------------------------------------------------------------------------------
+
+class DdpLoggerWitness:
+    """Reads DDP's C++ logger (``--ddp-logger``) once a step, for comparison with ddp-fnn's
+    own figures.
+
+    ``_set_ddp_runtime_logging_sample_rate(1)`` makes the Reducer time every iteration;
+    ``_get_ddp_logging_data()`` then holds the *previous* iteration's figures (they are
+    published at the next forward), in nanoseconds of the system clock:
+    ``backward_comm_time_start``/``_end`` run from the first bucket's all-reduce launch to
+    the end of DDP's finalize, so their difference is a comm *span*;
+    ``backward_compute_time_end`` is when autograd produced the last gradient, so
+    comm end - compute end is DDP's own exposed communication. DDP counts every forward as
+    an iteration: with ``--grad-accum K`` only one in K has communication."""
+
+    def __init__(self, ddp_model):
+        self.model = ddp_model
+        ddp_model._set_ddp_runtime_logging_sample_rate(1)
+
+    def read(self, step: int) -> dict | None:
+        """After step ``step``'s forward: DDP's figures of step ``step - 1`` (None if it
+        has none yet)."""
+        d = self.model._get_ddp_logging_data()
+        if step < 2 or "backward_comm_time_start" not in d:
+            return None
+        ns = 1e-9
+        return {
+            "step": step - 1,
+            "forward_compute_s": d["forward_compute_time"] * ns,
+            "backward_compute_s": d["backward_compute_time"] * ns,
+            "backward_comm_span_s": (d["backward_comm_time_end"] - d["backward_comm_time_start"]) * ns,
+            "backward_comm_s": d["backward_comm_time"] * ns,
+            "backward_compute_comm_overlap_s": d["backward_compute_comm_overlap_time"] * ns,
+            "exposed_s": max(0, d["backward_comm_time_end"] - d["backward_compute_time_end"]) * ns,
+        }
