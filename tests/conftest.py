@@ -11,6 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every launch script (launch/local.sh, node.sh, netns-cluster.sh) the suite starts runs the
+# interpreter running pytest, whatever environment is active, not a checkout's .venv or
+# the first python3 on PATH. Subprocesses inherit it from here.
+os.environ["PYTHON"] = sys.executable
+
 
 def gloo_threads_left(timeout_s: float = 5.0) -> int:
     """This process's Gloo threads once they have finished exiting (0), or how many are still

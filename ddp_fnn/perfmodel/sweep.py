@@ -52,10 +52,12 @@ from pathlib import Path
 from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.perfmodel import predict
 from ddp_fnn.observe import stepfile
-from ddp_fnn import fileio
+from ddp_fnn import cluster, fileio
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "launch" / "netns-cluster.sh"
+CLUSTER = cluster.script("netns-cluster.sh")
+# The directory holding the ddp_fnn package: a point's workers import this same package,
+# from a checkout or an installed wheel alike.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("netns", "loopback")
 TCP_MSS_BYTES = 1448          # MTU 1500 less IPv4 (20), TCP (20) and timestamps (12): netns-cluster.sh's links
 HEADER_BYTES = 14 + 20 + 20 + 12   # per frame on a node's eth0 (tests/test_launch_netns.py says why)
@@ -147,9 +149,6 @@ class SweepConfig:
             if os.geteuid() != 0:
                 raise ValueError("--launcher netns needs root (it creates network namespaces); "
                                  "run as root or use --launcher loopback")
-            if not CLUSTER.is_file():
-                raise ValueError(f"--launcher netns needs the repository's launch/netns-cluster.sh, "
-                                 f"not found at {CLUSTER}")
 
     def points(self) -> list[Point]:
         return [Point(n, r, b, c, p, q, k) for k, n, r, b, c, p, q in itertools.product(
@@ -235,9 +234,11 @@ def run_point(cfg: SweepConfig, p: Point) -> tuple[bool, Path]:
     if pdir.exists():
         shutil.rmtree(pdir)                  # a failed or interrupted run of this point: tried again
     pdir.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}      # one thread a worker: compute_scale's premise
+    # One thread a worker: compute_scale's premise. PYTHON: node.sh runs this interpreter.
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": path}
     with open(pdir / "run.log", "wb") as log:
-        proc = subprocess.Popen(command(cfg, p, pdir), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(command(cfg, p, pdir), stdout=log, stderr=subprocess.STDOUT, env=env)
         rc = proc.wait()
     ok = rc == 0 and (pdir / "node0" / "summary.json").is_file()
     # pid: netns-cluster.sh names its namespaces ddpfnn-PID-*, so a check can find them.
