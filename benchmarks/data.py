@@ -120,7 +120,8 @@ def probe(kind: str, path: str, cache_dir: str) -> None:
     elif kind == "loadtxt":
         rows = len(np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32))
     else:
-        ds = load_dataset(TrainConfig(layers=f"{FEATURES},1", data=path, cache_dir=cache_dir))
+        cfg = TrainConfig.of(layers=f"{FEATURES},1", data=path, cache_dir=cache_dir)
+        ds = load_dataset(cfg.data, cfg.model, cfg.seed)
         rows = len(ds.x)
     print(json.dumps({"s": time.perf_counter() - t0, "hwm": vm_hwm_bytes(), "rows": rows}))
 

@@ -3,7 +3,7 @@ traffic is in summary.json and in Prometheus, and what it costs.
 
     python benchmarks/probe_repeat.py demo --runs 20        # launch/demo.sh, 2 ranks on loopback
     python benchmarks/probe_repeat.py netns --runs 10       # launch/netns-cluster.sh --nodes 4 (root)
-    python benchmarks/probe_repeat.py cost --runs 15        # bench.probe alone, timed, 2 ranks on loopback
+    python benchmarks/probe_repeat.py cost --runs 15        # probe.probe alone, timed, 2 ranks on loopback
 
 Per run it prints one line: the fit's method, alpha, beta, the probe's wire bytes in
 summary.json, and the probe counters scraped from every rank's /metrics in the run's
@@ -162,14 +162,14 @@ def netns_run(i: int, nodes: int, steps: int, layers: str) -> dict:
 
 def cost_worker(runs: int, largest: int) -> None:
     sys.path.insert(0, str(REPO))
-    from ddp_fnn.perfmodel import bench
+    from ddp_fnn.perfmodel import probe
     from ddp_fnn.train import dist as ddist
     world = ddist.setup("gloo", "auto", 120)
     rows = []
     for _ in range(runs):
-        bench._barrier(world)
+        probe.barrier(world)
         t0 = time.perf_counter()
-        p = bench.probe(world, largest)
+        p = probe.probe(world, largest)
         rows.append((p, time.perf_counter() - t0))
     if world.rank == 0:
         for k, (p, dt) in enumerate(rows, 1):

@@ -4,7 +4,7 @@ Run under torchrun (the figures in README.md came from this command):
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --rounds 12
 
-1. ``train``: ddp-fnn's ``trainer.train`` on one FNN (--layers, default 256,1024,1024,1),
+1. ``train``: ddp-fnn's ``train.loop.train`` on one FNN (--layers, default 256,1024,1024,1),
    four ways:
 
        files on       metrics served, a step file and a timeline of every step
@@ -47,7 +47,6 @@ means slower as for throughput):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -66,6 +65,7 @@ from ddp_fnn.train import dist as ddist
 from ddp_fnn.observe import stepfile
 from ddp_fnn import fileio
 from ddp_fnn.train import loop as trainer
+from ddp_fnn.train import setup
 from ddp_fnn.config import TrainConfig, parse_layers
 from ddp_fnn.data.datasets import GlobalBatches, load_dataset
 from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
@@ -80,20 +80,20 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
     """The plainest DDP loop. With ``observer``: the model is wrapped by a Synchroniser
     (ddp-fnn's observing hook) and each step is opened and closed on the observer; returns
     the step records it made. ``torch_hook``: torch's plain all-reduce hook registered."""
-    model = build_fnn(cfg.layers, seed=cfg.seed)
+    model = build_fnn(cfg.model.layers, seed=cfg.seed)
     scale = 1.0
     if observer is None:
-        ddp = DDP(model, bucket_cap_mb=cfg.bucket_mb)
+        ddp = DDP(model, bucket_cap_mb=cfg.parallel.bucket_mb)
         if torch_hook:
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
-        syncer = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.bucket_mb)
+        syncer = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.parallel.bucket_mb)
         ddp, scale = syncer.model, syncer.grad_scale     # the hook sums; the loss carries the 1/N
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     x_all, y_all = torch.from_numpy(np.asarray(ds.x)), torch.from_numpy(np.asarray(ds.y))
-    batches = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, ctx.rank, ctx.world_size, 1)
+    batches = GlobalBatches(ds.train_idx, cfg.optim.global_batch_size, cfg.seed, ctx.rank, ctx.world_size, 1)
     records = []
-    for step in range(cfg.max_steps):
+    for step in range(cfg.stop.max_steps):
         epoch, pos = divmod(step, batches.steps_per_epoch)
         rows = torch.from_numpy(batches.rank_micro_batches(epoch, pos)[0])
         if observer is not None:
@@ -193,28 +193,30 @@ def main() -> None:
     # ---- 1. train: step file + timeline, metrics, against the bare loop ------------------
     # --eval-fraction 0: the held-out evaluation at the end of `train` is not training, and
     # the bare loop has none; everything else `train` does per step is measured.
-    cfg = TrainConfig(layers=args.layers, samples=args.global_batch_size * (args.steps + 1),
-                      global_batch_size=args.global_batch_size, max_steps=args.steps, progress="none",
-                      metrics_port=0, log_every=10, eval_fraction=0.0)
-    files_on = dataclasses.replace(cfg, output=out, timeline=f"1:{args.steps}")
-    files_off = dataclasses.replace(cfg, output=out, no_steps_file=True)
-    ds = load_dataset(cfg)
-    run_info = {"backend": ctx.backend, "sync": cfg.sync, "compression": cfg.compression,
+    settings = dict(layers=args.layers, samples=args.global_batch_size * (args.steps + 1),
+                    global_batch_size=args.global_batch_size, max_steps=args.steps, progress="none",
+                    metrics_port=0, log_every=10, eval_fraction=0.0)
+    cfg = TrainConfig.of(**settings)
+    files_on = TrainConfig.of(**settings, output=out, timeline=f"1:{args.steps}")
+    files_off = TrainConfig.of(**settings, output=out, no_steps_file=True)
+    plan = setup.plan(cfg, ctx.rank, ctx.world_size)      # the same data and batches for every variant
+    ds = plan.ds
+    run_info = {"backend": ctx.backend, "sync": cfg.parallel.sync, "compression": cfg.parallel.compression,
                 "layers": args.layers, "device": "cpu"}
     metrics = Metrics(ctx.rank, ctx.world_size, run_info)
     metrics.serve(args.metrics_port + ctx.local_rank, "127.0.0.1")   # scraped or not, it serves
     train_variants = {
-        "files on": lambda: trainer.train(files_on, ctx, ds, metrics),
-        "files off": lambda: trainer.train(files_off, ctx, ds, metrics),
-        "metrics off": lambda: trainer.train(cfg, ctx, ds, NullMetrics()),
+        "files on": lambda: trainer.train(setup.build(files_on, plan, ctx, metrics)),
+        "files off": lambda: trainer.train(setup.build(files_off, plan, ctx, metrics)),
+        "metrics off": lambda: trainer.train(setup.build(cfg, plan, ctx, NullMetrics())),
         "bare DDP loop": lambda: bare_loop(cfg, ctx, ds),
     }
 
     # ---- 2. hook: DDP's C++ all-reduce against the observing hook, >= 20 buckets --------
-    hcfg = TrainConfig(layers=args.hook_layers, samples=args.hook_global_batch_size * (args.hook_steps + 1),
+    hcfg = TrainConfig.of(layers=args.hook_layers, samples=args.hook_global_batch_size * (args.hook_steps + 1),
                        global_batch_size=args.hook_global_batch_size, max_steps=args.hook_steps,
                        bucket_mb=args.hook_bucket_mb, progress="none", metrics_port=0, eval_fraction=0.0)
-    hds = load_dataset(hcfg)
+    hds = load_dataset(hcfg.data, hcfg.model, hcfg.seed)
     layout = bucket_layout(parse_layers(args.hook_layers), args.hook_bucket_mb)
     seen: list[list] = []           # the observed runs' records
     hook_variants = {

@@ -103,7 +103,7 @@ def train(dry_run: bool, **options):
     from ddp_fnn.train import loop as trainer
 
     try:
-        cfg = TrainConfig(**options)
+        cfg = TrainConfig.of(**options)
         code = trainer.main(cfg, dry_run=dry_run)
     except ConfigError as e:
         raise UserError(str(e)) from None
@@ -208,7 +208,7 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     ddp-fnn estimate --bench-json bench.json --layers 784,1024,1024,10 --world-size 64 \\
         --compute-ms 8 --sweep world-size=2,8,64,512
     """
-    from ddp_fnn.perfmodel import netmodel
+    from ddp_fnn.perfmodel import netmodel, predict
     from ddp_fnn import fileio
     from ddp_fnn.config import parse_layers
 
@@ -228,20 +228,15 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     # alpha and beta: explicit options, else the bench JSON, else alpha's default.
     alpha_s, beta, alpha_src, beta_src = None, None, "", ""
     if bench_json is not None:
-        bench = _read_json(bench_json, "--bench-json")
         try:
-            bench_n, bench_alpha = int(bench["world_size"]), bench["alpha_s"]
-            bench_beta = bench["beta_bytes_per_second"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"--bench-json {bench_json}: not a bench JSON (missing or bad {e})") from None
-        if bench_alpha is None or bench_beta is None or bench_n < 2:
-            raise UserError(f"--bench-json {bench_json}: no alpha-beta fit in it (world size {bench_n}); "
-                            f"run the bench with 2 or more ranks")
-        # The fit's alpha is the whole all-reduce's latency at the bench's N.
-        alpha_s = float(bench_alpha) / netmodel.latency_steps(bench_n, algorithm)
-        beta = float(bench_beta)
-        alpha_src = f" (bench: {bench_alpha * 1e6:.1f} us per all-reduce at N={bench_n})"
-        beta_src = f" (bench, N={bench_n})"
+            net = predict.read_bench_json(bench_json)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+        # The fit's alpha is the whole all-reduce's latency at the bench's N, paid in the
+        # measured backend's steps, not --algorithm's (predict.alpha_per_step).
+        alpha_s, beta = predict.alpha_per_step(net), net["beta_bytes_per_second"]
+        alpha_src = f" (bench: {net['alpha_s'] * 1e6:.1f} us per all-reduce at N={net['world_size']})"
+        beta_src = f" (bench, N={net['world_size']})"
     if link_rate is not None:
         try:
             beta = netmodel.parse_rate(link_rate)
@@ -295,7 +290,12 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
             click.echo("\n".join(netmodel.format_estimate(est, alpha_src, beta_src)))
         return
     if plot_file is not None:
-        _plot_sweep(plot_file, sweep_name, sweep_values, rows)
+        from ddp_fnn.perfmodel import plots
+
+        try:
+            plots.estimate_sweep(plot_file, sweep_name, sweep_values, rows)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if as_json:
         click.echo(fileio.dumps({"sweep": sweep_name, "values": sweep_values,
                                "estimates": [r.to_dict() for r in rows]}, indent=2))
@@ -328,43 +328,6 @@ def _read_json(path: str, option: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{option} {path}: expected a JSON object")
     return data
-
-
-def _plot_sweep(path: str, name: str, values: list, rows: list) -> None:
-    """Two panels over the swept values: times per step (ms) and scaling efficiency (%)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'ddp-fnn[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ddp_fnn.perfmodel import netmodel
-
-    xs = [netmodel.parse_rate(v) * 8 / 1e9 for v in values] if name == "link-rate" else [float(v) for v in values]
-    xlabel = "link rate (Gbit/s)" if name == "link-rate" else name
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
-    top.plot(xs, [r.comm_time_per_step_s * 1e3 for r in rows], "o-", label="all-reduce")
-    top.plot(xs, [r.exposed_comm_time_per_step_s * 1e3 for r in rows], "o-", label="exposed")
-    top.plot(xs, [r.compute_time_per_step_s * 1e3 for r in rows], "--", label="compute")
-    top.set_ylabel("time per step (ms)")
-    top.set_ylim(bottom=0)
-    top.legend()
-    bottom.plot(xs, [r.scaling_efficiency * 100 for r in rows], "o-")
-    bottom.set_ylabel("scaling efficiency (%)")
-    bottom.set_ylim(0, 105)
-    bottom.set_xlabel(xlabel)
-    if min(xs) > 0 and max(xs) / min(xs) >= 8:
-        bottom.set_xscale("log")
-    top.set_title(f"ddp-fnn estimate: {rows[0].algorithm} all-reduce, layers {','.join(map(str, rows[0].widths))}"
-                  if name != "width" else f"ddp-fnn estimate: {rows[0].algorithm} all-reduce")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise UserError(f"--plot {path}: cannot write: {e.strerror}") from None
-    finally:
-        plt.close(fig)
 
 
 @cli.command()

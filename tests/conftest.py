@@ -55,3 +55,9 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 3
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def dataset_of(cfg):
+    """The data set a TrainConfig names, as the trainer loads it (data, model, seed)."""
+    from ddp_fnn.data.datasets import load_dataset
+    return load_dataset(cfg.data, cfg.model, cfg.seed)

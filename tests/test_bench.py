@@ -108,11 +108,44 @@ def test_two_gloo_ranks_default_run_keeps_the_contract_and_matches_a_bare_loop(t
 
 
 # ---------------------------------------------------------------------------------------
+# a bench file read by estimate and by train's prediction alike
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "halving-doubling"])
+def test_estimate_and_the_prediction_take_the_same_alpha_from_a_bench_file(tmp_path, algorithm):
+    from ddp_fnn.perfmodel import predict
+    path = tmp_path / "bench.json"
+    # A 4-rank Gloo bench: its 300 us is a ring all-reduce's latency, 2(N-1) = 6 steps of
+    # 50 us, whatever algorithm the estimate then projects to (a tree at 4 ranks would be
+    # 4 steps, and 75 us the wrong alpha).
+    path.write_text(json.dumps({"world_size": 4, "backend": "gloo", "results": [],
+                                "alpha_s": 300e-6, "beta_bytes_per_second": 1e9}))
+    res = CliRunner().invoke(cli, ["estimate", "--layers", "32,256,256,1", "--world-size", "8",
+                                   "--compute-ms", "1", "--algorithm", algorithm, "--bench-json", str(path),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    from_predict = predict.alpha_per_step(predict.read_bench_json(path))
+    assert fileio.loads(res.output)["alpha_s"] == from_predict == pytest.approx(50e-6)
+
+
+def test_a_bench_file_without_a_fit_is_one_line_for_estimate_as_for_train(tmp_path):
+    from ddp_fnn.config import ConfigError
+    from ddp_fnn.perfmodel import predict
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"world_size": 1, "alpha_s": None, "beta_bytes_per_second": None}))
+    res = CliRunner().invoke(cli, ["estimate", "--world-size", "8", "--compute-ms", "1", "--bench-json", str(path)])
+    with pytest.raises(ConfigError) as e:
+        predict.read_bench_json(path)
+    assert res.exit_code == 2 and res.output.strip() == f"Error: {e.value}"
+    assert "no alpha-beta fit (world size 1); run the bench with 2 or more ranks" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
 # the pre-training probe always answers
 # ---------------------------------------------------------------------------------------
 
 def test_probe_fit_is_least_squares_when_the_times_grow():
-    from ddp_fnn.perfmodel.bench import fit_probe
+    from ddp_fnn.perfmodel.probe import fit_probe
     sizes = [4096, 16384, 65536, 262144, 1048576]
     times = [1e-4 + s / 1e9 for s in sizes]                  # alpha 100 us, beta 1 GB/s at N = 2
     got = fit_probe(sizes, times, 2)
@@ -121,7 +154,7 @@ def test_probe_fit_is_least_squares_when_the_times_grow():
 
 
 def test_probe_falls_back_to_two_points_where_least_squares_finds_no_line():
-    from ddp_fnn.perfmodel.bench import fit_probe
+    from ddp_fnn.perfmodel.probe import fit_probe
     sizes = [4096, 16384, 65536, 262144, 1048576]
     # Noise: the middle sizes are slower than the largest, so the line's slope comes out <= 0.
     times = [1.0e-3, 9.0e-3, 9.0e-3, 9.0e-3, 1.2e-3]
@@ -132,7 +165,7 @@ def test_probe_falls_back_to_two_points_where_least_squares_finds_no_line():
 
 
 def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
-    from ddp_fnn.perfmodel.bench import fit_probe
+    from ddp_fnn.perfmodel.probe import fit_probe
     sizes = [4096, 1048576]
     got = fit_probe(sizes, [2e-3, 1e-3], 4)
     assert got["method"] == "largest" and got["alpha_s"] == 0.0
@@ -140,14 +173,14 @@ def test_probe_falls_back_to_the_largest_size_when_even_two_points_fall():
 
 
 def test_probe_keeps_the_middle_half_of_its_rounds():
-    from ddp_fnn.perfmodel.bench import interquartile_mean
+    from ddp_fnn.perfmodel.probe import interquartile_mean
     assert interquartile_mean([1, 2, 3, 4, 100]) == 3                  # the burst (100) and the best (1) dropped
     assert interquartile_mean([5, 1, 100, 2, 3, 4, 6, 50]) == pytest.approx((3 + 4 + 5 + 6) / 4)
     assert interquartile_mean([2.0, 4.0]) == 3.0                        # fewer than 4: the plain mean
 
 
 def test_probe_retries_larger_where_the_largest_size_is_not_slower_than_noise():
-    from ddp_fnn.perfmodel.bench import PROBE_MAX_TOP_BYTES, PROBE_MIN_SPREAD, probe_retry_top
+    from ddp_fnn.perfmodel.probe import PROBE_MAX_TOP_BYTES, PROBE_MIN_SPREAD, probe_retry_top
     mib = 1 << 20
     # Loopback: 1 MiB takes about what 4 KiB does, so the line is noise: try 16 MiB.
     assert probe_retry_top(mib, "least-squares", [1.0e-3, 1.1e-3, 1.2e-3, 1.5e-3, 2.0e-3]) == 16 * mib

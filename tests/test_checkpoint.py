@@ -1,6 +1,7 @@
 """checkpoint.py: atomic writes, pruning, fingerprints, falling back past a corrupt file,
 RNG and PowerSGD state round trips; and `train`'s checkpoint options in one process."""
 
+import dataclasses
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import gloo_threads_left, run_cli
+from conftest import gloo_threads_left, run_cli, dataset_of
 from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn.train import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
@@ -63,7 +64,15 @@ def test_names_sort_by_step():
 # ---------------------------------------------------------------------------------------
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(**{"layers": (8, 16, 1), "checkpoint_dir": tmp_path, **kw})
+    return TrainConfig.of(**{"layers": (8, 16, 1), "checkpoint_dir": tmp_path, **kw})
+
+
+def _fp(cfg: TrainConfig, data_identity: str) -> dict:
+    return ckpt.fingerprint(cfg.math_settings(), data_identity)
+
+
+def _resume(cfg: TrainConfig, fp: dict):
+    return ckpt.find_resume(cfg.checkpoint, fp)
 
 
 def _fake_checkpoint(path: Path, fp: dict, step: int) -> None:
@@ -72,30 +81,30 @@ def _fake_checkpoint(path: Path, fp: dict, step: int) -> None:
 
 
 def test_fingerprint_mismatch_names_each_setting_old_to_new(tmp_path):
-    old = ckpt.fingerprint(_cfg(tmp_path, lr=0.01), "synthetic(a)")
-    new = ckpt.fingerprint(_cfg(tmp_path, lr=0.02, layers=(8, 32, 1)), "synthetic(b)")
+    old = _fp(_cfg(tmp_path, lr=0.01), "synthetic(a)")
+    new = _fp(_cfg(tmp_path, lr=0.02, layers=(8, 32, 1)), "synthetic(b)")
     diff = ckpt.fingerprint_diff(old, new)
     assert diff == ["--layers 8,16,1 → 8,32,1", "--lr 0.01 → 0.02", "--data synthetic(a) → synthetic(b)"]
     _fake_checkpoint(tmp_path / ckpt.checkpoint_name(5), old, 5)
     with pytest.raises(ConfigError, match=r"step-00000005\.pt was written with other settings: "
                                           r"--layers 8,16,1 → 8,32,1; --lr 0.01 → 0.02; --data"):
-        ckpt.find_resume(_cfg(tmp_path, lr=0.02, layers=(8, 32, 1)), new)
+        _resume(_cfg(tmp_path, lr=0.02, layers=(8, 32, 1)), new)
 
 
 def test_world_size_and_bookkeeping_settings_are_not_in_the_fingerprint(tmp_path):
-    a = ckpt.fingerprint(_cfg(tmp_path), "d")
-    b = ckpt.fingerprint(_cfg(tmp_path, bucket_mb=1.0, log_every=3, max_steps=7, keep=1, timeout_s=5), "d")
+    a = _fp(_cfg(tmp_path), "d")
+    b = _fp(_cfg(tmp_path, bucket_mb=1.0, log_every=3, max_steps=7, keep=1, timeout_s=5), "d")
     assert a == b and "world_size" not in a
 
 
 def test_corrupt_newest_falls_back_to_the_previous_and_says_so(tmp_path):
     cfg = _cfg(tmp_path)
-    fp = ckpt.fingerprint(cfg, "d")
+    fp = _fp(cfg, "d")
     for s in (3, 6, 9):
         _fake_checkpoint(tmp_path / ckpt.checkpoint_name(s), fp, s)
     newest = tmp_path / ckpt.checkpoint_name(9)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])      # truncated
-    r = ckpt.find_resume(cfg, fp)
+    r = _resume(cfg, fp)
     assert r.path.name == "step-00000006.pt" and r.step == 6
     assert [p.name for p, _ in r.skipped] == ["step-00000009.pt"]
 
@@ -103,14 +112,14 @@ def test_corrupt_newest_falls_back_to_the_previous_and_says_so(tmp_path):
 def test_directory_of_only_unreadable_checkpoints_is_refused(tmp_path):
     (tmp_path / ckpt.checkpoint_name(3)).write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="none of its 1 checkpoints is readable"):
-        ckpt.find_resume(_cfg(tmp_path), ckpt.fingerprint(_cfg(tmp_path), "d"))
+        _resume(_cfg(tmp_path), _fp(_cfg(tmp_path), "d"))
 
 
 def test_resume_never_and_empty_directory(tmp_path):
-    fp = ckpt.fingerprint(_cfg(tmp_path), "d")
+    fp = _fp(_cfg(tmp_path), "d")
     _fake_checkpoint(tmp_path / ckpt.checkpoint_name(3), fp, 3)
-    assert ckpt.find_resume(_cfg(tmp_path, resume="never"), fp) is None
-    assert ckpt.find_resume(_cfg(tmp_path / "empty"), fp) is None
+    assert _resume(_cfg(tmp_path, resume="never"), fp) is None
+    assert _resume(_cfg(tmp_path / "empty"), fp) is None
 
 
 def test_a_foreign_file_is_not_a_checkpoint(tmp_path):
@@ -279,12 +288,12 @@ def _data_with_one_nan_row(path: Path, nan_row: int) -> None:
 
 def _steps_touching(cfg: TrainConfig, row: int, world: int, rank_of: bool = False):
     """Which (1-based) steps' global batches contain data row ``row``, and on which rank."""
-    from ddp_fnn.data.datasets import GlobalBatches, load_dataset
-    ds = load_dataset(cfg)
+    from ddp_fnn.data.datasets import GlobalBatches
+    ds = dataset_of(cfg)
     hits = []
     for r in range(world):
-        b = GlobalBatches(ds.train_idx, cfg.global_batch_size, cfg.seed, r, world, cfg.grad_accum)
-        total = b.steps_per_epoch * (cfg.epochs or 1)
+        b = GlobalBatches(ds.train_idx, cfg.optim.global_batch_size, cfg.seed, r, world, cfg.optim.grad_accum)
+        total = b.steps_per_epoch * (cfg.stop.epochs or 1)
         for step in range(total):
             e, pos = divmod(step, b.steps_per_epoch)
             if any(row in mb for mb in b.rank_micro_batches(e, pos)):
@@ -297,7 +306,7 @@ def test_on_nan_skip_skips_exactly_the_steps_with_the_bad_row(tmp_path):
     _data_with_one_nan_row(data, nan_row=17)
     args = ("--layers", "3,8,1", "--data", str(data), "--global-batch-size", "16", "--epochs", "3",
             "--metrics-port", "0", "--progress", "none", "--eval-fraction", "0.1")
-    cfg = TrainConfig(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)
+    cfg = TrainConfig.of(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)
     hits = _steps_touching(cfg, 17, 1)
     assert hits, "row 17 must be in the training split for this test"
     r = run_cli("train", *args, "--on-nan", "skip", "--output", str(tmp_path / "out"))
@@ -374,3 +383,20 @@ def test_powersgd_state_at_another_world_size_keeps_iter_and_rng_and_drops_memor
     assert new.rng.randint(1 << 30) == old.rng.randint(1 << 30)
     assert Synchroniser.load_state_dict(syncer, saved, torch.device("cpu"), exact=True)
     assert torch.equal(new.error_dict[0], torch.ones(5)) and torch.equal(new.q_memory_dict[0], torch.ones(3))
+
+
+def test_a_field_added_to_the_optim_section_makes_resume_refuse_a_checkpoint_made_without_it(tmp_path):
+    """Nobody lists the new field anywhere: being in a math section fingerprints it."""
+    from ddp_fnn.config import OptimConfig, opt
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class OptimWithNesterov(OptimConfig):
+        nesterov: bool = opt(False, "Nesterov momentum.", flag=True)
+
+    before = _cfg(tmp_path)
+    _fake_checkpoint(tmp_path / ckpt.checkpoint_name(5), _fp(before, "d"), 5)
+    assert _resume(before, _fp(before, "d")).step == 5           # the same settings resume
+    after = dataclasses.replace(before, optim=OptimWithNesterov(**before.optim.to_dict()))
+    with pytest.raises(ConfigError, match=r"step-00000005\.pt was written with other settings: "
+                                          r"--nesterov \(unset\) → False"):
+        _resume(after, _fp(after, "d"))

@@ -1,9 +1,14 @@
 """Settings: each bad value is refused with a message naming the option and the value."""
 
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+
 import pytest
 
-from ddp_fnn.perfmodel import bench
-from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn.perfmodel import probe
+from ddp_fnn.config import MATH_SECTIONS, ConfigError, TrainConfig, fields_for_cli
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -20,17 +25,68 @@ from ddp_fnn.config import ConfigError, TrainConfig
 ])
 def test_bad_values_name_the_option(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        TrainConfig(**kwargs)
+        TrainConfig.of(**kwargs)
 
 
 def test_the_probe_rounds_default_is_the_probes_own():
-    assert TrainConfig().probe_rounds == bench.PROBE_ROUNDS
+    assert TrainConfig.of().predict.probe_rounds == probe.PROBE_ROUNDS
 
 
 def test_any_world_size_with_a_row_for_every_rank_and_micro_step():
-    cfg = TrainConfig(global_batch_size=100, grad_accum=2)
+    cfg = TrainConfig.of(global_batch_size=100, grad_accum=2)
     assert cfg.check_world(2) == (25, 25)
     assert cfg.check_world(3) == (16, 17)          # 100 rows over 3 x 2 micro-batches
     assert cfg.check_world(50) == (1, 1)
     with pytest.raises(ConfigError, match=r"--global-batch-size 100 is smaller than world size x grad-accum = 51 x 2"):
         cfg.check_world(51)
+
+
+# ---------------------------------------------------------------------------------------
+# sections: flat names outside, sections inside; each module takes only its section
+# ---------------------------------------------------------------------------------------
+
+def test_flat_names_land_in_their_sections_and_come_back_flat():
+    cfg = TrainConfig.of(lr=0.5, max_steps=7, bucket_mb=2.0, seed=3, output="/tmp/x", layers="4,8,1")
+    assert (cfg.optim.lr, cfg.stop.max_steps, cfg.parallel.bucket_mb, cfg.seed) == (0.5, 7, 2.0, 3)
+    flat = cfg.to_dict()
+    assert flat["lr"] == 0.5 and flat["output"] == "/tmp/x" and flat["layers"] == [4, 8, 1]
+    assert TrainConfig.of(**{k: v for k, v in flat.items()}) == cfg
+    assert [name for name, *_ in fields_for_cli()] == list(flat)      # one option per setting, no section names
+    with pytest.raises(TypeError, match="no setting optim_lr"):
+        TrainConfig.of(optim_lr=0.1)
+
+
+def test_the_fingerprint_is_the_math_sections_less_what_they_mark():
+    settings = TrainConfig.of().math_settings()
+    for section in MATH_SECTIONS:
+        for f in dataclasses.fields(type(getattr(TrainConfig.of(), section))):
+            assert (f.name in settings) == f.metadata["fingerprint"], f.name
+    assert "seed" in settings
+    for bookkeeping in ("max_steps", "target_loss", "log_every", "keep", "metrics_port", "probe_rounds"):
+        assert bookkeeping not in settings
+
+
+def _modules():
+    import ddp_fnn
+    for info in pkgutil.walk_packages(ddp_fnn.__path__, "ddp_fnn."):
+        yield importlib.import_module(info.name)
+
+
+def test_no_module_but_the_composition_root_takes_the_whole_config():
+    """config.py and cli.py define and parse it; train/setup.py and train/loop.py are the
+    run's composition root, which hands every other module its section."""
+    root = {"ddp_fnn.config", "ddp_fnn.cli", "ddp_fnn.train.setup", "ddp_fnn.train.loop"}
+    takers = []
+    for module in _modules():
+        for _, obj in inspect.getmembers(module):
+            fns = [obj] if inspect.isfunction(obj) else (
+                [m for _, m in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj) else [])
+            for fn in fns:
+                if fn.__module__ != module.__name__:
+                    continue                    # imported, judged where it is defined
+                if any("TrainConfig" in str(a) for a in fn.__annotations__.values()):
+                    takers.append(f"{module.__name__}.{fn.__qualname__}")
+    outside = sorted(t for t in takers if t.rsplit(".", 1)[0] not in root and
+                     not any(t.startswith(r + ".") for r in root))
+    assert outside == [], outside
+    assert "ddp_fnn.train.setup.plan" in takers            # the walk sees the ones that do

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from conftest import dataset_of
+
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.data.datasets import GlobalBatches, epochs_to_steps, eval_shard, load_dataset
+from ddp_fnn.data.datasets import GlobalBatches, epochs_to_steps, eval_shard
 
 
 def batches(n_train, B, world, K=1, rank=0, seed=0):
@@ -121,22 +123,22 @@ def test_eval_shards_cover_the_held_out_split_disjointly():
 
 
 def test_synthetic_data_is_seeded_and_split():
-    a = load_dataset(TrainConfig(layers="4,8,1", samples=500, seed=1))
-    b = load_dataset(TrainConfig(layers="4,8,1", samples=500, seed=1))
+    a = dataset_of(TrainConfig.of(layers="4,8,1", samples=500, seed=1))
+    b = dataset_of(TrainConfig.of(layers="4,8,1", samples=500, seed=1))
     assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
     assert len(a.eval_idx) == 100 and len(a.train_idx) == 400
     assert not set(a.eval_idx) & set(a.train_idx)
 
 
 def test_classification_synthetic_labels_are_class_ids():
-    ds = load_dataset(TrainConfig(layers="4,8,3", samples=300, task="classification"))
+    ds = dataset_of(TrainConfig.of(layers="4,8,3", samples=300, task="classification"))
     assert ds.y.dtype == np.int64 and set(np.unique(ds.y)) <= {0, 1, 2}
 
 
 def test_npy_pair_is_memory_mapped(tmp_path):
     np.save(tmp_path / "big_x.npy", np.random.rand(1000, 5).astype(np.float32))
     np.save(tmp_path / "big_y.npy", np.random.rand(1000).astype(np.float32))
-    ds = load_dataset(TrainConfig(layers="5,4,1", data=str(tmp_path / "big_x.npy")))
+    ds = dataset_of(TrainConfig.of(layers="5,4,1", data=str(tmp_path / "big_x.npy")))
     assert isinstance(ds.x, np.memmap)
     x, y = ds.fetch(ds.train_idx[:7], device=__import__("torch").device("cpu"))
     assert x.shape == (7, 5) and y.shape == (7, 1)
@@ -145,7 +147,7 @@ def test_npy_pair_is_memory_mapped(tmp_path):
 def test_uncompressed_npz_is_memory_mapped_and_rows_come_back_in_order(tmp_path):
     x = np.arange(60, dtype=np.float32).reshape(20, 3)
     np.savez(tmp_path / "d.npz", x=x, y=x[:, 0])
-    ds = load_dataset(TrainConfig(layers="3,4,1", data=str(tmp_path / "d.npz"), eval_fraction=0.0))
+    ds = dataset_of(TrainConfig.of(layers="3,4,1", data=str(tmp_path / "d.npz"), eval_fraction=0.0))
     assert isinstance(ds.x, np.memmap)
     rows = np.array([7, 2, 11])
     xt, yt = ds.fetch(rows, device=__import__("torch").device("cpu"))
@@ -153,7 +155,7 @@ def test_uncompressed_npz_is_memory_mapped_and_rows_come_back_in_order(tmp_path)
 
 
 def test_standardisation_uses_training_split_moments():
-    ds = load_dataset(TrainConfig(layers="4,8,1", samples=2000, standardize=True))
+    ds = dataset_of(TrainConfig.of(layers="4,8,1", samples=2000, standardize=True))
     import torch
     x, _ = ds.fetch(ds.train_idx, torch.device("cpu"))
     assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4)
@@ -170,13 +172,13 @@ def test_bad_csv_names_file_line_and_column(tmp_path, content, match):
     f = tmp_path / "d.csv"
     f.write_text(content)
     with pytest.raises(ConfigError, match=match):
-        load_dataset(TrainConfig(layers="2,4,1", data=str(f)))
+        dataset_of(TrainConfig.of(layers="2,4,1", data=str(f)))
 
 
 def test_missing_file_and_unknown_target_column(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        load_dataset(TrainConfig(layers="2,4,1", data=str(tmp_path / "nope.csv")))
+        dataset_of(TrainConfig.of(layers="2,4,1", data=str(tmp_path / "nope.csv")))
     f = tmp_path / "d.csv"
     f.write_text("a,b,y\n1,2,3\n4,5,6\n")
     with pytest.raises(ConfigError, match="--target 'z': no such column"):
-        load_dataset(TrainConfig(layers="2,4,1", data=str(f), target="z"))
+        dataset_of(TrainConfig.of(layers="2,4,1", data=str(f), target="z"))

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, dataset_of
 from csv_reference import read_csv as reference_read_csv
 from ddp_fnn.data import csvcache
 from ddp_fnn.data import tabular
 from ddp_fnn.config import ConfigError, TrainConfig
 from ddp_fnn.data import datasets as data_module
-from ddp_fnn.data.datasets import ShardedRows, load_dataset
+from ddp_fnn.data.datasets import ShardedRows
 
 BREAST = REPO / "tests" / "data" / "breast_cancer.csv"
 
 
 def load(path, **kw):
     kw.setdefault("layers", "2,4,1")
-    return load_dataset(TrainConfig(data=str(path), eval_fraction=0.0, **kw))
+    return dataset_of(TrainConfig.of(data=str(path), eval_fraction=0.0, **kw))
 
 
 def tricky_csv(path: Path, rows: int = 3000, seed: int = 0, labels=None) -> Path:

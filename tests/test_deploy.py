@@ -816,7 +816,7 @@ def _train_config(k8s):
     args = [*env["TRAIN_ARGS"].split(), "--output", env["OUTPUT_DIR"]]
     params = train.make_context("train", args).params
     params.pop("dry_run")
-    return TrainConfig(**params)
+    return TrainConfig.of(**params)
 
 
 def test_pytorchjob_batch_size_works_at_every_size_of_its_elastic_range(k8s):
@@ -828,14 +828,14 @@ def test_pytorchjob_batch_size_works_at_every_size_of_its_elastic_range(k8s):
     for nodes in range(policy["minReplicas"], policy["maxReplicas"] + 1):
         world = nodes * nproc
         low, high = cfg.check_world(world)
-        assert low == high, f"--global-batch-size {cfg.global_batch_size} is uneven at world size {world}"
-        rows = [GlobalBatches(np.arange(cfg.samples), cfg.global_batch_size, cfg.seed, r, world,
-                              cfg.grad_accum).rank_rows for r in range(world)]
-        assert sum(rows) == cfg.global_batch_size
+        assert low == high, f"--global-batch-size {cfg.optim.global_batch_size} is uneven at world size {world}"
+        rows = [GlobalBatches(np.arange(cfg.data.samples), cfg.optim.global_batch_size, cfg.seed, r, world,
+                              cfg.optim.grad_accum).rank_rows for r in range(world)]
+        assert sum(rows) == cfg.optim.global_batch_size
     # It keeps its progress: checkpoints during the run, on the volume every pod shares.
-    assert cfg.checkpoint_dir is not None and cfg.checkpoint_every is not None
-    assert cfg.checkpoint_every < epochs_to_steps(1, cfg.epochs, cfg.max_steps)
-    assert cfg.resume == "auto"
+    assert cfg.checkpoint.checkpoint_dir is not None and cfg.checkpoint.checkpoint_every is not None
+    assert cfg.checkpoint.checkpoint_every < epochs_to_steps(1, cfg.stop.epochs, cfg.stop.max_steps)
+    assert cfg.checkpoint.resume == "auto"
     mounts = {m["mountPath"]: m["name"] for m in pytorch_container(k8s)["volumeMounts"]}
     volumes = {v["name"]: v for v in worker_pod(k8s)["spec"]["volumes"]}
 
@@ -844,7 +844,7 @@ def test_pytorchjob_batch_size_works_at_every_size_of_its_elastic_range(k8s):
         return volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"]
 
     pvc = k8s["PersistentVolumeClaim"]
-    assert claim_of(cfg.checkpoint_dir) == claim_of(cfg.output) == pvc["metadata"]["name"]
+    assert claim_of(cfg.checkpoint.checkpoint_dir) == claim_of(cfg.output.output) == pvc["metadata"]["name"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 

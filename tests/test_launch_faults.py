@@ -207,7 +207,7 @@ def test_absurd_learning_rate_stops_naming_rank_and_step_and_writes_no_nan(tmp_p
 def test_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path):
     data = tmp_path / "d_x.npy"
     _data_with_one_nan_row(data, nan_row=17)
-    cfg = TrainConfig(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)
+    cfg = TrainConfig.of(layers=(3, 8, 1), data=str(data), global_batch_size=16, epochs=3, eval_fraction=0.1)
     hits = _steps_touching(cfg, 17, world=2)
     assert hits
     job = Job(tmp_path, ["--layers", "3,8,1", "--data", data, "--global-batch-size", "16", "--epochs", "3",

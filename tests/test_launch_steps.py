@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import torchrun
-from ddp_fnn.perfmodel import bench
+from ddp_fnn.perfmodel import probe as probemod
 from ddp_fnn.observe import stepfile
 from test_metrics import _Gateway
 from test_observe import check_trace
@@ -182,7 +182,7 @@ def test_the_probe_fits_and_its_traffic_is_counted_in_summary_and_prometheus(tmp
     assert summary["predicted_comm_time_per_step_s"] > 0
     # At N = 2 each rank sends the payload: every size of every attempt, all-reduced once
     # per warm-up and timed round.
-    assert probe["calls_per_size"] == bench.PROBE_WARMUP_ROUNDS + bench.PROBE_ROUNDS
+    assert probe["calls_per_size"] == probemod.PROBE_WARMUP_ROUNDS + probemod.PROBE_ROUNDS
     assert probe["sizes"] == probe["attempt_sizes"][-1] and len(probe["attempt_sizes"]) in (1, 2)
     assert probe["wire_bytes"] == probe["payload_bytes"] == probe["calls_per_size"] * sum(
         sum(a) for a in probe["attempt_sizes"])

@@ -102,3 +102,38 @@ def test_dry_run_validates_without_training(tmp_path):
     plan = json.loads(r.stdout)
     assert plan["ok"] and plan["train_rows"] == 410 and plan["eval_rows"] == 102
     assert not (tmp_path / "out").exists()
+
+
+def test_profile_writes_torch_profilers_trace_of_exactly_the_asked_steps(tmp_path):
+    """--profile A:B: torch.profiler's own view of steps A..B, strict JSON beside the
+    timeline (started before step A, stopped after step B)."""
+    from ddp_fnn import fileio
+    r = run_cli("train", *QUICK, "--max-steps", "6", "--profile", "2:3", "--output", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    path = tmp_path / "profile-rank0.json"
+    assert summary["profile"] == str(path)
+    trace = fileio.loads(path.read_text())                  # strict: no NaN
+    assert trace["ddp_fnn"] == {"steps": [2, 3]}
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::addmm") or n.startswith("aten::linear") for n in names)
+    assert any("mse_loss" in n for n in names)
+    ranges = [e for e in trace["traceEvents"] if str(e.get("name", "")).startswith("ddp_fnn.")]
+    assert {e["name"] for e in ranges} == {"ddp_fnn.data", "ddp_fnn.forward", "ddp_fnn.backward",
+                                          "ddp_fnn.sync", "ddp_fnn.optimizer"}
+    assert sum(e["name"] == "ddp_fnn.forward" for e in ranges) == 2          # one a profiled step
+    # One forward addmm per Linear layer (2) per step, for steps 2 and 3 only: a window
+    # one step too wide or the whole run (6 steps) would hold more.
+    addmm = sum(1 for e in trace["traceEvents"] if e.get("name") == "aten::addmm" and e.get("ph") == "X")
+    assert addmm == 2 * 2, addmm
+
+
+@pytest.mark.parametrize("value,message", [("3:2", "--profile 3:2"), ("x", "--profile x")])
+def test_bad_profile_range_is_one_line(tmp_path, value, message):
+    r = run_cli("train", *QUICK, "--max-steps", "3", "--profile", value, "--output", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith(f"ddp-fnn: error: {message}") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_profile_needs_an_output_directory():
+    r = run_cli("train", *QUICK, "--max-steps", "3", "--profile", "1:2")
+    assert r.returncode == 2 and "--profile 1:2 needs --output DIR" in r.stderr, r.stderr

@@ -58,6 +58,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ddp_fnn import fileio
 from ddp_fnn.config import ConfigError
 
 FORMAT = 1                    # bump when the arrays' meaning or layout changes
@@ -270,14 +271,4 @@ def _build(entry: Path, identity: dict, reader: Callable[[], Blocks]) -> None:
 
 
 def _write_meta(entry: Path, meta: dict) -> None:
-    tmp = entry / f".meta.json.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(meta, indent=1, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, entry / "meta.json")
-    fd = os.open(entry, os.O_RDONLY)
-    try:
-        os.fsync(fd)                           # the renames themselves survive a crash
-    finally:
-        os.close(fd)
+    fileio.atomic_write(entry / "meta.json", json.dumps(meta, indent=1, allow_nan=False) + "\n")

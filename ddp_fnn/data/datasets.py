@@ -55,7 +55,7 @@ import torch
 
 from ddp_fnn.data import csvcache
 from ddp_fnn.data import tabular
-from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn.config import ConfigError, DataConfig, ModelConfig, micro_batch_range
 from ddp_fnn.train.model import FNN, he_init_
 
 RESIDENT_BUDGET = 64 << 20     # a mapped data set larger than this is not left resident
@@ -173,18 +173,18 @@ class ShardedRows:
 # loading
 # ---------------------------------------------------------------------------------------
 
-def load_dataset(cfg: TrainConfig) -> Dataset:
-    """The data `cfg` names, split and (optionally) standardised; ConfigError on bad input."""
-    if cfg.data == "synthetic":
-        x, y, identity = _synthetic(cfg)
+def load_dataset(data: DataConfig, model: ModelConfig, seed: int) -> Dataset:
+    """The data `data` names, split and (optionally) standardised; ConfigError on bad input."""
+    if data.data == "synthetic":
+        x, y, identity = _synthetic(data, model, seed)
     else:
-        path = Path(cfg.data)
+        path = Path(data.data)
         if not path.exists():
-            raise ConfigError(f"--data {cfg.data}: no such file")
+            raise ConfigError(f"--data {data.data}: no such file")
         suffix = path.suffix.lower()
         files = [path]
         if suffix in (".csv", ".parquet", ".pq"):
-            x, y = _read_cached(cfg, path, suffix)
+            x, y = _read_cached(data, model.task, path, suffix)
         elif suffix == ".npz":
             x, y = _read_npz(path)
         elif path.is_dir() and not (path / "x.npy").exists():
@@ -192,50 +192,50 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         elif suffix == ".npy" or path.is_dir():
             x, y = _read_npy_pair(path)
         else:
-            raise ConfigError(f"--data {cfg.data}: unknown format {suffix!r} "
+            raise ConfigError(f"--data {data.data}: unknown format {suffix!r} "
                               "(use synthetic, .csv, .parquet, .npz, .npy or a directory of .npy shards)")
         identity = _file_identity(path, files)
-        x, y = _check_arrays(cfg, x, y)
+        x, y = _check_arrays(data.data, model.task, x, y)
     n = len(x)
-    n_eval = int(round(n * cfg.eval_fraction))
+    n_eval = int(round(n * data.eval_fraction))
     if n - n_eval < 1:
-        raise ConfigError(f"--data {cfg.data}: {n} rows leave no training rows at --eval-fraction {cfg.eval_fraction}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        raise ConfigError(f"--data {data.data}: {n} rows leave no training rows at --eval-fraction {data.eval_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     held_out = np.zeros(n, dtype=bool)        # sorted row ids of each part, in O(n) (not a sort)
     held_out[perm[:n_eval]] = True
-    ds = Dataset(x=x, y=y, task=cfg.task, identity=identity,
+    ds = Dataset(x=x, y=y, task=model.task, identity=identity,
                  train_idx=np.flatnonzero(~held_out), eval_idx=np.flatnonzero(held_out))
-    if cfg.standardize:
+    if data.standardize:
         ds.mean, ds.std = _train_moments(ds)
     return ds
 
 
-def _synthetic(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str]:
+def _synthetic(data: DataConfig, model: ModelConfig, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Inputs ~ N(0, 1); targets from a seeded random teacher FNN (one hidden layer of 64
     ReLU units, He init), plus Gaussian noise (regression) or argmax of its outputs
     (classification). Every rank generates the same data from the seed."""
-    n_in, n_out = cfg.layers[0], cfg.layers[-1]
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.samples, n_in, generator=g)
-    teacher = he_init_(FNN([n_in, 64, n_out]), seed=cfg.seed + 2)
+    n_in, n_out = model.layers[0], model.layers[-1]
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(data.samples, n_in, generator=g)
+    teacher = he_init_(FNN([n_in, 64, n_out]), seed=seed + 2)
     with torch.no_grad():
         out = torch.cat([teacher(chunk) for chunk in x.split(65536)])
-    if cfg.task == "classification":
+    if model.task == "classification":
         y = out.argmax(dim=1).numpy().astype(np.int64)
     else:
-        y = (out + cfg.noise * torch.randn(out.shape, generator=g)).numpy()
-    identity = f"synthetic(samples={cfg.samples},in={n_in},out={n_out},task={cfg.task},noise={cfg.noise},seed={cfg.seed})"
+        y = (out + data.noise * torch.randn(out.shape, generator=g)).numpy()
+    identity = f"synthetic(samples={data.samples},in={n_in},out={n_out},task={model.task},noise={data.noise},seed={seed})"
     return x.numpy(), y, identity
 
 
-def _read_cached(cfg: TrainConfig, path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cached(data: DataConfig, task: str, path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray]:
     """CSV or Parquet, through the once-per-node binary cache (csvcache.py)."""
     if suffix == ".csv":
-        reader = lambda: tabular.csv_blocks(path, cfg.target, cfg.task)          # noqa: E731
+        reader = lambda: tabular.csv_blocks(path, data.target, task)          # noqa: E731
     else:
-        reader = lambda: tabular.parquet_blocks(path, cfg.target, cfg.task)      # noqa: E731
-    settings = {"reader": suffix.lstrip("."), "target": cfg.target, "task": cfg.task}
-    cached = csvcache.load(path, cfg.cache_dir, settings, reader)
+        reader = lambda: tabular.parquet_blocks(path, data.target, task)      # noqa: E731
+    settings = {"reader": suffix.lstrip("."), "target": data.target, "task": task}
+    cached = csvcache.load(path, data.cache_dir, settings, reader)
     return cached.x, cached.y
 
 
@@ -321,17 +321,17 @@ def _read_npy_shards(path: Path) -> tuple[ShardedRows, np.ndarray, list[Path]]:
     return ShardedRows(xparts), np.concatenate(yparts), files
 
 
-def _check_arrays(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(source: str, task: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2:
-        raise ConfigError(f"--data {cfg.data}: features must be 2-D (rows, features), got shape {x.shape}")
+        raise ConfigError(f"--data {source}: features must be 2-D (rows, features), got shape {x.shape}")
     if len(y) != len(x):
-        raise ConfigError(f"--data {cfg.data}: {len(x)} feature rows but {len(y)} targets")
-    if cfg.task == "classification":
+        raise ConfigError(f"--data {source}: {len(x)} feature rows but {len(y)} targets")
+    if task == "classification":
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1 or (len(y) and (y.min() < 0 or not np.all(np.equal(np.mod(y, 1), 0)))):
-            raise ConfigError(f"--data {cfg.data}: classification targets must be class ids 0..C-1")
+            raise ConfigError(f"--data {source}: classification targets must be class ids 0..C-1")
         y = y.astype(np.int64, copy=False)
     elif y.ndim == 1:
         y = y[:, None]
@@ -386,10 +386,8 @@ class GlobalBatches:
         self.B = global_batch_size
         self.seed = seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        micro_batch_range(global_batch_size, world_size, grad_accum)      # ConfigError if a rank gets none
         parts = world_size * grad_accum
-        if global_batch_size < parts:
-            raise ConfigError(f"--global-batch-size {global_batch_size} is smaller than world size x grad-accum = "
-                              f"{world_size} x {grad_accum} (every rank needs a row in every micro-step)")
         self.even = global_batch_size % parts == 0
         # This rank's rows per optimizer step (the first B mod N ranks take one more).
         self.rank_rows = global_batch_size // world_size + (rank < global_batch_size % world_size)

@@ -11,7 +11,6 @@ nothing here runs inside a step.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 
 from ddp_fnn.observe import mfu
 from ddp_fnn.observe.prometheus import Summary
@@ -79,10 +78,3 @@ def peak_flops(device, precision: str) -> float | None:
     import torch
 
     return mfu.peak_flops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
-
-
-def gather_ranks(mine: dict, world_size: int) -> list[dict]:
-    """Collective: every rank's own figures, on every rank (a few hundred bytes each)."""
-    ranks = [None] * world_size
-    dist.all_gather_object(ranks, mine)
-    return ranks

@@ -50,6 +50,7 @@ class Observer:
         self._cur: _Step | None = None
         self._stray: list[_Collective] = []     # collectives outside a step (bucket settling)
         self._pending: list[_Step] = []
+        self.annotate = False                   # phases as profiler ranges (profile.StepProfiler sets it)
 
     # ---- the loop's side ------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -57,9 +58,14 @@ class Observer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        # Inside a --profile window each phase is also a ``ddp_fnn.<phase>`` range in the
+        # profiler's trace, so its operators and kernels can be attributed to our phases.
+        ranged = (torch.profiler.record_function(f"ddp_fnn.{name}") if self.annotate
+                  else contextlib.nullcontext())
         t0 = self.clock.mark()
         try:
-            yield
+            with ranged:
+                yield
         finally:
             self._cur.marks.append((name, t0, self.clock.mark()))
 

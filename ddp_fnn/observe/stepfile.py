@@ -14,9 +14,9 @@ Load it with pandas::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ddp_fnn import fileio
 from ddp_fnn.observe import StepRecord
 
 
@@ -29,9 +29,7 @@ class JsonLines:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._buffer: list[str] = []
         kept = _lines_up_to(self.path, start_step) if start_step > 0 else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        fileio.atomic_write(self.path, "".join(kept))
 
     def add_line(self, obj: dict) -> None:
         self._buffer.append(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n")

@@ -24,12 +24,12 @@ offsets come out 0 within their bounds; across hosts they are what aligns the ra
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
 import torch.distributed as dist
 
+from ddp_fnn import fileio
 from ddp_fnn.observe import StepRecord
 
 # Thread ids: never equal to a pid (a rank), which Perfetto would show as the main thread.
@@ -77,9 +77,7 @@ class Timeline:
         if self.rank != 0 or path is None:
             return None
         trace = build_trace(every, (self.first, self.last))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(trace, allow_nan=False))
-        os.replace(tmp, path)
+        fileio.atomic_write(path, json.dumps(trace, allow_nan=False))
         return path
 
 

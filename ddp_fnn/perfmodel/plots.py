@@ -1,4 +1,7 @@
-"""The plots of `ddp-fnn sweep` (matplotlib, the `plot` extra).
+"""Every plot ddp-fnn draws (matplotlib, the `plot` extra): `ddp-fnn sweep`'s, of real
+jobs beside the model, and `ddp-fnn estimate --sweep --plot`'s, of the model alone.
+
+`ddp-fnn sweep`:
 
 step_time.png   step time against link rate, one panel per bucket cap and wire dtype:
                 measured points (one marker a world size) and the model's lines,
@@ -13,6 +16,9 @@ fabric.png      with several --loss values: mean and p99 step time, busbw beside
 
 Unshaped points have no link rate; they are drawn at the axis' right edge, where the
 lines have reached the ceiling.
+
+`ddp-fnn estimate --sweep PARAM=... --plot FILE.png` (``estimate_sweep``): two panels
+over the swept values, times per step (ms) and scaling efficiency (%).
 """
 
 from __future__ import annotations
@@ -27,17 +33,18 @@ from ddp_fnn.perfmodel import predict
 MBIT = 1e6 / 8          # bytes/s in one Mbit/s
 
 
-def check_plotting() -> None:
+def check_plotting(no_plot_option: bool = True) -> None:
     """ValueError naming the fix when matplotlib is missing (sweep --plot checks it before
-    any job runs)."""
+    any job runs); ``no_plot_option``: the command has --no-plot to offer as well."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'ddp-fnn[plot]' (or pass --no-plot)") from None
+        raise ValueError("--plot needs matplotlib: pip install 'ddp-fnn[plot]'"
+                         + (" (or pass --no-plot)" if no_plot_option else "")) from None
 
 
-def _plt():
-    check_plotting()
+def _plt(no_plot_option: bool = True):
+    check_plotting(no_plot_option)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,3 +194,38 @@ def _fabric(plt, rows: list[dict], out: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# `ddp-fnn estimate --sweep --plot`: the model alone
+# ---------------------------------------------------------------------------------------
+
+def estimate_sweep(path: str | Path, name: str, values: list, rows: list) -> None:
+    """Two panels over the swept values (``netmodel.sweep``'s ``rows``): times per step
+    (ms) and scaling efficiency (%). ValueError naming --plot when matplotlib is missing
+    or the file cannot be written."""
+    plt = _plt(no_plot_option=False)
+    xs = [netmodel.parse_rate(v) * 8 / 1e9 for v in values] if name == "link-rate" else [float(v) for v in values]
+    xlabel = "link rate (Gbit/s)" if name == "link-rate" else name
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
+    top.plot(xs, [r.comm_time_per_step_s * 1e3 for r in rows], "o-", label="all-reduce")
+    top.plot(xs, [r.exposed_comm_time_per_step_s * 1e3 for r in rows], "o-", label="exposed")
+    top.plot(xs, [r.compute_time_per_step_s * 1e3 for r in rows], "--", label="compute")
+    top.set_ylabel("time per step (ms)")
+    top.set_ylim(bottom=0)
+    top.legend()
+    bottom.plot(xs, [r.scaling_efficiency * 100 for r in rows], "o-")
+    bottom.set_ylabel("scaling efficiency (%)")
+    bottom.set_ylim(0, 105)
+    bottom.set_xlabel(xlabel)
+    if min(xs) > 0 and max(xs) / min(xs) >= 8:
+        bottom.set_xscale("log")
+    top.set_title(f"ddp-fnn estimate: {rows[0].algorithm} all-reduce, layers {','.join(map(str, rows[0].widths))}"
+                  if name != "width" else f"ddp-fnn estimate: {rows[0].algorithm} all-reduce")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise ValueError(f"--plot {path}: cannot write: {e.strerror}") from None
+    finally:
+        plt.close(fig)

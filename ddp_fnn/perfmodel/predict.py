@@ -2,7 +2,7 @@
 
 `ddp-fnn train` needs the network's alpha (latency) and beta (bus bandwidth): from
 ``--bench-json`` (a `ddp-fnn bench --json` file), else from a quick probe of the job's
-own fabric before the first step (bench.probe: a few fp32 all-reduces up to the
+own fabric before the first step (probe.probe: a few fp32 all-reduces up to the
 largest gradient bucket or 1 MiB, interleaved over rounds, with one retry at larger
 sizes where the line would be noise). With them and the run's measured compute time per step,
 netmodel.estimate_step predicts the step's communication time and its exposed part,
@@ -23,13 +23,15 @@ import json
 import sys
 from pathlib import Path
 
-from ddp_fnn.perfmodel import bench
 from ddp_fnn.perfmodel import netmodel
-from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn.config import ConfigError, ParallelConfig, PredictConfig
 
 
 def read_bench_json(path: Path) -> dict:
-    """alpha and beta from a bench JSON, or ConfigError naming the file and the problem."""
+    """alpha and beta from a `ddp-fnn bench --json` file, or ConfigError naming the file
+    and the problem: the one reader of that file (train's --bench-json, estimate's).
+    ``alpha_s`` is as fitted, the whole all-reduce's latency at ``world_size``;
+    ``alpha_per_step`` turns it into the model's alpha."""
     try:
         data = json.loads(Path(path).read_text())
         n, alpha, beta = int(data["world_size"]), data["alpha_s"], data["beta_bytes_per_second"]
@@ -38,12 +40,13 @@ def read_bench_json(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--bench-json {path}: not a `ddp-fnn bench --json` file ({e})") from None
     if alpha is None or beta is None or n < 2:
-        raise ConfigError(f"--bench-json {path}: it holds no alpha-beta fit (world size {n})")
+        raise ConfigError(f"--bench-json {path}: it holds no alpha-beta fit (world size {n}); "
+                          f"run the bench with 2 or more ranks")
     return {"source": f"bench-json {path}", "alpha_s": float(alpha), "beta_bytes_per_second": float(beta),
             "world_size": n}
 
 
-def network(cfg: TrainConfig, ctx, bench_data: dict | None) -> dict | None:
+def network(cfg: PredictConfig, layers, bucket_mb: float, ctx, bench_data: dict | None) -> dict | None:
     """The alpha-beta to predict with: the bench file's, or a probe's (None if --no-probe
     or world size 1). Every rank calls it: the probe is collective. The probe always
     fits something; where least squares could not, it says so in one line (rank 0) and
@@ -52,11 +55,15 @@ def network(cfg: TrainConfig, ctx, bench_data: dict | None) -> dict | None:
         return bench_data
     if not cfg.probe or ctx.world_size < 2:
         return None
-    largest = max(b.nbytes for b in netmodel.bucket_layout(cfg.layers, cfg.bucket_mb))
-    found = bench.probe(ctx, largest, rounds=cfg.probe_rounds)
+    # Imported here: probe needs torch, and `ddp-fnn estimate` reads bench files through
+    # this module without it.
+    from ddp_fnn.perfmodel import probe
+
+    largest = max(b.nbytes for b in netmodel.bucket_layout(layers, bucket_mb))
+    found = probe.probe(ctx, largest, rounds=cfg.probe_rounds)
     if found.get("method") != "least-squares" and ctx.is_master:
         print(f"ddp-fnn: note: the probe's least-squares fit failed ({found['fallback_because']}); "
-              f"alpha and beta from its {found['method']} fallback (bench.probe)", file=sys.stderr)
+              f"alpha and beta from its {found['method']} fallback (probe.probe)", file=sys.stderr)
     return {"source": "probe", **found}
 
 
@@ -68,7 +75,7 @@ def probe_traffic(net: dict | None) -> dict | None:
                                 "method")}
 
 
-def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dict) -> dict:
+def prediction(layers, par: ParallelConfig, world_size: int, net: dict | None, figures: dict) -> dict:
     """summary.json's predicted_* keys (None where there is nothing to predict with).
 
     The model replays this run's measured bucket schedule (``bucket_schedule``: when each
@@ -81,10 +88,10 @@ def prediction(cfg: TrainConfig, world_size: int, net: dict | None, figures: dic
     rank's compute)."""
     keys = ("predicted_comm_time_per_step_s", "predicted_exposed_comm_time_per_step_s", "predicted_step_time_s")
     empty = dict.fromkeys(keys) | {"prediction": None}
-    if net is None or "step_time_mean_s" not in figures or cfg.compression == "powersgd":
+    if net is None or "step_time_mean_s" not in figures or par.compression == "powersgd":
         return empty
     wait = figures.get("wait_for_peers_per_step_s") or 0.0
-    est, leads = _estimate(list(cfg.layers), cfg.sync, cfg.bucket_mb, cfg.compression, figures.get("backend"),
+    est, leads = _estimate(list(layers), par.sync, par.bucket_mb, par.compression, figures.get("backend"),
                            net, figures, world_size)
     return {
         "predicted_comm_time_per_step_s": est.comm_time_per_step_s,
@@ -114,10 +121,19 @@ def _estimate(layers: list[int], sync: str, bucket_mb: float, compression: str, 
     return est, leads
 
 
+MEASURED_ALGORITHM = "ring"
+"""The all-reduce algorithm a fit's latency was paid in: Gloo's all-reduce is a ring at
+every world size, and the model takes NCCL's to be one too (docs/metrics.md: NCCL picks
+its tree only for some sizes and N). The fitted latency is the measured backend's, so
+it is divided by this algorithm's step count, whatever algorithm the model then
+projects to (estimate --algorithm)."""
+
+
 def alpha_per_step(net: dict) -> float:
     """The fit's alpha is a whole all-reduce's latency at the fit's N; the model wants the
-    latency of one message step (a ring pays 2(N-1) of them)."""
-    return net["alpha_s"] / netmodel.latency_steps(net["world_size"], "ring")
+    latency of one message step (a ring pays 2(N-1) of them). ``net`` is a probe's or
+    ``read_bench_json``'s: ``alpha_s`` and ``world_size``."""
+    return net["alpha_s"] / netmodel.latency_steps(net["world_size"], MEASURED_ALGORITHM)
 
 
 def compute_time(figures: dict) -> float:

@@ -14,7 +14,7 @@ on loopback (torchrun --standalone; no shaping or faults there). What it writes 
     sweep.csv             one row per point (COLUMNS): settings, measured, predicted, errors
     sweep.json            the same rows and the validation figures, strict JSON
     validation.md         the rows as a Markdown table and the error statistics
-    *.png                 plots (sweepplot.py; needs matplotlib, the `plot` extra)
+    *.png                 plots (plots.py; needs matplotlib, the `plot` extra)
 
 Two predictions per point:
 
@@ -242,14 +242,8 @@ def run_point(cfg: SweepConfig, p: Point) -> tuple[bool, Path]:
         rc = proc.wait()
     ok = rc == 0 and (pdir / "node0" / "summary.json").is_file()
     # pid: netns-cluster.sh names its namespaces ddpfnn-PID-*, so a check can find them.
-    strictjson_write(done, {**ident, "ok": ok, "exit_status": rc, "pid": proc.pid})
+    fileio.write_json(done, {**ident, "ok": ok, "exit_status": rc, "pid": proc.pid}, indent=2)
     return ok, pdir
-
-
-def strictjson_write(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(fileio.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,9 +386,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    fileio.atomic_write(path, buf.getvalue())
 
 
 def _pct(x) -> str:
@@ -457,9 +449,10 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
 def write_outputs(cfg: SweepConfig, rows: list[dict], command_line: str) -> tuple[dict, list[Path]]:
     figures = validation(rows)
     write_csv(cfg.out / "sweep.csv", rows)
-    strictjson_write(cfg.out / "sweep.json", {"command": command_line, "validation": figures, "rows": rows,
-                                              "host_cores": cfg.host_cores, "calibrate_on": cfg.calibrate_on})
-    (cfg.out / "validation.md").write_text(markdown(rows, figures, command_line))
+    fileio.write_json(cfg.out / "sweep.json", {"command": command_line, "validation": figures, "rows": rows,
+                                               "host_cores": cfg.host_cores, "calibrate_on": cfg.calibrate_on},
+                      indent=2)
+    fileio.atomic_write(cfg.out / "validation.md", markdown(rows, figures, command_line))
     plots = []
     if cfg.plot:
         from ddp_fnn.perfmodel import plots as sweepplot

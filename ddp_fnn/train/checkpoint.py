@@ -43,7 +43,6 @@ docs/fault-tolerance.md has the whole story.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 import time
@@ -54,7 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ddp_fnn.config import ConfigError, TrainConfig
+from ddp_fnn import fileio
+from ddp_fnn.config import CheckpointConfig, ConfigError
 
 FORMAT = "ddp-fnn-checkpoint"
 VERSION = 1
@@ -63,11 +63,6 @@ TMP_RE = re.compile(r"^\.step-\d{8,}\.pt\.tmp-\d+$")
 
 # The settings that change the numbers a step computes. Not the world size (the global
 # batch, not the shard, is what the optimizer sees), not bucket sizes, logging or ports.
-FINGERPRINT_FIELDS = ("layers", "task", "global_batch_size", "grad_accum", "lr", "optimizer", "momentum",
-                      "weight_decay", "seed", "sync", "compression", "powersgd_rank", "precision",
-                      "eval_fraction", "standardize", "target")
-
-
 class CheckpointError(Exception):
     """A file is not a readable checkpoint (truncated, corrupt, or not ours)."""
 
@@ -80,14 +75,10 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
-def fingerprint(cfg: TrainConfig, data_identity: str) -> dict:
-    """The settings that change the math, plus the data's identity (data.Dataset.identity)."""
-    fp = {}
-    for name in FINGERPRINT_FIELDS:
-        value = getattr(cfg, name)
-        fp[name] = list(value) if isinstance(value, tuple) else value
-    fp["data"] = data_identity
-    return fp
+def fingerprint(math_settings: dict, data_identity: str) -> dict:
+    """The settings that change the math (``TrainConfig.math_settings()``: derived from the
+    config's sections, not listed here), plus the data's identity (data.Dataset.identity)."""
+    return {**math_settings, "data": data_identity}
 
 
 def _option(name: str) -> str:
@@ -113,20 +104,6 @@ def all_finite(model: torch.nn.Module) -> bool:
 # the directory: checks, listing, pruning
 # ---------------------------------------------------------------------------------------
 
-def check_writable_dir(path: Path, option: str = "--checkpoint-dir") -> None:
-    """``path`` is a writable directory, or can be created as one: ConfigError otherwise.
-    Called before any work, so a run that fails here has touched nothing."""
-    probe = Path(path)
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{option} {path}: not a directory ({probe} is a file)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: not writable")
-
-
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """(step, path) of every ``step-*.pt`` in ``directory``, oldest first."""
     if not directory.is_dir():
@@ -139,27 +116,9 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(obj: dict, path: Path) -> None:
     """torch.save ``obj`` to ``path`` so that ``path`` is either absent/old or complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    fileio.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def prune(directory: Path, newest_step: int, keep: int) -> list[Path]:
@@ -247,7 +206,7 @@ class Resume:
         return int(self.state["step"])
 
 
-def find_resume(cfg: TrainConfig, fp: dict) -> Resume | None:
+def find_resume(cfg: CheckpointConfig, fp: dict) -> Resume | None:
     """What to resume from, per ``--resume``: ConfigError for a missing ``--resume PATH``,
     an unreadable one, a directory holding checkpoints none of which is readable, or a
     checkpoint written with other settings (naming each one, old → new)."""
