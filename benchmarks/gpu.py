@@ -723,7 +723,7 @@ def _train_config(cfg: dict, output: Path, **over):
               samples=cfg.get("samples", max(4 * cfg["batch"], 64)), max_steps=cfg["steps"], lr=cfg["lr"],
               output=output, metrics_port=0, progress="none", probe=False, resume="never")
     kw.update(over)
-    return TrainConfig(**kw)
+    return TrainConfig.of(**kw)
 
 
 # ---- b: the trainer under the profiler -------------------------------------------------

@@ -183,8 +183,17 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 @click.option("--compression", type=click.Choice(["none", "fp16", "bf16"]), default="none",
               show_default=True, help="Gradient dtype on the wire: fp32 (4 B/element) or fp16/bf16 "
                                       "(2 B/element, DDP's compress hooks).")
-@click.option("--algorithm", type=click.Choice(["ring", "tree", "halving-doubling"]), default="ring",
-              show_default=True, help="All-reduce algorithm; see docs/netmodel.md for each formula.")
+@click.option("--algorithm", type=click.Choice(["ring", "tree", "halving-doubling", "hierarchical"]),
+              default="ring", show_default=True,
+              help="All-reduce algorithm; see docs/netmodel.md for each formula. hierarchical "
+                   "(reduce-scatter in the server, all-reduce across, all-gather) needs --topology; "
+                   "halving-doubling has no --topology mapping.")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A fabric (TOML or JSON, docs/topology.md; examples in deploy/topologies/): servers x "
+                   "GPUs, intra-server, NIC and leaf-spine links. Replaces --world-size, --link-rate, "
+                   "--latency-us and --bench-json, and reports bytes per tier and the bottleneck link.")
+@click.option("--channels", type=int, default=None,
+              help="With --topology: NCCL channels the ring or tree splits the data over  [default: one per NIC].")
 @click.option("--sweep", "sweep_spec", default=None, metavar="PARAM=V1,V2,...",
               help="Print a table over one input: world-size=2,8,64,512; link-rate=10gbit,100gbit; "
                    "width=256,1024,4096 (every hidden layer); bucket-mb=1,25,100; compute-ms=5,50.")
@@ -194,7 +203,8 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON (bytes, seconds, bytes/s) instead of text.")
 def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, summary_file,
-             backward_fraction, bucket_mb, compression, algorithm, sweep_spec, plot_file, as_json):
+             backward_fraction, bucket_mb, compression, algorithm, topology_file, channels, sweep_spec,
+             plot_file, as_json):
     """Predict what DDP training puts on the network per step, and what it costs.
 
     From the layer widths, DDP's buckets, N, the all-reduce algorithm and the network's
@@ -207,6 +217,8 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
         --link-rate 400gbit --latency-us 5 --compute-ms 12
     ddp-fnn estimate --bench-json bench.json --layers 784,1024,1024,10 --world-size 64 \\
         --compute-ms 8 --sweep world-size=2,8,64,512
+    ddp-fnn estimate --topology deploy/topologies/h100-128x8-400g-2to1.toml \\
+        --layers 8192,8192,8192,8192,10 --compute-ms 20 --algorithm hierarchical
     """
     from ddp_fnn.perfmodel import netmodel, predict
     from ddp_fnn import fileio
@@ -224,6 +236,16 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
             raise UserError(f"--sweep: {e}") from None
     if plot_file is not None and sweep_name is None:
         raise UserError("--plot needs --sweep (it draws the sweep's table)")
+    if topology_file is not None:
+        _estimate_on_topology(topology_file, widths, algorithm, channels, compute_ms, summary_file,
+                              backward_fraction, bucket_mb, compression, as_json,
+                              given=dict(world_size=world_size, link_rate=link_rate, latency_us=latency_us,
+                                         bench_json=bench_json, sweep=sweep_spec))
+        return
+    if algorithm == "hierarchical":
+        raise UserError("--algorithm hierarchical needs --topology FILE (it is defined by the servers)")
+    if channels is not None:
+        raise UserError(f"--channels {channels} needs --topology FILE")
 
     # alpha and beta: explicit options, else the bench JSON, else alpha's default.
     alpha_s, beta, alpha_src, beta_src = None, None, "", ""
@@ -252,21 +274,7 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     if beta is None and sweep_name != "link-rate":
         raise UserError("no bandwidth: give --link-rate (e.g. 100gbit) or --bench-json FILE")
 
-    if compute_ms is not None:
-        compute_s = compute_ms / 1e3
-    elif summary_file is not None:
-        summary = _read_json(summary_file, "--summary")
-        try:
-            compute_s = float(summary["step_time_p50_s"]) - float(summary["exposed_comm_time_per_step_s"])
-        except KeyError as e:
-            raise UserError(f"--summary {summary_file}: no key {e} (is it a train summary.json?)") from None
-        except (TypeError, ValueError):
-            raise UserError(f"--summary {summary_file}: step_time_p50_s and exposed_comm_time_per_step_s "
-                            f"must be numbers") from None
-    elif sweep_name != "compute-ms":
-        raise UserError("no compute time: give --compute-ms MS or --summary summary.json")
-    else:
-        compute_s = 0.0
+    compute_s = _compute_time_s(compute_ms, summary_file, required=sweep_name != "compute-ms")
     if world_size is None and sweep_name != "world-size":
         raise UserError("--world-size is required (or sweep it: --sweep world-size=2,8,64)")
     if world_size is not None and world_size < 1:
@@ -303,6 +311,52 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
         click.echo("\n".join(netmodel.format_sweep(sweep_name, sweep_values, rows)))
         if plot_file is not None:
             click.echo(f"wrote {plot_file}")
+
+
+def _compute_time_s(compute_ms, summary_file, required: bool) -> float:
+    """One step's compute time: --compute-ms, else a train summary.json's p50 step less its
+    exposed communication."""
+    if compute_ms is not None:
+        return compute_ms / 1e3
+    if summary_file is not None:
+        summary = _read_json(summary_file, "--summary")
+        try:
+            return float(summary["step_time_p50_s"]) - float(summary["exposed_comm_time_per_step_s"])
+        except KeyError as e:
+            raise UserError(f"--summary {summary_file}: no key {e} (is it a train summary.json?)") from None
+        except (TypeError, ValueError):
+            raise UserError(f"--summary {summary_file}: step_time_p50_s and exposed_comm_time_per_step_s "
+                            f"must be numbers") from None
+    if required:
+        raise UserError("no compute time: give --compute-ms MS or --summary summary.json")
+    return 0.0
+
+
+def _estimate_on_topology(path, widths, algorithm, channels, compute_ms, summary_file, backward_fraction,
+                          bucket_mb, compression, as_json, given: dict) -> None:
+    """``estimate --topology``: the fabric sets N and every link (ddp_fnn/perfmodel/topology.py)."""
+    from ddp_fnn import fileio
+    from ddp_fnn.perfmodel import topology
+
+    for name, value in given.items():
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: not with --topology (the topology file sets the ranks and links)")
+    if algorithm not in topology.ALGORITHMS:
+        raise UserError(f"--algorithm {algorithm}: with --topology, one of {', '.join(topology.ALGORITHMS)}")
+    if channels is not None and channels < 1:
+        raise UserError(f"--channels must be >= 1, got {channels}")
+    compute_s = _compute_time_s(compute_ms, summary_file, required=True)
+    try:
+        topo = topology.load(path)
+        est = topology.estimate(topo, widths, compute_s=compute_s, bucket_mb=bucket_mb, compression=compression,
+                                algorithm=algorithm, channels=channels, backward_fraction=backward_fraction)
+    except ValueError as e:
+        raise UserError(_estimate_option_message(str(e))) from None
+    if as_json:
+        click.echo(fileio.dumps(est.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(topology.format_estimate(est)))
 
 
 def _estimate_option_message(message: str) -> str:

@@ -85,6 +85,44 @@ def test_allreduce_time_formulas():
     assert netmodel.allreduce_time(s, 1, a, b) == 0.0
 
 
+def _halving_doubling_sent_bytes(s, n):
+    """Bytes each rank sends in Rabenseifner's all-reduce with MPICH's fold for N not a
+    power of two: ranks p..N-1 hand their S to partner r - p and take the result back;
+    the p core ranks reduce-scatter by recursive halving and all-gather by doubling."""
+    p = 1 << (n.bit_length() - 1)
+    sent = [0.0] * n
+    for r in range(p):
+        chunk = s
+        for _ in range(p.bit_length() - 1):          # halving: send half of what is left
+            chunk /= 2
+            sent[r] += chunk
+        sent[r] *= 2                                  # doubling sends the same amounts back
+    for extra in range(p, n):
+        sent[extra] += s                              # its data to the partner
+        sent[extra - p] += s                          # the result back
+    return sent
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 7, 8, 12, 100])
+def test_halving_doubling_bytes_agree_with_its_time_model(n):
+    s = 3 * 2 ** 20
+    sent = _halving_doubling_sent_bytes(s, n)
+    # Mean per rank: what estimate_step reports -- the extra hand-overs do not change it.
+    est = netmodel.estimate_step([1024, 768], world_size=n, alpha_s=0.0, beta_bytes_per_second=1e9,
+                                 compute_time_s=0.0, bucket_mb=100, algorithm="halving-doubling")
+    payload = est.payload_bytes_per_step
+    mean = sum(_halving_doubling_sent_bytes(payload, n)) / n
+    assert est.wire_bytes_per_rank_per_step == pytest.approx(mean, rel=1e-12)
+    assert sum(sent) / n == pytest.approx(2 * (n - 1) / n * s, rel=1e-12)
+    # The time's bandwidth term is the busiest rank's path: a partner receives S, runs the
+    # core, sends S back, in series.
+    p = 1 << (n.bit_length() - 1)
+    busiest = max(sent)
+    assert busiest == pytest.approx(2 * (p - 1) / p * s + (s if p != n else 0.0))
+    t = netmodel.allreduce_time(s, n, 0.0, 1.0, "halving-doubling")
+    assert t == pytest.approx(busiest + (s if p != n else 0.0))   # + the S it received first
+
+
 # ---------------------------------------------------------------------------------------
 # the alpha-beta fit
 # ---------------------------------------------------------------------------------------

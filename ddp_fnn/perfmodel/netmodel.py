@@ -271,7 +271,15 @@ def latency_steps(world_size: int, algorithm: str = "ring") -> int:
 
 def allreduce_time(payload_bytes: float, world_size: int, alpha_s: float, beta_bytes_per_second: float,
                    algorithm: str = "ring") -> float:
-    """Seconds for one all-reduce of ``payload_bytes`` (see the module docstring's table)."""
+    """Seconds for one all-reduce of ``payload_bytes`` (see the module docstring's table).
+
+    Halving-doubling at N not a power of two adds 2S / beta of *time*: the N - p partners
+    receive an extra rank's S before their halving-doubling and send the result back
+    after it, in series. It adds no bytes to the mean per rank: the N - p extra ranks
+    each send S and receive S and do nothing else, so summed over ranks the bytes are
+    p * 2(p-1)/p * S + 2(N-p) * S = 2(N-1) * S, the ring's, and the mean per rank
+    (``StepEstimate.wire_bytes_per_rank_per_step``) stays 2(N-1)/N * S; the busiest rank
+    (a partner) sends 2(p-1)/p * S + S (tests/test_netmodel.py counts both)."""
     n = _check_world(world_size)
     steps = latency_steps(n, algorithm)
     if n == 1:
