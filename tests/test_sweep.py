@@ -13,6 +13,7 @@ import os
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,33 @@ def test_a_namespace_sweep_reports_every_byte_the_kernel_sent(tmp_path):
     for r in rows:
         pid = json.loads((out / "points" / r["point"] / "point.json").read_text())["pid"]
         assert f"ddpfnn-{pid}-" not in left, left
+
+
+def test_a_point_is_link_bound_when_its_busbw_reaches_the_share_of_its_rate():
+    rate = 100e6 / 8                                            # 100mbit in bytes/s
+    assert sweep.bound("100mbit", 0.8 * rate, False) == (rate, pytest.approx(0.8), "link")
+    assert sweep.bound("1gbit", 0.2 * 10 * rate, False)[2] == "host"      # the cores, not the link
+    assert sweep.bound("100mbit", 0.3 * rate, True)[2] == "fault"         # loss or a shallow queue
+    assert sweep.bound("unshaped", 5e6, False) == (None, None, "unshaped")
+
+
+def test_validation_counts_link_bound_points_apart():
+    def row(bound, err):
+        return {"bound": bound, "step_error": err, "status": "ok", "probe_method": "least-squares"}
+    rows = [row("link", 0.01), row("link", -0.03), row("host", 0.40), row("unshaped", 0.2)]
+    v = sweep.validation(rows)
+    assert v["bound"] == {"link": 2, "host": 1, "fault": 0, "unshaped": 1}
+    assert v["step_error"]["max_abs"] == pytest.approx(0.40)
+    assert v["link_bound"]["step_error"] == {"points": 2, "median_abs": pytest.approx(0.02), "max_abs": pytest.approx(0.03)}
+
+
+def test_retable_rewrites_a_recorded_sweep_from_its_own_rows(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "docs" / "sweep" / "calibrate"
+    shutil.copytree(src, tmp_path / "s")
+    before = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    figures = sweep.retable(tmp_path / "s")
+    after = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [r["step_mean_s"] for r in after["rows"]] == [r["step_mean_s"] for r in before["rows"]]
+    assert all(r["bound"] in ("link", "host") for r in after["rows"])
+    assert figures["bound"]["link"] + figures["bound"]["host"] == len(after["rows"])
+    assert "link-bound points" in (tmp_path / "s" / "validation.md").read_text()

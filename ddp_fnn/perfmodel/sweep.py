@@ -331,7 +331,29 @@ COLUMNS = (
     "retransmits_per_step", "timeouts_per_step", "tc_dropped_packets", "loss_dropped_packets",
     "rtt_s", "mathis_busbw_bytes_per_second",
     "reported_tx_bytes", "kernel_tx_payload_bytes", "tx_error",
+    "line_rate_bytes_per_second", "wire_share", "bound",
 )
+
+# What sets a point's pace. A link-bound point's all-reduces run its shaped link near the
+# configured rate; on one machine's veth pairs and bridge, a fast link instead measures the
+# cores forwarding the frames (2 shared cores here reach ~100-200 Mbit/s of busbw with
+# several nodes), and the model, which knows the link and not the cores, is then asked the
+# wrong question. The line between them: busbw (payload / comm time x 2(N-1)/N, what the
+# ring asks of every link) at LINK_BOUND_SHARE of the rate or more. A point whose busbw
+# falls below it with packet loss or a shallow queue configured is "fault": TCP backing
+# off is the network's doing, but it cannot be told apart from the host here.
+LINK_BOUND_SHARE = 0.7
+
+
+def bound(link_rate: str | None, busbw: float | None, faulted: bool) -> tuple[float | None, float | None, str]:
+    """(line rate in bytes/s, busbw / line rate, "link" | "host" | "fault" | "unshaped")."""
+    if not link_rate or link_rate == "unshaped":
+        return None, None, "unshaped"
+    rate = netmodel.parse_rate(link_rate)
+    share = busbw / rate if busbw is not None else None
+    if share is not None and share >= LINK_BOUND_SHARE:
+        return rate, share, "link"
+    return rate, share, "fault" if faulted else "host"
 
 
 def _err(pred, meas):
@@ -348,6 +370,8 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
         m = measured.get(p)
         if m is not None:
             row |= {k: v for k, v in m.items() if not k.startswith("_")}
+            row["line_rate_bytes_per_second"], row["wire_share"], row["bound"] = bound(
+                p.link_rate, row.get("busbw_bytes_per_second"), bool(p.loss_percent or p.queue_limit_bytes))
             row["step_error"] = _err(row["pred_step_s"], row["step_mean_s"])
             row["exposed_error"] = _err(row["pred_exposed_s"], row["exposed_s"])
             base = p.sibling(cfg.calibrate_on) if cfg.calibrate_on is not None else None
@@ -366,13 +390,24 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
     return rows
 
 
-def validation(rows: list[dict]) -> dict:
-    """Median and largest absolute errors of each prediction over the complete points."""
+ERROR_KEYS = ("step_error", "exposed_error", "cal_step_error", "cal_exposed_error", "tx_error")
+
+
+def _error_stats(rows: list[dict]) -> dict:
     out = {}
-    for key in ("step_error", "exposed_error", "cal_step_error", "cal_exposed_error", "tx_error"):
+    for key in ERROR_KEYS:
         errs = [abs(r[key]) for r in rows if r.get(key) is not None]
         out[key] = {"points": len(errs), "median_abs": statistics.median(errs) if errs else None,
                     "max_abs": max(errs) if errs else None}
+    return out
+
+
+def validation(rows: list[dict]) -> dict:
+    """Median and largest absolute errors of each prediction over the complete points, and
+    again over the link-bound ones alone (``link_bound``; ``bound``: points of each kind)."""
+    out = _error_stats(rows)
+    out["link_bound"] = _error_stats([r for r in rows if r.get("bound") == "link"])
+    out["bound"] = {k: sum(r.get("bound") == k for r in rows) for k in ("link", "host", "fault", "unshaped")}
     out["points"] = len(rows)
     out["failed"] = sum(r["status"] != "ok" for r in rows)
     out["probe_methods"] = dict(sorted(
@@ -393,6 +428,10 @@ def _pct(x) -> str:
     return "" if x is None else f"{x:+.1%}"
 
 
+def _bound_cell(r: dict) -> str:
+    return r["bound"] if r["wire_share"] is None else f"{r['bound']} ({r['wire_share']:.0%})"
+
+
 def _ms(x) -> str:
     return "" if x is None else f"{x * 1e3:.1f}"
 
@@ -403,23 +442,31 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
     names = {"step_error": "step time, the run's own prediction", "exposed_error": "exposed communication, the run's own prediction",
              "cal_step_error": "step time, calibrated on another world size", "cal_exposed_error": "exposed communication, calibrated",
              "tx_error": "kernel TX payload vs reported bytes (steps + probe), worst node"}
-    lines += ["| prediction | points | median abs error | largest abs error |", "|---|---|---|---|"]
+    lines += ["| prediction | points | median abs error | largest abs error | link-bound points | median | largest |",
+              "|---|---|---|---|---|---|---|"]
     for key, label in names.items():
-        f = figures[key]
+        f, g = figures[key], figures["link_bound"][key]
         if f["points"]:
-            lines.append(f"| {label} | {f['points']} | {f['median_abs']:.1%} | {f['max_abs']:.1%} |")
+            link = (f"{g['points']} | {g['median_abs']:.1%} | {g['max_abs']:.1%}" if g["points"] else "0 | | ")
+            lines.append(f"| {label} | {f['points']} | {f['median_abs']:.1%} | {f['max_abs']:.1%} | {link} |")
+    b = figures["bound"]
     lines += ["", f"Points: {figures['points']}, failed: {figures['failed']}; probe fits: "
-              + ", ".join(f"{k} {v}" for k, v in figures["probe_methods"].items()), ""]
-    head = ("| nodes | link | bucket MiB (n) | wire | loss % | step ms | p99 ms | exposed ms | wait ms | "
+              + ", ".join(f"{k} {v}" for k, v in figures["probe_methods"].items()), "",
+              f"What set the pace (bound): link {b['link']}, host {b['host']}, fault {b['fault']}, unshaped "
+              f"{b['unshaped']}. A shaped point is link-bound when its busbw reached {LINK_BOUND_SHARE:.0%} of the "
+              f"configured rate; below that the host's cores forwarding the frames set the pace (host), or, with "
+              f"loss or a shallow queue configured, the fault or the host (fault). Unshaped points run as fast "
+              f"as the host can.", ""]
+    head = ("| nodes | link | bound (busbw/rate) | bucket MiB (n) | wire | loss % | step ms | p99 ms | exposed ms | wait ms | "
             "predicted step | err | predicted exposed | err | calibrated step | err | retrans/step |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['nodes']} | {r['link_rate']} | {r['bucket_mb']:g} | {r['compression']} | "
+            lines.append(f"| {r['nodes']} | {r['link_rate']} | | {r['bucket_mb']:g} | {r['compression']} | "
                          f"{r['loss_percent']:g} | failed |" + " |" * 11)
             continue
         lines.append(
-            f"| {r['nodes']} | {r['link_rate']} | {r['bucket_mb']:g} ({r['buckets']}) | "
+            f"| {r['nodes']} | {r['link_rate']} | {_bound_cell(r)} | {r['bucket_mb']:g} ({r['buckets']}) | "
             f"{'fp32' if r['compression'] == 'none' else r['compression']} | {r['loss_percent']:g} | "
             f"{_ms(r['step_mean_s'])} | {_ms(r['step_p99_s'])} | {_ms(r['exposed_s'])} | {_ms(r['wait_s'])} | "
             f"{_ms(r['pred_step_s'])} | {_pct(r['step_error'])} | {_ms(r['pred_exposed_s'])} | "
@@ -446,13 +493,31 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(cfg: SweepConfig, rows: list[dict], command_line: str) -> tuple[dict, list[Path]]:
+def write_tables(out: Path, rows: list[dict], command_line: str, host_cores, calibrate_on) -> dict:
     figures = validation(rows)
-    write_csv(cfg.out / "sweep.csv", rows)
-    fileio.write_json(cfg.out / "sweep.json", {"command": command_line, "validation": figures, "rows": rows,
-                                               "host_cores": cfg.host_cores, "calibrate_on": cfg.calibrate_on},
-                      indent=2)
-    fileio.atomic_write(cfg.out / "validation.md", markdown(rows, figures, command_line))
+    write_csv(out / "sweep.csv", rows)
+    fileio.write_json(out / "sweep.json", {"command": command_line, "validation": figures, "rows": rows,
+                                           "host_cores": host_cores, "calibrate_on": calibrate_on}, indent=2)
+    fileio.atomic_write(out / "validation.md", markdown(rows, figures, command_line))
+    return figures
+
+
+def retable(out: Path) -> dict:
+    """Rewrite a finished sweep's sweep.csv, sweep.json and validation.md from its
+    sweep.json rows, with the columns and figures this version derives (``bound``):
+    the measurements are the rows' own, nothing is run again. Returns the figures."""
+    doc = fileio.loads((out / "sweep.json").read_text())
+    rows = []
+    for r in doc["rows"]:
+        if r.get("status") == "ok":
+            r["line_rate_bytes_per_second"], r["wire_share"], r["bound"] = bound(
+                r["link_rate"], r.get("busbw_bytes_per_second"), bool(r["loss_percent"] or r["queue_limit_bytes"]))
+        rows.append({c: r.get(c) for c in COLUMNS})
+    return write_tables(out, rows, doc["command"], doc.get("host_cores"), doc.get("calibrate_on"))
+
+
+def write_outputs(cfg: SweepConfig, rows: list[dict], command_line: str) -> tuple[dict, list[Path]]:
+    figures = write_tables(cfg.out, rows, command_line, cfg.host_cores, cfg.calibrate_on)
     plots = []
     if cfg.plot:
         from ddp_fnn.perfmodel import plots as sweepplot
