@@ -154,7 +154,8 @@ class StopConfig(_Section):
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
     epochs: int | None = opt(None, "Stop after this many passes over the training split (default 1 when "
                              "--max-steps is not given).")
-    target_loss: float | None = opt(None, "Stop when the global mean training loss of a step is <= this; "
+    target_loss: float | None = opt(None, "Stop when the global mean training loss is <= this, checked at "
+                                    "log steps (--log-every) on the mean over the steps since the last one; "
                                     "all ranks stop on the same step.")
 
     def __post_init__(self):
@@ -191,8 +192,8 @@ class FaultsConfig(_Section):
     slow_rank: int | None = opt(None, "Fault injection for studying stragglers: this rank idles --slow-ms in every "
                                 "step's forward, as a slower device would (docs/metrics.md).")
     slow_ms: float = opt(0.0, "Milliseconds rank --slow-rank idles in each step's forward.")
-    on_nan: str = opt("stop", "A NaN/Inf loss on any rank: stop the job (exit 1), or skip that step on every rank "
-                      "(no optimizer step; the step counts).", choices=("stop", "skip"))
+    on_nan: str = opt("stop", "A NaN/Inf in any rank's loss or gradients: stop the job (exit 1), or skip that step "
+                      "on every rank (no optimizer step; the step counts).", choices=("stop", "skip"))
     check_replicas_every: int = opt(0, "Steps between checks that every rank holds the same parameters (a hash "
                                     "compared across ranks; a mismatch stops the job). 0 turns it off.")
 

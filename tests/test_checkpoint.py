@@ -1,10 +1,15 @@
 """checkpoint.py: atomic writes, pruning, fingerprints, falling back past a corrupt file,
-RNG and PowerSGD state round trips; and `train`'s checkpoint options in one process."""
+RNG and PowerSGD state round trips; `train`'s checkpoint options in one process; and the
+ranks agreeing on one resume step when their --checkpoint-dir is not the same storage
+(two torchrun "nodes" on this host, slow)."""
 
 import dataclasses
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import gloo_threads_left, run_cli, dataset_of
+from conftest import dataset_of, free_port, gloo_threads_left, run_cli, torchrun
 from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn.train import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
@@ -400,3 +405,137 @@ def test_a_field_added_to_the_optim_section_makes_resume_refuse_a_checkpoint_mad
     with pytest.raises(ConfigError, match=r"step-00000005\.pt was written with other settings: "
                                           r"--nesterov \(unset\) → False"):
         _resume(after, _fp(after, "d"))
+
+
+# ---------------------------------------------------------------------------------------
+# the ranks agree on one resume step (storage that is not shared, or lags)
+# ---------------------------------------------------------------------------------------
+
+def test_common_step_is_the_newest_step_on_every_rank():
+    assert ckpt.common_step([[9, 6, 3], [6, 3]]) == 6
+    assert ckpt.common_step([[9, 6], [9, 6], [6]]) == 6
+    assert ckpt.common_step([[9, 6, 3], []]) is None
+    assert ckpt.common_step([[9], [6]]) is None
+    assert ckpt.common_step([[4]]) == 4
+
+
+def test_readable_steps_offers_only_older_files_that_read_whole_with_these_settings(tmp_path):
+    cfg = _cfg(tmp_path)
+    fp = _fp(cfg, "d")
+    for s in (2, 4, 6, 8, 10):
+        _fake_checkpoint(tmp_path / ckpt.checkpoint_name(s), fp, s)
+    _fake_checkpoint(tmp_path / ckpt.checkpoint_name(2), _fp(_cfg(tmp_path, lr=0.5), "d"), 2)   # other settings
+    (tmp_path / ckpt.checkpoint_name(6)).write_bytes(b"garbage")                        # corrupt, older
+    (tmp_path / ckpt.checkpoint_name(10)).write_bytes(b"garbage")                       # corrupt, newest
+    chosen = _resume(cfg, fp)
+    assert chosen.step == 8
+    assert [(s, p.name) for s, p in ckpt.readable_steps(cfg.checkpoint, fp, chosen)] == \
+        [(8, "step-00000008.pt"), (4, "step-00000004.pt")]
+    assert ckpt.readable_steps(cfg.checkpoint, fp, None) == []
+    explicit = _cfg(tmp_path, resume=str(tmp_path / ckpt.checkpoint_name(4)))
+    assert [s for s, _ in ckpt.readable_steps(explicit.checkpoint, fp, _resume(explicit, fp))] == [4]
+
+
+def test_only_a_multi_rank_run_that_may_resume_gathers_steps(tmp_path):
+    from ddp_fnn.train import setup
+
+    def steps(directory, world, **kw):
+        return setup.plan(_cfg(directory, samples=256, global_batch_size=32, **kw), 0, world).resume_steps
+
+    cfg = _cfg(tmp_path, samples=256, global_batch_size=32)
+    _fake_checkpoint(tmp_path / ckpt.checkpoint_name(3), _fp(cfg, dataset_of(cfg).identity), 3)
+    assert steps(tmp_path, 1) is None                          # world size 1: no collective
+    assert [s for s, _ in steps(tmp_path, 2)] == [3]
+    assert steps(tmp_path, 2, resume="never") is None
+    assert steps(None, 2) is None                              # no --checkpoint-dir
+    assert steps(tmp_path / "empty", 2) == ()                  # none here, but must learn of the others'
+
+
+AGREE = (*QUICK, "--momentum", "0.9")
+
+
+def _two_nodes(tmp: Path, dirs: tuple[Path, Path], *args: str, timeout: float = 300) -> list[tuple[int, str]]:
+    """One torchrun per "node" (static rendezvous on loopback: node N is rank N), each with
+    its own --checkpoint-dir, as on two hosts with local disks; (exit status, stderr) each."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs, errs = [], []
+    for node, directory in enumerate(dirs):
+        err = tmp / f"node{node}.err"
+        errs.append(err)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", "--monitor-interval=0.1",
+               "-m", "ddp_fnn", "train", *args, "--checkpoint-dir", str(directory)]
+        with open(err, "w") as f:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env))
+    try:
+        codes = [p.wait(timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(c, e.read_text()) for c, e in zip(codes, errs)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoints(tmp_path_factory):
+    """A 2-rank run of 9 steps: checkpoints at 3, 6, 9 (ck) and its model.pt (out)."""
+    tmp = tmp_path_factory.mktemp("two-rank")
+    r = torchrun(2, "train", *AGREE, "--max-steps", "9", "--checkpoint-every", "3",
+                 "--checkpoint-dir", str(tmp / "ck"), "--output", str(tmp / "out"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp / "ck").iterdir()) == ["step-00000003.pt", "step-00000006.pt",
+                                                               "step-00000009.pt"]
+    return tmp
+
+
+@pytest.mark.slow
+def test_ranks_with_different_newest_checkpoints_resume_at_the_common_step(tmp_path, two_rank_checkpoints):
+    """Rank 0's directory has 3, 6, 9; rank 1's copy lags (3, 6). Both resume from 6 and end
+    bitwise where a run resumed from 6 on both ranks ends (and the uninterrupted run). Step 9
+    is --max-steps: rank 0 alone would call the run finished and leave rank 1 hanging."""
+    src = two_rank_checkpoints / "ck"
+    ck0, ck1, shared = tmp_path / "ck0", tmp_path / "ck1", tmp_path / "shared"
+    shutil.copytree(src, ck0)
+    for d in (ck1, shared):
+        d.mkdir()
+        for s in (3, 6):
+            shutil.copy2(src / ckpt.checkpoint_name(s), d)
+    (c0, err0), (c1, err1) = _two_nodes(tmp_path, (ck0, ck1), *AGREE, "--max-steps", "9",
+                                        "--output", str(tmp_path / "out"))
+    assert c0 == 0 and c1 == 0, err0 + err1
+    notes = [line for line in err0.splitlines() if line.startswith("ddp-fnn: note:")]
+    assert notes[0] == ("ddp-fnn: note: checkpoint step 9 is missing or unreadable on rank 1 (storage not shared, "
+                        "or lagging?); every rank resumes from step 6, the newest that every rank can read"), err0
+    assert "step-00000006.pt (step 6 of 9)" in notes[1] and "already finished" not in err0, err0
+    assert not err1.strip(), err1                                          # rank 1 says nothing
+    r = torchrun(2, "train", *AGREE, "--max-steps", "9", "--checkpoint-dir", str(shared),
+                 "--output", str(tmp_path / "ref"))
+    assert r.returncode == 0 and "step-00000006.pt (step 6 of 9)" in r.stderr, r.stderr
+    assert "missing or unreadable" not in r.stderr                          # shared: nothing to say
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 6 and summary["steps"] == 9
+    model = _load_model(tmp_path / "out")
+    assert _state_dict_equal(model, _load_model(tmp_path / "ref"))
+    assert _state_dict_equal(model, _load_model(two_rank_checkpoints / "out"))
+
+
+@pytest.mark.slow
+def test_no_step_readable_on_every_rank_is_one_line_exit_2_naming_each_ranks_steps(tmp_path, two_rank_checkpoints):
+    """Rank 1's directory is empty (node-local disks; only rank 0 writes checkpoints)."""
+    ck0, ck1 = tmp_path / "ck0", tmp_path / "ck1"
+    shutil.copytree(two_rank_checkpoints / "ck", ck0)
+    ck1.mkdir()
+    before = {p.name: p.read_bytes() for p in ck0.iterdir()}
+    results = _two_nodes(tmp_path, (ck0, ck1), *AGREE, "--max-steps", "12", "--output", str(tmp_path / "out"))
+    for code, err in results:
+        assert code != 0, err
+        assert "exitcode  : 2 " in err, err                                 # torchrun's report of the worker
+        lines = [line for line in err.splitlines() if line.startswith("ddp-fnn:")]
+        assert lines == ["ddp-fnn: error: no checkpoint step is readable on every rank (rank 0: steps 3,6,9; "
+                         "rank 1: none): each rank must see rank 0's checkpoints (shared --checkpoint-dir, "
+                         "or copies), or use --resume never to start afresh"], err
+        assert "ddp_fnn/" not in err, err                                  # no worker traceback
+    assert {p.name: p.read_bytes() for p in ck0.iterdir()} == before and not list(ck1.iterdir())
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

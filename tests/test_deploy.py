@@ -46,7 +46,7 @@ needs_promtool = pytest.mark.skipif(
 COUNTERS = ("ddp_fnn_steps_total", "ddp_fnn_samples_total", "ddp_fnn_allreduce_calls_total",
             "ddp_fnn_allreduce_payload_bytes_total", "ddp_fnn_allreduce_wire_bytes_total",
             "ddp_fnn_last_ready_steps_total", "ddp_fnn_probe_wire_bytes_total", "ddp_fnn_probe_payload_bytes_total",
-            "ddp_fnn_setup_wire_bytes_total", "ddp_fnn_tcp_sent_segments_total", "ddp_fnn_tcp_retransmitted_segments_total",
+            "ddp_fnn_setup_wire_bytes_total", "ddp_fnn_control_wire_bytes_total", "ddp_fnn_tcp_sent_segments_total", "ddp_fnn_tcp_retransmitted_segments_total",
             "ddp_fnn_tcp_timeouts_total", "ddp_fnn_tcp_loss_probes_total")
 HISTOGRAMS = ("ddp_fnn_step_duration_seconds", "ddp_fnn_phase_duration_seconds",
               "ddp_fnn_sync_exposed_duration_seconds", "ddp_fnn_sync_tail_duration_seconds",

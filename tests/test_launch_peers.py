@@ -141,3 +141,33 @@ def test_on_one_host_the_offsets_are_zero_within_their_bounds(runs):
         assert abs(c["offset_start_s"]) <= c["bound_start_s"] + 1e-6
         assert abs(c["offset_end_s"]) <= c["bound_end_s"] + 1e-6
         assert c["bound_start_s"] < 1e-3
+
+
+AHEAD_S = 0.02
+
+
+def test_a_host_that_runs_ahead_still_gets_wait_and_transfer_right(runs, tmp_path):
+    """The CUDA hazard, emulated on Gloo: rank 1's host takes each step's queue time 20 ms
+    before its work starts (DDP_FNN_RUN_AHEAD), as a host that runs ahead of its GPU
+    does. A ready time built from the queue time would put rank 1 ready 20 ms early and
+    hide half of the straggle; on one clock (the marks' own, observe/clock.py) rank 0
+    waits for all of it: the injected 20 ms in forward, the 20 ms before the step, and
+    rank 1's own compute less rank 0's (each from that rank's own phases)."""
+    n, clean, _, _ = runs
+    if n != 2:
+        pytest.skip("one world size is enough for the clock rule")
+    summary, steps = launch(tmp_path, 2, "--slow-rank", "1", "--slow-ms", f"{SLOW_MS:g}",
+                            env={"DDP_FNN_RUN_AHEAD": f"1:{AHEAD_S}"})
+    injected = SLOW_MS / 1e3 + AHEAD_S
+    expected = injected + (compute(steps[1]) - SLOW_MS / 1e3) - compute(steps[0])
+    wait = mean(steps[0], "wait_s")
+    lag = start_lag(summary, steps, 0)
+    print(f"rank 0 waits {wait * 1e3:.2f} ms; injected {injected * 1e3:.0f} ms, expected {expected * 1e3:.2f} ms; "
+          f"rank 1 starts {lag * 1e3:.2f} ms later")
+    assert wait == pytest.approx(expected, rel=0.10)
+    assert lag == pytest.approx(AHEAD_S, abs=0.25 * AHEAD_S)   # its steps start when its work does
+    assert mean(steps[1], "wait_s") < 0.10 * expected
+    for r in range(2):   # the network's part is what it is without the straggler (check_split's guard)
+        t = statistics.median(d["transfer_s"] for d in steps[r])
+        t0 = statistics.median(d["transfer_s"] for d in clean[1][r])
+        assert t - t0 <= 0.30 * t0 + 0.003 and t >= t0 / 3, (r, t, t0)

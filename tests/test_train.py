@@ -41,10 +41,10 @@ def test_toml_config_then_env_then_command_line(tmp_path):
 
 
 def test_target_loss_stops_early_in_one_process(tmp_path):
-    r = run_cli("train", *QUICK, "--epochs", "50", "--target-loss", "1e9", "--output", str(tmp_path))
+    r = run_cli("train", *QUICK, "--epochs", "50", "--target-loss", "1e9", "--log-every", "4", "--output", str(tmp_path))
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["steps"] == 1 and s["stop_reason"] == "target-loss"
+    assert s["steps"] == 4 and s["stop_reason"] == "target-loss"     # decided at the first log step
 
 
 def one_line_error(r, *fragments):
@@ -137,3 +137,28 @@ def test_bad_profile_range_is_one_line(tmp_path, value, message):
 def test_profile_needs_an_output_directory():
     r = run_cli("train", *QUICK, "--max-steps", "3", "--profile", "1:2")
     assert r.returncode == 2 and "--profile 1:2 needs --output DIR" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_the_nan_check_reads_nothing_from_the_device_in_the_micro_steps(tmp_path, policy):
+    """torch.profiler's trace of two steps of 4 micro-steps each: no op that reads a value
+    back to the host (``.item()``, ``bool()``: aten::_local_scalar_dense, the host sync on
+    CUDA) inside any forward or backward, where a per-micro-step check of the loss would
+    put one each (8); at most one a step in all (the one non-finite check: read a step
+    late with stop, before the optimizer with skip)."""
+    from ddp_fnn import fileio
+    r = run_cli("train", *QUICK, "--max-steps", "6", "--grad-accum", "4", "--global-batch-size", "32",
+                "--on-nan", policy, "--profile", "3:4", "--output", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    events = [e for e in fileio.loads((tmp_path / "profile-rank0.json").read_text())["traceEvents"]
+              if e.get("ph") == "X"]
+    reads = [e for e in events if e.get("name") in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")]
+    micro = [e for e in events if e.get("name") in ("ddp_fnn.forward", "ddp_fnn.backward")]
+    assert len(micro) == 2 * 4 * 2
+    inside = [e for e in reads for m in micro if m["ts"] <= e["ts"] <= m["ts"] + m["dur"]]
+    assert inside == [], inside
+    steps = [e for e in events if e.get("name") == "ddp_fnn.optimizer"]
+    assert len(steps) == 2
+    in_optimizer = [e for e in reads if e["name"] == "aten::_local_scalar_dense"
+                    and any(s["ts"] <= e["ts"] <= s["ts"] + s["dur"] for s in steps)]
+    assert len(in_optimizer) == (2 if policy == "skip" else 0), in_optimizer

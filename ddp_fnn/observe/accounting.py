@@ -15,6 +15,7 @@ from __future__ import annotations
 from ddp_fnn.observe import mfu
 from ddp_fnn.observe.prometheus import Summary
 from ddp_fnn.observe import StepRecord
+from ddp_fnn.observe.control import TRAFFIC
 
 
 class Accounting:
@@ -60,6 +61,7 @@ class Accounting:
         if self.peers is not None:
             self.peers.exchange(held)
         self._emit(held)
+        self.metrics.count_control(TRAFFIC.wire_bytes)
         if self.tcp is not None:
             self.metrics.count_tcp(self.tcp.read())
         for f in (self.steps_file, self.witness[1] if self.witness else None):

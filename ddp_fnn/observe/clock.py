@@ -24,6 +24,21 @@ def _clock_shift() -> float:
 _SHIFT_S = _clock_shift()
 
 
+def _run_ahead() -> float:
+    """Fault injection for tests of the one-clock rule: ``DDP_FNN_RUN_AHEAD=R:SECONDS``
+    makes rank R's host take a step's queue time SECONDS before its work starts, as a
+    CUDA host that runs ahead of its GPU does (docs/metrics.md). Nothing may time a step
+    from that queue time."""
+    spec = os.environ.get("DDP_FNN_RUN_AHEAD")
+    if not spec:
+        return 0.0
+    rank, _, seconds = spec.partition(":")
+    return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
+
+
+RUN_AHEAD_S = _run_ahead()
+
+
 def now() -> float:
     """This host's monotonic clock in seconds: the time base of marks, step records and
     timelines (shared by every process on one host)."""
@@ -56,13 +71,40 @@ def _cuda_mark():
 
 
 class Clock:
-    """Marks on the device's timeline: floats on CPU, CUDA events on GPU."""
+    """Marks on the device's timeline: floats on CPU, CUDA events on GPU.
+
+    ``host_time`` puts a mark on the host's clock (``now``), the one clock ready times are
+    compared on across ranks. On CPU a mark is that clock. On CUDA a mark's host time is
+    an anchor's plus the GPU time between them: the anchor is an event the host waited
+    for (``reanchor``: one host sync, once per log interval), so its host time is when it
+    completed, to within the wake-up of ``synchronize`` (microseconds), and the GPU's
+    clock drifts from the host's by parts per million over the interval. A host that
+    queues work ahead of its GPU does so by a different amount on every rank; a step's
+    host queue time is therefore never used as its start."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         # ``mark`` is the function itself, chosen once: DDP's hook takes two marks per
         # bucket, and on CPU that is a bare perf_counter() call.
         self.mark = _cuda_mark if self.cuda else now
+        self.anchor = None
+        self.reanchor()
+
+    def reanchor(self) -> None:
+        """A new anchor for marks taken from now on (CUDA: waits for the device)."""
+        if self.cuda:
+            ev = _cuda_mark()
+            ev.synchronize()
+            self.anchor = (ev, now())
+
+    def host_time(self, mark, anchor) -> float:
+        """``mark``'s instant on the host clock; ``anchor`` is ``self.anchor`` as it was
+        when the mark was taken (so the mark is after it). Waits for ``mark`` on CUDA."""
+        if not self.cuda:
+            return mark
+        ev, host = anchor
+        mark.synchronize()
+        return host + ev.elapsed_time(mark) / 1000.0
 
     def seconds(self, start, end) -> float:
         """Elapsed seconds between two marks (waits for ``end`` on CUDA, if needed)."""

@@ -4,11 +4,12 @@ logger read as an independent witness."""
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ddp_fnn.observe.clock import Clock, now, wall
+from ddp_fnn.observe.clock import RUN_AHEAD_S, Clock, wall
 from ddp_fnn.observe.records import CollectiveRecord, StepRecord, make_record
 
 # ---------------------------------------------------------------------------------------
@@ -28,8 +29,8 @@ class _Collective:
 class _Step:
     step: int
     time_unix_s: float
-    host_start_s: float
     start: object
+    anchor: object                                      # the clock's anchor when the step began
     marks: list = field(default_factory=list)          # (phase, start mark, end mark)
     collectives: list = field(default_factory=list)    # _Collective
     end: object = None
@@ -51,10 +52,22 @@ class Observer:
         self._stray: list[_Collective] = []     # collectives outside a step (bucket settling)
         self._pending: list[_Step] = []
         self.annotate = False                   # phases as profiler ranges (profile.StepProfiler sets it)
+        self._reanchor = False
 
     # ---- the loop's side ------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        self._cur = _Step(step=step, time_unix_s=wall(), host_start_s=now(), start=self.clock.mark())
+        queued = wall()
+        if RUN_AHEAD_S:
+            time.sleep(RUN_AHEAD_S)      # DDP_FNN_RUN_AHEAD: the work starts after it was queued
+        if self._reanchor:
+            self.clock.reanchor()
+            self._reanchor = False
+        self._cur = _Step(step=step, time_unix_s=queued, start=self.clock.mark(), anchor=self.clock.anchor)
+
+    def reanchor(self) -> None:
+        """Anchor the clock afresh at the next step's start (once per log interval: on
+        CUDA it waits for the device once)."""
+        self._reanchor = True
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -117,7 +130,7 @@ class Observer:
         loss = None
         if s.loss is not None:
             loss = float(s.loss)
-        return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s, start_s=s.host_start_s,
+        return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s, start_s=self.clock.host_time(s.start, s.anchor),
                            step_s=sec(s.start, s.end), intervals=intervals, collectives=colls, loss=loss)
 
 

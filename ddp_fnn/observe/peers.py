@@ -1,10 +1,15 @@
 """The ranks compare notes: clock offsets to rank 0, and every step's ready times, so that
 each rank's exposed communication splits into waiting for a slower peer and transfer.
 
+Both exchanges are host-side messages: CPU tensors over Gloo on every backend (the
+control group, ``dist.DistContext.control``; on a Gloo job the default group). NCCL's
+send/recv would return before the data has moved, so a round trip over NCCL would time
+Python's queueing and give a falsely tight error bound.
+
 Clock offsets (``estimate_offset``, at the start and at the end of a run): rank 0 answers
-``rounds`` ping-pongs from every other rank in turn over the process group (Gloo's or
-NCCL's point-to-point send/recv of one float64); each rank keeps the exchange with the
-smallest round trip (Cristian's method, ``observe.cristian``). The offset is this rank's
+``rounds`` ping-pongs from every other rank in turn (Gloo's point-to-point send/recv of
+one float64, synchronous on the host); each rank keeps the exchange with the smallest
+round trip (Cristian's method, ``observe.cristian``). The offset is this rank's
 monotonic clock minus rank 0's; its error bound is half that round trip. On one host
 (loopback, network namespaces) the true offset is 0. The start offset puts ready times
 in rank 0's time base during the run; start vs end gives the drift.
@@ -26,6 +31,7 @@ import torch.distributed as dist
 
 from ddp_fnn import observe
 from ddp_fnn.observe import StepRecord
+from ddp_fnn.observe.control import TRAFFIC
 
 
 @dataclass
@@ -39,22 +45,25 @@ class ClockOffset:
         return asdict(self)
 
 
-def estimate_offset(rank: int, world_size: int, device: torch.device, rounds: int = 16) -> ClockOffset:
-    """Collective: this rank's clock offset to rank 0 (rank 0: exactly 0)."""
+def estimate_offset(rank: int, world_size: int, group=None, rounds: int = 16) -> ClockOffset:
+    """Collective over ``group`` (a Gloo group; None: the default one): this rank's clock
+    offset to rank 0 (rank 0: exactly 0)."""
     if world_size == 1:
         return ClockOffset(0.0, 0.0, 0.0, 0)
-    buf = torch.zeros(1, dtype=torch.float64, device=device)
+    buf = torch.zeros(1, dtype=torch.float64)
     samples = []
     for peer in range(1, world_size):
         for _ in range(rounds):
             if rank == 0 and peer != 0:
-                dist.recv(buf, src=peer)
+                dist.recv(buf, src=peer, group=group)
                 buf.fill_(observe.now())
-                dist.send(buf, dst=peer)
+                dist.send(buf, dst=peer, group=group)
+                TRAFFIC.send(buf.numel() * buf.element_size())
             elif rank == peer:
                 t1 = observe.now()
-                dist.send(buf, dst=0)
-                dist.recv(buf, src=0)
+                dist.send(buf, dst=0, group=group)
+                TRAFFIC.send(buf.numel() * buf.element_size())
+                dist.recv(buf, src=0, group=group)
                 t2 = observe.now()
                 samples.append((t1, buf.item(), t2))
     if rank == 0:
@@ -67,18 +76,19 @@ class PeerExchange:
     """Fills in every record's wait_s, transfer_s and last_ready_rank; ``exchange`` is a
     collective every rank calls at the same steps with the same number of records."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, offset: ClockOffset):
-        self.rank, self.world_size, self.device, self.offset = rank, world_size, device, offset
+    def __init__(self, rank: int, world_size: int, offset: ClockOffset, group=None):
+        self.rank, self.world_size, self.offset, self.group = rank, world_size, offset, group
 
     def exchange(self, records: list[StepRecord]) -> None:
         mine = torch.tensor([[rec.step, observe.ready_time(rec) - self.offset.offset_s] for rec in records],
-                            dtype=torch.float64, device=self.device).reshape(len(records), 2)
+                            dtype=torch.float64).reshape(len(records), 2)
         if self.world_size > 1:
             every = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(every, mine)
+            dist.all_gather(every, mine, group=self.group)
+            TRAFFIC.all_gather(mine.numel() * mine.element_size(), self.world_size)
         else:
             every = [mine]
-        table = torch.stack([t.cpu() for t in every])        # [rank, record, (step, ready)]
+        table = torch.stack(every)                           # [rank, record, (step, ready)]
         if not bool((table[:, :, 0] == table[0:1, :, 0]).all()):
             raise RuntimeError(f"rank {self.rank}: ranks exchanged ready times of different steps")
         for i, rec in enumerate(records):

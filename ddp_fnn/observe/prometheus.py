@@ -157,6 +157,10 @@ class Metrics:
                                   "Bytes this rank sent to set the replicas up: DDP's broadcast of rank 0's "
                                   "parameters and buffers when it wraps the model (Gloo: (N-1) x their bytes "
                                   "from rank 0, 0 elsewhere).", r, registry=reg)
+        self.control_wire = Counter("ddp_fnn_control_wire_bytes",
+                                    "Bytes this rank sent in the job's own collectives beside the gradients and "
+                                    "the probe (loss, NaN vote, ready times, clock ping-pongs, checks, gathers; "
+                                    "observe/control.py), read every --log-every steps.", r, registry=reg)
         self.tcp_sent = Counter("ddp_fnn_tcp_sent_segments",
                                 "TCP segments sent in this rank's network namespace since the run started "
                                 "(/proc/net/snmp OutSegs; the whole namespace's TCP, read every --log-every steps).",
@@ -210,6 +214,7 @@ class Metrics:
         self._last_ready = self.last_ready_steps.labels(self.rank)
         self._probe_wire, self._probe_payload = self.probe_wire.labels(self.rank), self.probe_payload.labels(self.rank)
         self._setup_wire = self.setup_wire.labels(self.rank)
+        self._control_wire, self._control_seen = self.control_wire.labels(self.rank), 0.0
         self._tcp = {"sent_segments": self.tcp_sent.labels(self.rank),
                      "retransmitted_segments": self.tcp_retrans.labels(self.rank),
                      "timeouts": self.tcp_timeouts.labels(self.rank),
@@ -260,6 +265,12 @@ class Metrics:
     def count_setup(self, nbytes: int) -> None:
         """The replicas' set-up bytes (sync.module_state_broadcast_bytes), once."""
         self._setup_wire.inc(nbytes)
+
+    def count_control(self, total_bytes: float) -> None:
+        """The control collectives' bytes so far (control.TRAFFIC), at a log interval."""
+        if total_bytes > self._control_seen:
+            self._control_wire.inc(total_bytes - self._control_seen)
+            self._control_seen = total_bytes
 
     def count_tcp(self, counts: dict[str, int] | None) -> None:
         """The namespace's TCP counters since the start (tcpstats.TcpCounters.read), at a
@@ -313,6 +324,7 @@ class NullMetrics:
     def set_gradient_bytes(self, nbytes: int) -> None: ...
     def count_probe(self, traffic: dict | None) -> None: ...
     def count_setup(self, nbytes: int) -> None: ...
+    def count_control(self, total_bytes: float) -> None: ...
     def count_tcp(self, counts: dict[str, int] | None) -> None: ...
     def set_loss(self, split: str, value: float) -> None: ...
     def set_mfu(self, ratio: float) -> None: ...

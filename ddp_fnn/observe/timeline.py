@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ddp_fnn import fileio
 from ddp_fnn.observe import StepRecord
+from ddp_fnn.observe.control import TRAFFIC
 
 # Thread ids: never equal to a pid (a rank), which Perfetto would show as the main thread.
 COMPUTE_TID = 1_000_001
@@ -72,6 +73,7 @@ class Timeline:
         every = [None] * world_size if self.rank == 0 else None
         if world_size > 1:
             dist.gather_object(mine, every, dst=0)
+            TRAFFIC.gather_object(mine, world_size, self.rank == 0)
         else:
             every = [mine]
         if self.rank != 0 or path is None:

@@ -31,8 +31,11 @@ The last ``--keep`` checkpoints are kept.
 
 Saving is a collective (every rank calls ``Checkpointer.save``): rank 0 gathers each
 rank's RNG and hook state, then writes. Loading happens before the model is wrapped in
-DDP, on every rank, from the same file; after wrapping, ``Synchroniser.settle_buckets`` gives DDP the
-bucket layout the uninterrupted run had (bitwise resume depends on it, see there).
+DDP, on every rank, from a file of the same step: each rank lists the steps it can read
+(``readable_steps``) and, once the group is joined, all take the newest step in every list
+(``common_step``, setup.agree_resume), since ranks' storage need not be shared or up to
+date. After wrapping, ``Synchroniser.settle_buckets`` gives DDP the bucket layout the
+uninterrupted run had (bitwise resume depends on it, see there).
 
 Also here, because they guard the same thing (a run's state being worth keeping):
 ``all_finite`` (no NaN/Inf model is checkpointed or exported) and ``check_replicas``
@@ -55,6 +58,7 @@ import torch.distributed as dist
 
 from ddp_fnn import fileio
 from ddp_fnn.config import CheckpointConfig, ConfigError
+from ddp_fnn.observe.control import TRAFFIC
 
 FORMAT = "ddp-fnn-checkpoint"
 VERSION = 1
@@ -245,6 +249,42 @@ def find_resume(cfg: CheckpointConfig, fp: dict) -> Resume | None:
     return chosen
 
 
+def needs_agreement(cfg: CheckpointConfig) -> bool:
+    """Whether this run may resume, so that the ranks must agree on the step: the same on
+    every rank (settings only, not what any rank's directory holds: a rank that finds no
+    checkpoint still has to learn whether the others did)."""
+    return cfg.resume != "never" and (cfg.resume != "auto" or cfg.checkpoint_dir is not None)
+
+
+def readable_steps(cfg: CheckpointConfig, fp: dict, chosen: Resume | None) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint this rank could resume from, newest first: the
+    chosen one and, with --resume auto, each older file in --checkpoint-dir that reads whole
+    and has these settings. Files newer than the chosen one are unreadable already. Each
+    older file is read and dropped (one in memory beside the chosen one): a step is only
+    offered to the other ranks if this rank is sure it can load it, since a load failing
+    on one rank after the agreement would leave the others waiting in a collective."""
+    if chosen is None:
+        return []
+    found = [(chosen.step, chosen.path)]
+    if cfg.resume == "auto":
+        listed = list_checkpoints(cfg.checkpoint_dir)
+        chosen_at = next(s for s, p in listed if p == chosen.path)
+        for _, path in reversed([(s, p) for s, p in listed if s < chosen_at]):
+            try:
+                state = read(path)
+            except CheckpointError:
+                continue
+            if not fingerprint_diff(state["fingerprint"], fp):
+                found.append((int(state["step"]), path))
+    return found
+
+
+def common_step(steps_of: list[list[int]]) -> int | None:
+    """The newest step in every rank's list (``readable_steps``, all-gathered), or None."""
+    common = set(steps_of[0]).intersection(*steps_of[1:]) if steps_of else set()
+    return max(common) if common else None
+
+
 def finished(resume: Resume, total_steps: int, target_loss: float | None) -> str | None:
     """Why the run ``resume`` continues has nothing left to do, or None: its checkpoint is
     at the run's last step, or the run stopped on a --target-loss that this one's target
@@ -316,6 +356,7 @@ class Checkpointer:
         ranks = [None] * self.world_size if self.rank == 0 else None
         if self.world_size > 1:
             dist.gather_object(mine, ranks, dst=0)
+            TRAFFIC.gather_object(mine, self.world_size, self.rank == 0)
         else:
             ranks = [mine]
         self.last_saved = step
@@ -367,6 +408,7 @@ def check_replicas(model: torch.nn.Module, rank: int, world_size: int, step: int
     mine = parameter_digest(model).to(device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine)
+    TRAFFIC.all_gather(mine.numel() * mine.element_size(), world_size)
     groups: dict[tuple, list[int]] = {}
     for r, d in enumerate(every):
         groups.setdefault(tuple(d.tolist()), []).append(r)

@@ -35,6 +35,11 @@ class DistContext:
     world_size: int
     backend: str
     device: torch.device
+    # The group for the host's own small messages (clock ping-pong, ready times): CPU
+    # tensors over Gloo on every backend. NCCL's send/recv return before the data has moved
+    # and its tensors live on the GPU's timeline, so a round trip over NCCL times Python's
+    # queueing, not the exchange. None: the default group is Gloo already and serves.
+    control: object = None
 
     @property
     def is_master(self) -> bool:
@@ -96,7 +101,10 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0)
         # Not launched by torchrun: a group of one in a HashStore (nothing listens).
         dist.init_process_group(be, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, backend=be, device=dev)
+    # Created once, by every rank in the same order (new_group is itself a collective).
+    control = dist.new_group(backend="gloo", timeout=timeout) if be != "gloo" and world_size > 1 else None
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, backend=be, device=dev,
+                       control=control)
 
 
 def teardown() -> None:

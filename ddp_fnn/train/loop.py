@@ -42,6 +42,7 @@ from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn.train import dist as ddist
 from ddp_fnn.train import setup
 from ddp_fnn.train.collectives import global_mean, ranks_with, sum_over_ranks
+from ddp_fnn.train.health import StepCheck, nonfinite_gradients
 from ddp_fnn.train.outputs import result_dict, write_outputs
 from ddp_fnn.train.setup import Run, note, say
 
@@ -64,6 +65,7 @@ class LoopState:
     loss_sum: float = 0.0                # local, since the last global reduction
     loss_count: int = 0
     skipped_steps: int = 0               # --on-nan skip
+    pending: StepCheck | None = None     # --on-nan stop: the last step's check, read one step late
 
 
 def train(run: Run) -> tuple[dict, torch.nn.Module]:
@@ -84,14 +86,14 @@ def train(run: Run) -> tuple[dict, torch.nn.Module]:
 
 
 def run_step(run: Run, state: LoopState) -> None:
-    """One optimizer step: K micro-steps, gradients synced on the last; a step with a
-    non-finite loss stops the job or, with --on-nan skip, is skipped on every rank."""
-    cfg, obs, syncer, rank = run.cfg, run.obs, run.syncer, run.ctx.rank
-    on_nan, accum = cfg.faults.on_nan, cfg.optim.grad_accum
+    """One optimizer step: K micro-steps, gradients synced on the last, one non-finite
+    check of the synced gradients (health.py), and the optimizer step unless --on-nan
+    skip skips it on every rank."""
+    cfg, obs, syncer = run.cfg, run.obs, run.syncer
+    accum = cfg.optim.grad_accum
     epoch, pos = divmod(state.step, run.batches.steps_per_epoch)
     obs.begin_step(state.step + 1)
     step_loss, step_rows = 0.0, 0
-    bad, skip, bad_ranks = False, False, []     # a non-finite loss here / on any rank
     for k, rows in enumerate(run.batches.rank_micro_batches(epoch, pos)):
         sync_now = k == accum - 1
         with obs.phase("data"):
@@ -102,43 +104,57 @@ def run_step(run: Run, state: LoopState) -> None:
                     loss = loss_fn(cfg.model.task, syncer.model(x), y)
                 if run.slow_s:
                     time.sleep(run.slow_s)         # --slow-rank: a straggler, injected
-                # NaN/Inf is checked before backward because in ddp mode backward *is* the
-                # gradient sync: one rank's non-finite gradient would reach every replica (and
-                # PowerSGD's error-feedback memory). bool() waits for the device: one host
-                # sync per micro-step on CUDA, the price of that guarantee.
-                if not bool(torch.isfinite(loss.detach())):
-                    if on_nan == "stop":
-                        raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {state.step + 1} "
-                                            f"(micro-step {k + 1} of {accum}); stopping (--on-nan stop)")
-                    bad = True
-                if sync_now and on_nan == "skip":
-                    bad_ranks = ranks_with(bad, rank, run.ctx.world_size, run.ctx.device)   # same on every rank
-                    skip = bool(bad_ranks)
             with obs.phase("backward"):
                 # Each micro-batch's mean loss, weighted by its share of the global batch
                 # (1/K when the shards are equal): the ranks' gradients averaged are then
                 # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
                 # x grad_scale: 1/N where the sync sums instead of averaging (sync.py).
-                if not (bad or skip):          # DDP allows a forward with no backward
-                    (run.batches.weighted(loss, len(rows)) * syncer.grad_scale).backward()
+                (run.batches.weighted(loss, len(rows)) * syncer.grad_scale).backward()
         step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
         step_rows += len(rows)
-    if skip:
-        # Every rank skips this step: no sync, no optimizer step, no gradients kept.
-        run.optimizer.zero_grad(set_to_none=True)
-        state.skipped_steps += 1
-        if run.ctx.is_master:
-            note(f"step {state.step + 1}: non-finite loss on rank {','.join(map(str, bad_ranks))}; "
-                 f"skipped on every rank (--on-nan skip)")
-    else:
-        with obs.phase("sync"):
-            syncer.after_backward()        # allreduce mode: the flat all-reduce
-        with obs.phase("optimizer"):
+    with obs.phase("sync"):
+        syncer.after_backward()                # allreduce mode: the flat all-reduce
+    with obs.phase("optimizer"):
+        check = StepCheck(state.step + 1, nonfinite_gradients(syncer.module), step_loss / step_rows)
+        skip = cfg.faults.on_nan == "skip" and check.bad()     # skip: one host read a step
+        if not skip:
             run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
+    if skip:
+        skip_step(run, state, check)
+    else:
         state.loss_sum = state.loss_sum + step_loss
         state.loss_count += step_rows
+        if cfg.faults.on_nan == "stop":
+            settle(run, state.pending)         # the previous step's check: long done by now
+            state.pending = check
     obs.end_step(step_rows, step_loss / step_rows)
+
+
+def skip_step(run: Run, state: LoopState, check: StepCheck) -> None:
+    """--on-nan skip: every rank found the same non-finite gradients and took no optimizer
+    step; PowerSGD's error feedback and warm-start memories hold the bad values too and
+    start afresh. The ranks' own losses say whose it was (a collective on bad steps only)."""
+    run.syncer.forget_hook_memory()
+    state.skipped_steps += 1
+    local_bad = not math.isfinite(check.local_loss())
+    bad_ranks = ranks_with(local_bad, run.ctx.rank, run.ctx.world_size, run.ctx.device)
+    if run.ctx.is_master:
+        whose = (f"non-finite loss on rank {','.join(map(str, bad_ranks))}" if bad_ranks
+                 else "non-finite gradients with every rank's loss finite (an overflow)")
+        note(f"step {check.step}: {whose}; skipped on every rank (--on-nan skip)")
+
+
+def settle(run: Run, check: StepCheck | None) -> None:
+    """--on-nan stop: read a queued check; a bad step stops the job on every rank."""
+    if check is None or not check.bad():
+        return
+    rank, loss = run.ctx.rank, check.local_loss()
+    if not math.isfinite(loss):
+        raise TrainingError(f"rank {rank}: loss is {loss} at step {check.step} on this rank; stopping "
+                            f"(--on-nan stop)")
+    raise TrainingError(f"rank {rank}: gradients are non-finite at step {check.step} (a peer's loss is "
+                        f"non-finite, or a gradient overflowed); stopping (--on-nan stop)")
 
 
 def after_step(run: Run, state: LoopState) -> bool:
@@ -149,21 +165,25 @@ def after_step(run: Run, state: LoopState) -> bool:
     run.acct.witness_step(step)                    # --ddp-logger: DDP's own view of the previous step
     if run.profiler is not None:
         run.profiler.after_step(step)
-    # The global loss: every step when --target-loss decides, else when logging.
     log_now = step % out.log_every == 0 or step == run.total_steps
-    target = cfg.stop.target_loss
-    if target is not None or log_now:
+    if log_now or (run.saver is not None and run.saver.due(step)):
+        settle(run, state.pending)                 # no step's non-finite values get logged or saved
+        state.pending = None
+    # The global loss at log steps (one all-reduce and one host read); --target-loss is
+    # decided there, on the mean over the steps since the last log step.
+    if log_now:
         state.train_loss = global_mean(float(state.loss_sum), state.loss_count, device)
         state.loss_sum, state.loss_count = 0.0, 0
         if not math.isfinite(state.train_loss):
             raise TrainingError(f"rank {run.ctx.rank}: training loss is {state.train_loss} at step {step}")
         run.metrics.set_loss("train", state.train_loss)
         run.progress.update(step, state.train_loss, run.acct.summary)
+        target = cfg.stop.target_loss
         if target is not None and state.train_loss <= target:
             state.stop_reason = "target-loss"
             return True
-    if log_now:
         run.acct.flush()                           # collective: ready times exchanged; records out
+        run.obs.reanchor()                         # CUDA: the host clock's anchor, once an interval
     if out.eval_every and step % out.eval_every == 0 and step < run.total_steps:
         run.metrics.set_loss("eval", evaluate(run)[0])
     every = cfg.faults.check_replicas_every
@@ -178,6 +198,7 @@ def finish(run: Run, state: LoopState, elapsed: float) -> tuple[dict, torch.nn.M
     """The end: last checkpoint, last records, the clock's drift, the held-out
     evaluation, the timeline, and the result."""
     ctx, step = run.ctx, state.step
+    settle(run, state.pending)
     if run.saver is not None and run.saver.last_saved != step and step > run.start_step:
         stop = ({"reason": state.stop_reason, "train_loss": state.train_loss}
                 if state.stop_reason == "target-loss" else None)
@@ -186,7 +207,7 @@ def finish(run: Run, state: LoopState, elapsed: float) -> tuple[dict, torch.nn.M
         run.profiler.close()                       # a run that ended inside the window
     run.acct.add(run.obs.flush())
     run.acct.flush()
-    clock_end = peers.estimate_offset(ctx.rank, ctx.world_size, ctx.device)   # again: the drift over the run
+    clock_end = peers.estimate_offset(ctx.rank, ctx.world_size, ctx.control)   # again: the drift over the run
     eval_loss, eval_acc = evaluate(run)
     if math.isfinite(eval_loss):
         run.metrics.set_loss("eval", eval_loss)
@@ -240,17 +261,20 @@ def main(cfg: TrainConfig, dry_run: bool = False) -> int:
                                 "train_rows": len(plan.ds.train_idx), "eval_rows": len(plan.ds.eval_idx),
                                 "micro_batch_per_rank": plan.micro_batch}))
         return 0
-    # A finished run's command run again: nothing to train, every output left as it is.
-    done = ckpt.finished(plan.resume, plan.total_steps, cfg.stop.target_loss) if plan.resume is not None else None
-    if done:
-        if rank == 0:
-            note(f"this run already finished ({plan.resume.path} is {done}); nothing to train, outputs left as "
-                 f"they are (--resume never trains afresh)")
-        return 0
     par = cfg.parallel
     ctx = ddist.setup(par.backend, par.device, par.timeout_s)
     metrics = NullMetrics()
     try:
+        plan = setup.agree_resume(plan, ctx)     # collective: one resume step for every rank
+        # A finished run's command run again: nothing to train, every output left as it is.
+        # Decided on the agreed step, so inside the group: a rank whose own newest checkpoint
+        # is the last step must not leave while a rank that lacks it resumes and trains.
+        done = ckpt.finished(plan.resume, plan.total_steps, cfg.stop.target_loss) if plan.resume is not None else None
+        if done:
+            if rank == 0:
+                note(f"this run already finished ({plan.resume.path} is {done}); nothing to train, outputs left "
+                     f"as they are (--resume never trains afresh)")
+            return 0
         metrics = setup.make_metrics(cfg, ctx)
         net = predict.network(cfg.predict, cfg.model.layers, par.bucket_mb, ctx, plan.bench)  # bench file or probe
         metrics.count_probe(predict.probe_traffic(net))  # its bytes, apart from the gradients'

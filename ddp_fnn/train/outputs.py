@@ -10,6 +10,7 @@ import torch
 
 from ddp_fnn import fileio
 from ddp_fnn.observe import tcpstats
+from ddp_fnn.observe.control import TRAFFIC
 from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn.train.collectives import gather_ranks
 from ddp_fnn.train.setup import Run
@@ -24,6 +25,9 @@ def result_dict(run: Run, step: int, stop_reason: str, train_loss: float, eval_l
     figures = summary.figures()
     mine = {"rank": ctx.rank, "steps": step, "samples": summary.samples, "stop_reason": stop_reason, **figures,
             "setup_wire_bytes": run.syncer.setup_wire_bytes,
+            # Every control collective up to this gather of figures (its own few hundred
+            # bytes come after and are not in it).
+            "control_wire_bytes": TRAFFIC.wire_bytes,
             "clock": clock, "tcp": tcpstats.summary_figures(run.acct.tcp.read() if run.acct.tcp else None)}
     ranks = gather_ranks(mine, ctx.world_size)
     module = run.syncer.module

@@ -1,8 +1,9 @@
 """Everything a run needs, built once, before its first step.
 
 ``plan`` runs before the process group exists (every rank alone): the settings checks
-that need the world size, the data, the global batches, the step count, the resume
-point and the bench file. ``build`` runs after: model, synchroniser, optimizer,
+that need the world size, the data, the global batches, the step count, this rank's
+resume point and the bench file. ``agree_resume`` runs once the group is joined: the
+ranks settle on one resume step. ``build`` runs after: model, synchroniser, optimizer,
 checkpoints, the clock offset and the consumers of step records. The loop (loop.py)
 gets both and computes none of it again.
 
@@ -14,7 +15,8 @@ only its section.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -31,19 +33,24 @@ from ddp_fnn.observe.timeline import Timeline
 from ddp_fnn.perfmodel import predict
 from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn.train import dist as ddist
+from ddp_fnn.train.collectives import resume_steps_of_ranks
 from ddp_fnn.train.model import build_fnn
 from ddp_fnn.train.sync import Synchroniser, gradient_bytes
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What is known before the group exists; the same on every rank."""
+    """What is known before the group exists; the same on every rank once ``agree_resume``
+    has settled ``resume`` (before it, each rank's own pick from its own storage)."""
     ds: Dataset
     batches: GlobalBatches               # this rank's shard of every global batch
     total_steps: int
     resume: ckpt.Resume | None
     bench: dict | None                   # --bench-json's alpha and beta
     micro_batch: tuple[int, int]         # the smallest and largest per-rank micro-batch
+    # (step, path) this rank can resume from, newest first, for agree_resume; None: nothing
+    # to agree on (world size 1, --resume never, or no --checkpoint-dir / --resume PATH)
+    resume_steps: tuple[tuple[int, Path], ...] | None = None
 
 
 def plan(cfg: TrainConfig, rank: int, world: int) -> Plan:
@@ -57,10 +64,54 @@ def plan(cfg: TrainConfig, rank: int, world: int) -> Plan:
     if cfg.checkpoint.checkpoint_dir is not None:
         fileio.check_writable_dir(cfg.checkpoint.checkpoint_dir, "--checkpoint-dir")
     bench = predict.read_bench_json(cfg.predict.bench_json) if cfg.predict.bench_json is not None else None
-    # Every rank reads the checkpoint itself (weights-only), before it joins the group.
-    resume = ckpt.find_resume(cfg.checkpoint, ckpt.fingerprint(cfg.math_settings(), ds.identity))
+    # Every rank reads the checkpoint itself (weights-only), before it joins the group; with
+    # several ranks, each also lists every step it could resume from, since its storage may
+    # not be the others' (node-local, or a shared file system that lags): agree_resume.
+    fp = ckpt.fingerprint(cfg.math_settings(), ds.identity)
+    resume = ckpt.find_resume(cfg.checkpoint, fp)
+    steps = (tuple(ckpt.readable_steps(cfg.checkpoint, fp, resume))
+             if world > 1 and ckpt.needs_agreement(cfg.checkpoint) else None)
     total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.stop.epochs, cfg.stop.max_steps)
-    return Plan(ds, batches, total_steps, resume, bench, micro)
+    return Plan(ds, batches, total_steps, resume, bench, micro, steps)
+
+
+def agree_resume(plan: Plan, ctx: ddist.DistContext) -> Plan:
+    """Collective (when ``plan.resume_steps`` is set; the same on every rank): every rank
+    resumes from the newest step that every rank can read, which is this rank's own pick
+    unless another rank lacks it. ConfigError, alike on every rank, when some rank has a
+    checkpoint but no step is readable on all of them."""
+    if plan.resume_steps is None:
+        return plan
+    steps_of = resume_steps_of_ranks([s for s, _ in plan.resume_steps], ctx.world_size, ctx.control)
+    if not any(steps_of):
+        return plan                          # nobody has one: every rank starts afresh
+    step = ckpt.common_step(steps_of)
+    if step is None:
+        raise ConfigError(f"no checkpoint step is readable on every rank ({_steps_by_rank(steps_of)}): "
+                          f"each rank must see rank 0's checkpoints (shared --checkpoint-dir, or copies), "
+                          f"or use --resume never to start afresh")
+    newest = max(max(s) for s in steps_of if s)
+    if ctx.is_master and step != newest:
+        lacking = ",".join(str(r) for r, s in enumerate(steps_of) if newest not in s)
+        note(f"checkpoint step {newest} is missing or unreadable on rank {lacking} (storage not shared, "
+             f"or lagging?); every rank resumes from step {step}, the newest that every rank can read")
+    if plan.resume.step == step:
+        return plan
+    path = dict(plan.resume_steps)[step]
+    try:
+        state = ckpt.read(path)              # read whole a moment ago (readable_steps)
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"rank {ctx.rank}: checkpoint {path} became unreadable while resuming ({e})") from None
+    return replace(plan, resume=ckpt.Resume(path, state, plan.resume.skipped))
+
+
+def _steps_by_rank(steps_of: list[list[int]]) -> str:
+    """'ranks 0,2: steps 3,6; rank 1: none': the ranks with the same steps together."""
+    groups: dict[tuple, list[int]] = {}
+    for r, steps in enumerate(steps_of):
+        groups.setdefault(tuple(sorted(steps)), []).append(r)
+    return "; ".join(f"rank{'s' if len(g) > 1 else ''} {','.join(map(str, g))}: "
+                     f"{'steps ' + ','.join(map(str, k)) if k else 'none'}" for k, g in groups.items())
 
 
 def check_data_fits(model: ModelConfig, ds: Dataset) -> None:
@@ -141,13 +192,13 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
     metrics.count_setup(syncer.setup_wire_bytes)
     steps_path = out.steps_file_path(rank)
     steps_file = StepFile(steps_path, start_step) if steps_path is not None else None
-    clock = peers.estimate_offset(rank, world, device)       # collective: ping-pongs with rank 0
+    clock = peers.estimate_offset(rank, world, ctx.control)  # collective: ping-pongs with rank 0
     timeline = Timeline(*out.timeline_steps, rank, clock) if out.timeline_steps else None
     witness = ((DdpLoggerWitness(syncer.model), JsonLines(out.output / f"ddp-logger-rank{rank}.jsonl", start_step))
                if out.ddp_logger else None)
     acct = Accounting(metrics, Summary(world), steps_file, timeline,
                       mfu.train_flops_per_sample(cfg.model.layers), peak_flops(device, cfg.optim.precision), witness,
-                      peers.PeerExchange(rank, world, device, clock), tcpstats.TcpCounters())
+                      peers.PeerExchange(rank, world, clock, ctx.control), tcpstats.TcpCounters())
     acct.summary.rank = rank
     profiler = (StepProfiler(*out.profile_steps, out.output / f"profile-rank{rank}.json", device, obs)
                 if out.profile_steps else None)

@@ -158,6 +158,14 @@ class Synchroniser:
             offset += g.numel()
 
 
+    def forget_hook_memory(self) -> None:
+        """A skipped step (--on-nan skip): PowerSGD's error feedback and its P and Q
+        warm-start memories were computed from the non-finite gradients; drop them, as at
+        the start (the hook makes zero error feedback and fresh Qs from its RNG)."""
+        ps = self.hook_state.powersgd if self.hook_state is not None else None
+        if ps is not None:
+            ps.error_dict, ps.p_memory_dict, ps.q_memory_dict = {}, {}, {}
+
     # ---- its own state: checkpoints and resume ---------------------------------------
     def state_dict(self) -> dict | None:
         """This rank's communication-hook state as tensors and numbers (weights-only
