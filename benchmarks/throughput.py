@@ -1,4 +1,4 @@
-"""Training throughput: what observing every step costs, in one run of two comparisons.
+"""Training throughput: what observing every step costs, in one run of three comparisons.
 
 Run under torchrun (the figures in README.md came from this command):
 
@@ -19,11 +19,19 @@ Run under torchrun (the figures in README.md came from this command):
    FNN with small buckets (--hook-layers, --hook-bucket-mb: >= 20 buckets a step), in
    the same bare loop:
 
-       no hook        DDP as it comes
-       torch hook     torch's own Python all-reduce hook (default_hooks.allreduce_hook),
-                      observing nothing: what leaving DDP's C++ path costs by itself
-       observed hook  a Synchroniser with an Observer (the hook ddp-fnn registers);
-                      begin_step / end_step / finished every step, as in training
+       no hook          DDP as it comes
+       torch hook       torch's own Python all-reduce hook (default_hooks.allreduce_hook),
+                        observing nothing: what leaving DDP's C++ path costs by itself
+       observed hook    a Synchroniser with an Observer (the hook ddp-fnn registers);
+                        begin_step / end_step / finished every step, as in training
+       detail every K   the same with --bucket-detail-every K (--detail-every, default
+                        10): buckets observed every K steps, DDP's C++ path between
+
+3. The same at one bucket (--bucket-mb 1024): no hook, observed hook, detail every K.
+
+Comparisons 2 and 3 time each run from step --hook-warmup + 1 (after a barrier): the
+steady steps, without the model build, DDP's wrap and bucket rebuild, or the second
+wrapper's settling, which a run of thousands of steps pays once.
 
 Method: every variant runs in the same process group, on the same data, global batch and
 world size; within each comparison they take turns round after round, the first one
@@ -40,7 +48,8 @@ means slower as for throughput):
     files on / files off          the step file and timeline           (target >= 0.99)
     files off / metrics off       Prometheus metrics                   (target >= 0.97)
     files off / bare DDP loop     ddp-fnn over the plainest DDP loop   (target >= 0.97)
-    observed hook / no hook       the observing hook at N buckets      (target >= 0.99)
+    detail every K / no hook      bucket detail every K steps          (target >= 0.98)
+    observed hook / no hook       the observing hook on every step
     observed hook / torch hook    observing, over any Python hook
 """
 
@@ -76,36 +85,48 @@ from ddp_fnn.train.sync import Synchroniser
 
 
 def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
-              torch_hook: bool = False) -> list:
+              torch_hook: bool = False, detail_every: int = 1, clock_from: int | None = None):
     """The plainest DDP loop. With ``observer``: the model is wrapped by a Synchroniser
-    (ddp-fnn's observing hook) and each step is opened and closed on the observer; returns
-    the step records it made. ``torch_hook``: torch's plain all-reduce hook registered."""
+    (ddp-fnn's observing hook; ``detail_every`` > 1: bucket detail every K steps, DDP's C++
+    path between) and each step is opened and closed on the observer as in training;
+    returns the step records it made. ``torch_hook``: torch's plain all-reduce hook.
+    ``clock_from`` S: also return when (wall, CPU) step S began, after a barrier, so that a
+    run can be timed over its steady steps only (model build, DDP's wrap, its bucket
+    rebuild and the settling of a second wrapper left out)."""
     model = build_fnn(cfg.model.layers, seed=cfg.seed)
-    scale = 1.0
+    syncer = None
     if observer is None:
         ddp = DDP(model, bucket_cap_mb=cfg.parallel.bucket_mb)
         if torch_hook:
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
-        syncer = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.parallel.bucket_mb)
-        ddp, scale = syncer.model, syncer.grad_scale     # the hook sums; the loss carries the 1/N
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        syncer = Synchroniser(model, "ddp", ctx.world_size, observer, bucket_mb=cfg.parallel.bucket_mb,
+                              detail_every=detail_every)
+        syncer.settle_buckets(torch.device("cpu"), fresh=True)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     x_all, y_all = torch.from_numpy(np.asarray(ds.x)), torch.from_numpy(np.asarray(ds.y))
     batches = GlobalBatches(ds.train_idx, cfg.optim.global_batch_size, cfg.seed, ctx.rank, ctx.world_size, 1)
-    records = []
+    records, began = [], None
     for step in range(cfg.stop.max_steps):
+        if step + 1 == clock_from:
+            dist.barrier()
+            began = (time.perf_counter(), time.process_time())
         epoch, pos = divmod(step, batches.steps_per_epoch)
         rows = torch.from_numpy(batches.rank_micro_batches(epoch, pos)[0])
-        if observer is not None:
+        if syncer is not None:
             observer.begin_step(step + 1)
+            syncer.select(step + 1)
+            ddp = syncer.model
         loss = F.mse_loss(ddp(x_all[rows]), y_all[rows])
-        (loss * scale).backward()
+        loss.backward()
+        if syncer is not None:
+            syncer.after_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if observer is not None:
+        if syncer is not None:
             observer.end_step(len(rows))
             records += observer.finished()
-    return records
+    return (records, began) if clock_from is not None else records
 
 
 def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[str, float]:
@@ -130,14 +151,18 @@ def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[s
 
 def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: dict) -> None:
     """Round ``r``: each variant once, the first one rotating; appends each run's samples/s
-    and this rank's CPU seconds for it."""
+    and this rank's CPU seconds for it. A variant that returns (records, (wall, cpu)) is
+    timed from that instant (bare_loop's ``clock_from``); ``samples_per_run`` then counts
+    the steps from there."""
     names = list(variants)
     for name in names[r % len(names):] + names[:r % len(names)]:
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
-        variants[name]()
+        res = variants[name]()
         c1 = time.process_time()
         dist.barrier()
+        if isinstance(res, tuple):
+            t0, c0 = res[1]
         rates.setdefault(name, []).append(samples_per_run / (time.perf_counter() - t0))
         cpu.setdefault(name, []).append(c1 - c0)
 
@@ -181,7 +206,11 @@ def main() -> None:
     p.add_argument("--hook-layers", default=",".join(["256"] + ["512"] * 24 + ["10"]))
     p.add_argument("--hook-bucket-mb", type=float, default=0.25)
     p.add_argument("--hook-global-batch-size", type=int, default=64)
-    p.add_argument("--hook-steps", type=int, default=20)
+    p.add_argument("--hook-steps", type=int, default=40)
+    p.add_argument("--hook-warmup", type=int, default=3,
+                   help="steps of each hook run left out of its timing (wrap, bucket rebuild)")
+    p.add_argument("--detail-every", type=int, default=10, help="--bucket-detail-every of the sampled variant")
+    p.add_argument("--hook-only", action="store_true", help="only the hook comparisons (2 and 3)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--metrics-port", type=int, default=9450)
     p.add_argument("--json", dest="json_file", default=None, help="also write the figures here (rank 0)")
@@ -212,57 +241,88 @@ def main() -> None:
         "bare DDP loop": lambda: bare_loop(cfg, ctx, ds),
     }
 
-    # ---- 2. hook: DDP's C++ all-reduce against the observing hook, >= 20 buckets --------
-    hcfg = TrainConfig.of(layers=args.hook_layers, samples=args.hook_global_batch_size * (args.hook_steps + 1),
-                       global_batch_size=args.hook_global_batch_size, max_steps=args.hook_steps,
-                       bucket_mb=args.hook_bucket_mb, progress="none", metrics_port=0, eval_fraction=0.0)
+    # ---- 2. hook: DDP's C++ all-reduce against the observing hook, at many buckets and one
+    def hook_config(bucket_mb: float) -> TrainConfig:
+        return TrainConfig.of(layers=args.hook_layers, samples=args.hook_global_batch_size * (args.hook_steps + 1),
+                              global_batch_size=args.hook_global_batch_size, max_steps=args.hook_steps,
+                              bucket_mb=bucket_mb, progress="none", metrics_port=0, eval_fraction=0.0)
+
+    hcfg, one = hook_config(args.hook_bucket_mb), hook_config(1024.0)
     hds = load_dataset(hcfg.data, hcfg.model, hcfg.seed)
     layout = bucket_layout(parse_layers(args.hook_layers), args.hook_bucket_mb)
-    seen: list[list] = []           # the observed runs' records
+    seen: list[list] = []           # the observed runs' records (every step detailed)
+    sampled: list[list] = []        # those of the runs with detail every K steps
+    k = args.detail_every
+    cpu = torch.device("cpu")
+    w = args.hook_warmup + 1       # timed from this step on
+
+    def observed(config, every, keep=None):
+        records, began = bare_loop(config, ctx, hds, Observer(Clock(cpu)), detail_every=every, clock_from=w)
+        if keep is not None:
+            keep.append(records)
+        return records, began
+
     hook_variants = {
-        "no hook": lambda: bare_loop(hcfg, ctx, hds),
-        "torch hook": lambda: bare_loop(hcfg, ctx, hds, torch_hook=True),
-        "observed hook": lambda: seen.append(bare_loop(hcfg, ctx, hds, Observer(Clock(torch.device("cpu"))))),
+        "no hook": lambda: bare_loop(hcfg, ctx, hds, clock_from=w),
+        "torch hook": lambda: bare_loop(hcfg, ctx, hds, torch_hook=True, clock_from=w),
+        "observed hook": lambda: observed(hcfg, 1, seen),
+        f"detail every {k}": lambda: observed(hcfg, k, sampled),
+    }
+    one_variants = {
+        "no hook": lambda: bare_loop(one, ctx, hds, clock_from=w),
+        "observed hook": lambda: observed(one, 1),
+        f"detail every {k}": lambda: observed(one, k),
     }
 
     bare_loop(cfg, ctx, ds)                               # warm-up: allocator, Gloo connections
     bare_loop(hcfg, ctx, hds)
-    train_rates, train_cpu, hook_rates, hook_cpu = {}, {}, {}, {}
-    for r in range(args.rounds):                          # the two comparisons interleaved, a round each
-        one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
-        one_round(hook_variants, r, args.hook_steps * args.hook_global_batch_size, hook_rates, hook_cpu)
+    train_rates, train_cpu, hook_rates, hook_cpu, one_rates, one_cpu = {}, {}, {}, {}, {}, {}
+    hook_samples = (args.hook_steps - args.hook_warmup) * args.hook_global_batch_size
+    for r in range(args.rounds):                          # the comparisons interleaved, a round each
+        if not args.hook_only:
+            one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
+        one_round(hook_variants, r, hook_samples, hook_rates, hook_cpu)
+        one_round(one_variants, r, hook_samples, one_rates, one_cpu)
     metrics.close()
 
     # What the "files on" runs wrote, and the buckets the observed hook saw (after step 1:
     # DDP rebuilds its buckets after the first iteration).
-    lines = len(stepfile.read(out / f"steps-rank{ctx.rank}.jsonl"))
+    lines = len(stepfile.read(out / f"steps-rank{ctx.rank}.jsonl")) if not args.hook_only else 0
     timeline_ok = (out / "timeline.json").exists() if ctx.is_master else True
-    buckets_seen = sorted({len(rec.collectives) for run in seen for rec in run if rec.step > 1})
+    buckets_seen = sorted({len(rec.collectives) for run in seen + sampled for rec in run if rec.step > 1})
     indices_ok = all(sorted(c.bucket for c in rec.collectives) == list(range(len(layout)))
-                     for run in seen for rec in run if rec.step > 1)
+                     for run in seen + sampled for rec in run if rec.step > 2)
+    detailed = sorted({sum(rec.detailed for rec in run) for run in sampled})
     cost = per_step_cost_us(ctx.world_size, buckets=len(layout))
     if ctx.is_master:
         print(f"world size {ctx.world_size}, Gloo on CPU, {args.rounds} rounds (medians over the rounds)")
-        figures = {"train": table(
-            f"1. train: layers {args.layers}, global batch {args.global_batch_size}, {args.steps} steps a run",
-            train_rates, train_cpu, args.steps,
-            [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])}
-        print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
-              f"{'a' if timeline_ok else 'NO'} timeline.json")
+        figures = {}
+        if not args.hook_only:
+            figures["train"] = table(
+                f"1. train: layers {args.layers}, global batch {args.global_batch_size}, {args.steps} steps a run",
+                train_rates, train_cpu, args.steps,
+                [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])
+            print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
+                  f"{'a' if timeline_ok else 'NO'} timeline.json")
         figures["hook"] = table(
             f"2. hook: layers {runs(parse_layers(args.hook_layers))}, "
             f"--bucket-mb {args.hook_bucket_mb}, global batch {args.hook_global_batch_size}, "
             f"{args.hook_steps} steps a run",
-            hook_rates, hook_cpu, args.hook_steps,
-            [("observed hook", "no hook"), ("observed hook", "torch hook"), ("torch hook", "no hook")])
-        print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen by the hook (steps >= 2): "
-              f"{buckets_seen}, indices 0..{len(layout) - 1} every step: {indices_ok}")
+            hook_rates, hook_cpu, args.hook_steps - args.hook_warmup,
+            [(f"detail every {k}", "no hook"), ("observed hook", "no hook"), ("observed hook", "torch hook"),
+             ("torch hook", "no hook")])
+        print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen (steps >= 2, both observed "
+              f"variants): {buckets_seen}, indices 0..{len(layout) - 1} every step from 3: {indices_ok}; "
+              f"detailed steps a run with detail every {k}: {detailed}")
+        figures["one bucket"] = table(
+            "3. the same at one bucket (--bucket-mb 1024)", one_rates, one_cpu, args.hook_steps - args.hook_warmup,
+            [(f"detail every {k}", "no hook"), ("observed hook", "no hook")])
         print("  per step, timed alone (us): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items())
               + f" (record with {len(layout)} collectives)")
         if args.json_file:
             with open(args.json_file, "w") as f:
                 f.write(fileio.dumps({"world_size": ctx.world_size, "rounds": args.rounds, "figures": figures,
-                           "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict()},
+                           "config": {"train": cfg.to_dict(), "hook": hcfg.to_dict(), "detail_every": k},
                            "buckets": {"layout": len(layout), "seen": buckets_seen, "indices_ok": indices_ok},
                            "per_step_cost_us": cost}, indent=2, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -172,7 +172,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
               help="Compute time of one step on one rank (forward, backward, optimizer; no "
                    "communication), in milliseconds.")
 @click.option("--summary", "summary_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A train run's summary.json: compute time = step_time_p50_s - "
+              help="A train run's summary.json: compute time = step_time_mean_s - "
                    "exposed_comm_time_per_step_s (seconds), unless --compute-ms is given.")
 @click.option("--backward-fraction", type=float, default=2 / 3, show_default="2/3",
               help="Share of the compute time spent in backward, over which the buckets' "
@@ -314,18 +314,19 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
 
 
 def _compute_time_s(compute_ms, summary_file, required: bool) -> float:
-    """One step's compute time: --compute-ms, else a train summary.json's p50 step less its
-    exposed communication."""
+    """One step's compute time: --compute-ms, else a train summary.json's mean step less its
+    mean exposed communication (both means over the same steps: the p50 less a mean can
+    go below zero when the link sets nearly the whole step)."""
     if compute_ms is not None:
         return compute_ms / 1e3
     if summary_file is not None:
         summary = _read_json(summary_file, "--summary")
         try:
-            return float(summary["step_time_p50_s"]) - float(summary["exposed_comm_time_per_step_s"])
+            return max(0.0, float(summary["step_time_mean_s"]) - float(summary["exposed_comm_time_per_step_s"]))
         except KeyError as e:
             raise UserError(f"--summary {summary_file}: no key {e} (is it a train summary.json?)") from None
         except (TypeError, ValueError):
-            raise UserError(f"--summary {summary_file}: step_time_p50_s and exposed_comm_time_per_step_s "
+            raise UserError(f"--summary {summary_file}: step_time_mean_s and exposed_comm_time_per_step_s "
                             f"must be numbers") from None
     if required:
         raise UserError("no compute time: give --compute-ms MS or --summary summary.json")

@@ -172,6 +172,11 @@ class ParallelConfig(_Section):
     compression: str = opt("none", "Gradient compression on the wire (DDP communication hooks).",
                            choices=("none", "fp16", "bf16", "powersgd"))
     powersgd_rank: int = opt(2, "Matrix rank of PowerSGD's low-rank approximation.")
+    bucket_detail_every: int = opt(1, "Record each DDP bucket's all-reduce (launch and completion) every K steps; "
+                                   "the steps between sync on DDP's C++ path and record step totals only (ready, "
+                                   "exposed, wait, transfer), which costs nothing per bucket. CPU and --compression "
+                                   "none (on CUDA every step is detailed). docs/metrics.md, \"Bucket detail\".",
+                                   fingerprint=False)
     backend: str = opt("auto", "Process-group backend; auto = nccl on CUDA, gloo otherwise.",
                        choices=("auto", "gloo", "nccl"), fingerprint=False)
     device: str = opt("auto", "cpu, cuda, or auto (cuda:LOCAL_RANK when CUDA is available).",
@@ -181,6 +186,7 @@ class ParallelConfig(_Section):
     def __post_init__(self):
         _need(self.bucket_mb > 0.0, f"--bucket-mb must be > 0, got {self.bucket_mb}")
         _need(self.powersgd_rank >= 1, f"--powersgd-rank must be >= 1, got {self.powersgd_rank}")
+        _need(self.bucket_detail_every >= 1, f"--bucket-detail-every must be >= 1, got {self.bucket_detail_every}")
         _need(self.timeout_s > 0.0, f"--timeout-s must be > 0, got {self.timeout_s}")
         _need(self.compression == "none" or self.sync == "ddp",
               f"--compression {self.compression} needs --sync ddp (it is a DDP communication hook)")
@@ -340,6 +346,10 @@ class TrainConfig:
         out = self.output
         _need(not out.ddp_logger or (self.parallel.sync == "ddp" and out.output is not None),
               "--ddp-logger needs --sync ddp and --output DIR (where ddp-logger-rank{R}.jsonl goes)")
+        # The witness reads the observing wrapper's logger, which sees only detailed steps.
+        _need(not out.ddp_logger or self.parallel.bucket_detail_every == 1,
+              f"--ddp-logger needs --bucket-detail-every 1 (its witness reads every step), got "
+              f"{self.parallel.bucket_detail_every}")
 
     @classmethod
     def of(cls, **flat) -> TrainConfig:

@@ -213,7 +213,7 @@ FIGURE_KEYS = {
     "allreduce_wire_bytes_total", "comm_time_per_step_s", "comm_span_per_step_s", "exposed_comm_time_per_step_s",
     "sync_tail_per_step_s", "algbw_bytes_per_second", "busbw_bytes_per_second",
     "wait_for_peers_per_step_s", "transfer_per_step_s", "last_ready_steps", "last_ready_share",
-    "bucket_schedule",
+    "bucket_schedule", "detailed_steps",
 }
 
 

@@ -485,7 +485,7 @@ def test_estimate_reads_alpha_and_beta_from_a_bench_json(tmp_path):
 
 def test_estimate_takes_compute_time_from_a_summary(tmp_path):
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"step_time_p50_s": 0.02, "exposed_comm_time_per_step_s": 0.005}))
+    summary.write_text(json.dumps({"step_time_p50_s": 0.03, "step_time_mean_s": 0.02, "exposed_comm_time_per_step_s": 0.005}))
     res = CliRunner().invoke(cli, ["estimate", "--layers", "32,256,256,1", "--world-size", "2",
                                    "--link-rate", "10gbit", "--summary", str(summary), "--json"])
     assert res.exit_code == 0, res.output

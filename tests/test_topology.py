@@ -180,6 +180,23 @@ def test_busbw_of_one_nvlink_server_approaches_the_link_rate():
     assert T.busbw(topo, 1024, "ring") < 1e9                  # latency-bound at small sizes
 
 
+def test_busbw_of_16_h100_servers_is_within_15_percent_of_a_published_16_node_run():
+    """h100-16x8-400g.toml as written (line rates and NCCL's latencies, nothing fitted)
+    against a published 16-node nccl-tests all_reduce_perf run: 16 x p5.48xlarge (8 x H100,
+    32 x 100 Gbit/s EFA = 3,200 Gbit/s per node, the same per-node rate as 8 x 400 Gbit/s),
+    128 GPUs, busbw 356.27 GB/s out of place (353.92 in place) at 8192 MB (-e 8192M, 8 GiB),
+    NCCL's algorithm not stated (aws-ofi-nccl tuner plugin): crazyguitar/aws-gpu-communication-
+    benchmark, data/nccl_all_reduce.csv, commit 4fdb5a4fab8b2e173e2c7e87d9faddd9f54ddfea
+    (https://github.com/crazyguitar/aws-gpu-communication-benchmark). The model gives 386.6
+    GB/s, +8.5 %; docs/topology.md has the table."""
+    topo = T.load(TOPOLOGIES / "h100-16x8-400g.toml")
+    assert topo.world_size == 128
+    published = 356.27e9
+    model = T.busbw(topo, 8 * 2 ** 30, "ring")
+    assert abs(model - published) / published < 0.15
+    assert model == pytest.approx(386.6e9, rel=0.001)           # the figure the docs quote
+
+
 def test_busbw_is_netmodels_busbw_of_the_collective_time():
     topo = fabric(2, 4)
     s = 2 ** 28

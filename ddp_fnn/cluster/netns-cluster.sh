@@ -4,6 +4,7 @@
 # crosses real (virtual) interfaces whose kernel counters can be read. Needs root.
 #
 #   launch/netns-cluster.sh --nodes N [--nproc-per-node P] [--link-rate RATE]
+#                           [--leaves L] [--uplink-rate RATE] [--sample-ms MS]
 #                           [--cpu-quota K:PERCENT]... [--loss K:PERCENT]... [--queue-limit K:BYTES]...
 #                           [--rate-schedule T:RATE,T:RATE...] [--port PORT] [--out DIR] [-- TRAIN_ARGS...]
 #   launch/netns-cluster.sh --cleanup
@@ -11,6 +12,16 @@
 #   --nodes N           nodes (namespaces), 1..250
 #   --nproc-per-node P  workers per node (default 1)
 #   --link-rate RATE    cap each node's egress with a tc token bucket, e.g. 1gbit, 100mbit
+#   --leaves L          a two-tier switch layer: the nodes on L leaf bridges in contiguous
+#                       blocks, as torchrun ranks them (node k on leaf k / (N/L); L must
+#                       divide N), the leaves joined through a spine bridge, one veth uplink
+#                       per leaf (default 1: one bridge, no spine)
+#   --uplink-rate RATE  cap each leaf's uplink in both directions with a token bucket (the
+#                       leaf end's egress towards the spine, the spine end's towards the
+#                       leaf); needs --leaves >= 2
+#   --sample-ms MS      sample every node's eth0 and every uplink's TX counters every MS ms
+#                       into DIR/linkstats.jsonl (ddp_fnn/cluster/linkstats.py; plot it
+#                       with `python -m ddp_fnn.cluster.linkstats plot`)
 #   --cpu-quota K:PCT   a slow node: node K's processes together get PCT % of one CPU
 #                       (a cgroup's CFS quota: cgroup v1 cpu.cfs_quota_us, or v2 cpu.max),
 #                       a real straggler; repeat for several nodes
@@ -35,7 +46,8 @@
 #   --port PORT         rendezvous port on node0 (default 29400)
 #   --out DIR           where results go (default: a new directory under ${TMPDIR:-/tmp}):
 #                       DIR/nodeK.log, DIR/nodeK/ (the node's --output; rank 0 writes
-#                       summary.json in its node's directory), DIR/netstats.json
+#                       summary.json in its node's directory), DIR/netstats.json,
+#                       DIR/linkstats.jsonl (--sample-ms)
 #   after --            arguments for `ddp-fnn train` on every node
 #   --cleanup           remove what a killed earlier run left behind (namespaces named
 #                       ddpfnn-PID-*, their /etc/netns entries), skipping runs still alive
@@ -45,6 +57,11 @@
 #   ns ddpfnn-PID-sw:  bridge br0 (no address, no route)  ports v0 .. v(N-1)
 #   ns ddpfnn-PID-K:   eth0 = 10.213.0.(K+1)/24, lo; hostname nodeK (own UTS namespace);
 #                      /etc/hosts maps node0..node(N-1) (from /etc/netns/ddpfnn-PID-K/hosts)
+#
+# and with --leaves L >= 2, instead of the one switch (one L2 segment still, one subnet):
+#
+#   ns ddpfnn-PID-leafJ:  bridge br0, ports vK for leaf J's nodes and `uplink`
+#   ns ddpfnn-PID-spine:  bridge br0, ports l0 .. l(L-1), the far ends of the uplinks
 #
 # The subnet 10.213.0.0/24 exists only inside these namespaces, which have no route
 # anywhere else, so concurrent runs do not clash and nothing leaves the machine. Each
@@ -57,7 +74,10 @@
 # before and after) are printed as a table and written to DIR/netstats.json, with each
 # node's qdisc counters at the end (`tc -s qdisc`: kind, sent, dropped, overlimits), the
 # same for the switch port towards it (`port_qdisc`), and the frames its --loss rule
-# dropped. Every namespace, veth, bridge, qdisc, nftables table, cgroup and /etc/netns
+# dropped. With --leaves >= 2, netstats.json's "uplinks" has one entry per leaf: the
+# leaf end's counters (tx_bytes: leaf -> spine, rx_bytes: spine -> leaf, packets), the
+# spine end's (spine_tx_bytes ...: the same traffic seen from the other end) and both
+# ends' qdiscs; they are printed as a second table. Every namespace, veth, bridge, qdisc, nftables table, cgroup and /etc/netns
 # entry is removed on every exit path (the qdiscs and nft rules live inside the
 # cluster's namespaces, the nodes' and the switch's, and go with them)
 # (success, failure, Ctrl-C, SIGTERM). When a node fails, the others are stopped rather
@@ -134,6 +154,9 @@ fi
 nodes=
 nproc=1
 link_rate=
+leaves=1
+uplink_rate=
+sample_ms=
 declare -A quota=() loss=() qlimit=()
 rate_schedule=
 port=29400
@@ -143,6 +166,9 @@ while [ $# -gt 0 ]; do
         --nodes) [ $# -ge 2 ] || die "--nodes needs a value"; nodes=$2; shift 2 ;;
         --nproc-per-node) [ $# -ge 2 ] || die "--nproc-per-node needs a value"; nproc=$2; shift 2 ;;
         --link-rate) [ $# -ge 2 ] || die "--link-rate needs a value"; link_rate=$2; shift 2 ;;
+        --leaves) [ $# -ge 2 ] || die "--leaves needs a value"; leaves=$2; shift 2 ;;
+        --uplink-rate) [ $# -ge 2 ] || die "--uplink-rate needs a value"; uplink_rate=$2; shift 2 ;;
+        --sample-ms) [ $# -ge 2 ] || die "--sample-ms needs a value"; sample_ms=$2; shift 2 ;;
         --cpu-quota) [ $# -ge 2 ] || die "--cpu-quota needs K:PERCENT"
             [[ $2 =~ ^([0-9]+):([1-9][0-9]*)$ ]] || die "--cpu-quota must be K:PERCENT (e.g. 1:30), got '$2'"
             quota[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; shift 2 ;;
@@ -167,8 +193,28 @@ done
 [[ $nodes =~ ^[1-9][0-9]*$ ]] && [ "$nodes" -le 250 ] || die "--nodes must be an integer in 1..250, got '$nodes'"
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$nproc'"
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port must be in 1..65535, got '$port'"
+[[ $leaves =~ ^[1-9][0-9]*$ ]] || die "--leaves must be a positive integer, got '$leaves'"
+# Contiguous equal blocks, as torchrun places ranks (node k on leaf k / (N/L)); unequal
+# leaves would need a topology the model does not describe either.
+[ $((nodes % leaves)) = 0 ] || die "--leaves $leaves must divide --nodes $nodes"
+if [ -n "$uplink_rate" ] && [ "$leaves" = 1 ]; then
+    die "--uplink-rate shapes the leaves' uplinks to the spine: it needs --leaves 2 or more"
+fi
+if [ -n "$sample_ms" ]; then
+    [[ $sample_ms =~ ^[1-9][0-9]*$ ]] || die "--sample-ms must be a positive integer (milliseconds), got '$sample_ms'"
+fi
 check_prereqs
 . "$here/tbf.sh"
+if [ -n "$uplink_rate" ]; then
+    tbf_rate_bytes "$uplink_rate" >/dev/null || die "--uplink-rate must be a tc rate like 1gbit or 50mbit, got '$uplink_rate'"
+    command -v tc >/dev/null || die "--uplink-rate needs tc (iproute2), not found"
+fi
+# The sampler is a plain script (standard library only): the interpreter node.sh uses.
+sampler_python=${PYTHON:-$here/../../.venv/bin/python}
+[ -n "${PYTHON:-}" ] || [ -x "$sampler_python" ] || sampler_python=python3
+if [ -n "$sample_ms" ]; then
+    command -v "$sampler_python" >/dev/null || die "--sample-ms needs python3 (or PYTHON=...), not found"
+fi
 # --rate-schedule: times (s after the nodes start) and rates; 0:RATE is the starting rate.
 sched_t=() sched_rate=()
 if [ -n "$rate_schedule" ]; then
@@ -227,11 +273,23 @@ out=$(cd "$out" && pwd)
 
 # ---- cleanup on every exit path ------------------------------------------------------------
 tag=$prefix-$$
-sw=$tag-sw
+# The switches: one bridge namespace (-sw) as ever, or with --leaves >= 2 one per leaf
+# and a spine. sw_of[k] is node k's switch, where its port vK (and its --loss rule and
+# --queue-limit qdisc) lives.
+per_leaf=$((nodes / leaves))
+leaf_ns=() sw_of=()
+spine=
+if [ "$leaves" = 1 ]; then
+    leaf_ns=("$tag-sw")
+else
+    for ((j = 0; j < leaves; j++)); do leaf_ns+=("$tag-leaf$j"); done
+    spine=$tag-spine
+fi
 node_ns=()
-for ((k = 0; k < nodes; k++)); do node_ns+=("$tag-$k"); done
+for ((k = 0; k < nodes; k++)); do node_ns+=("$tag-$k"); sw_of[k]=${leaf_ns[k / per_leaf]}; done
 node_pids=()
 sched_pid=
+sampler_pid=
 cleaned=0
 
 stop_scheduler() {
@@ -241,16 +299,24 @@ stop_scheduler() {
         sched_pid=
     fi
 }
+stop_sampler() {
+    if [ -n "$sampler_pid" ]; then
+        kill -TERM "$sampler_pid" 2>/dev/null || true      # it writes a last sample and exits
+        wait "$sampler_pid" 2>/dev/null || true
+        sampler_pid=
+    fi
+}
 cleanup() {
     [ $cleaned = 0 ] || return 0
     cleaned=1
     local ns
     stop_scheduler
+    stop_sampler              # it holds the namespaces' files open: stop it before removing them
     for ns in "${node_ns[@]}"; do           # stop all nodes first, together
         pids=$(ip netns pids "$ns" 2>/dev/null) || continue
         [ -z "$pids" ] || kill -TERM $pids 2>/dev/null || true
     done
-    for ns in "${node_ns[@]}" "$sw"; do
+    for ns in "${node_ns[@]}" "${leaf_ns[@]}" ${spine:+"$spine"}; do
         remove_ns "$ns"
     done
     rmdir /etc/netns 2>/dev/null || true
@@ -279,12 +345,31 @@ hosts_file() {
 
 # A failing step leaves through the EXIT trap (cleanup); say which one it was.
 trap 'echo "$prog: error: network set-up failed at: $BASH_COMMAND" >&2' ERR
-ip netns add "$sw"
-ip netns exec "$sw" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;
-                           echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
-ip -n "$sw" link add br0 type bridge
-ip -n "$sw" link set br0 up
+for sw in "${leaf_ns[@]}" ${spine:+"$spine"}; do
+    ip netns add "$sw"
+    ip netns exec "$sw" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;
+                               echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
+    ip -n "$sw" link add br0 type bridge
+    ip -n "$sw" link set br0 up
+done
+# Each leaf's uplink: veth `uplink` on the leaf's bridge, its peer lJ on the spine's. A tree
+# (no loop), so the bridges need no spanning tree. Every frame between leaves crosses two
+# uplinks (up on the sender's leaf, down on the receiver's), as in a leaf-spine fabric.
+for ((j = 0; j < ${#leaf_ns[@]} && leaves > 1; j++)); do
+    ip -n "${leaf_ns[j]}" link add uplink type veth peer name "l$j" netns "$spine"
+    ip -n "${leaf_ns[j]}" link set uplink master br0 up
+    ip -n "$spine" link set "l$j" master br0 up
+    if [ -n "$uplink_rate" ]; then
+        # Both directions: the leaf end shapes leaf -> spine, the spine end spine -> leaf.
+        up_mtu=$(ip netns exec "${leaf_ns[j]}" cat /sys/class/net/uplink/mtu)
+        # shellcheck disable=SC2046    # tbf_params is a list of tc words
+        ip netns exec "${leaf_ns[j]}" tc qdisc replace dev uplink root tbf $(tbf_params "$uplink_rate" "$up_mtu")
+        # shellcheck disable=SC2046
+        ip netns exec "$spine" tc qdisc replace dev "l$j" root tbf $(tbf_params "$uplink_rate" "$up_mtu")
+    fi
+done
 for ((k = 0; k < nodes; k++)); do
+    sw=${sw_of[k]}
     ns=${node_ns[k]}
     ip netns add "$ns"
     mkdir -p "/etc/netns/$ns"
@@ -316,39 +401,50 @@ for ((k = 0; k < nodes; k++)); do
     fi
 done
 
-# --loss: frames from node K dropped at random on the switch, one rule per lossy node.
-if [ ${#loss[@]} -gt 0 ]; then
+# --loss: frames from node K dropped at random on its switch (its leaf), one rule per
+# lossy node, in a table on each leaf that has one.
+for sw in "${leaf_ns[@]}"; do
+    rules=()
+    for k in "${!loss[@]}"; do
+        [ "${sw_of[k]}" = "$sw" ] || continue
+        rules+=("        iifname \"v$k\" numgen random mod 10000 < ${loss[$k]} counter drop comment \"node$k\"")
+    done
+    [ ${#rules[@]} -gt 0 ] || continue
     {
         echo "table bridge $prefix {"
         echo "    chain forward {"
         echo "        type filter hook forward priority 0; policy accept;"
-        for k in "${!loss[@]}"; do
-            echo "        iifname \"v$k\" numgen random mod 10000 < ${loss[$k]} counter drop comment \"node$k\""
-        done
+        printf '%s\n' "${rules[@]}"
         echo "    }"
         echo "}"
     } | ip netns exec "$sw" nft -f -
-fi
+done
 trap - ERR
 
 # ---- run launch/node.sh in every namespace ----------------------------------------------------
 pct() { awk -v n="$1" 'BEGIN { printf "%g", n / 100 }'; }   # 1/10000ths as a percentage
 stats_fields=(tx_bytes rx_bytes tx_packets rx_packets)
-read_stats() {   # the four counters of eth0 in namespace $1, space-separated
-    local ns=$1 f vals=()
+read_stats() {   # the four counters of interface $2 (default eth0) in namespace $1, space-separated
+    local ns=$1 dev=${2:-eth0} f vals=()
     for f in "${stats_fields[@]}"; do
-        vals+=("$(ip netns exec "$ns" cat "/sys/class/net/eth0/statistics/$f")")
+        vals+=("$(ip netns exec "$ns" cat "/sys/class/net/$dev/statistics/$f")")
     done
     echo "${vals[*]}"
 }
-declare -a before after codes
+# Uplink J's two ends: `uplink` in leaf J (index 2J) and lJ in the spine (index 2J+1).
+uplink_ends() { local j; for ((j = 0; j < leaves && leaves > 1; j++)); do echo "${leaf_ns[j]} uplink"; echo "$spine l$j"; done; }
+declare -a before after codes up_before up_after
 for ((k = 0; k < nodes; k++)); do before[k]=$(read_stats "${node_ns[k]}"); done
+i=0
+while read -r ns dev; do up_before[i]=$(read_stats "$ns" "$dev"); i=$((i + 1)); done < <(uplink_ends)
 
 quotas=""
 for k in "${!quota[@]}"; do quotas+=", node$k at ${quota[$k]}% of a CPU"; done
 for k in "${!loss[@]}"; do quotas+=", node$k losing $(pct "${loss[$k]}")% of its egress"; done
 for k in "${!qlimit[@]}"; do quotas+=", the switch port to node$k queueing ${qlimit[$k]} bytes"; done
 [ -z "$rate_schedule" ] || quotas+=", rate schedule $rate_schedule"
+[ "$leaves" = 1 ] || quotas+=", $leaves leaves of $per_leaf node(s) on a spine${uplink_rate:+, uplinks $uplink_rate}"
+[ -z "$sample_ms" ] || quotas+=", link counters sampled every $sample_ms ms"
 echo "$prog: $nodes node(s) x $nproc worker(s), rendezvous node0:$port, subnet $subnet.0/24${link_rate:+, links $link_rate}$quotas; logs in $out" >&2
 for ((k = 0; k < nodes; k++)); do
     ns=${node_ns[k]}
@@ -370,6 +466,18 @@ done
 # --rate-schedule: change every node's tbf at the given times after the nodes started. Each
 # change is logged (time_unix_s, at_s, rate) in DIR/.rate-changes for netstats.json.
 start_unix=$(date +%s.%N)
+# --sample-ms: one sampler process in the root namespace reading every link's counters
+# (linkstats.py says why not /sys/class/net); stopped, with a last sample, when the nodes end.
+if [ -n "$sample_ms" ]; then
+    links=()
+    for ((k = 0; k < nodes; k++)); do links+=("node$k=${node_ns[k]}:eth0"); done
+    for ((j = 0; j < leaves && leaves > 1; j++)); do
+        links+=("leaf$j.up=${leaf_ns[j]}:uplink" "leaf$j.down=$spine:l$j")
+    done
+    "$sampler_python" "$here/linkstats.py" sample "$out/linkstats.jsonl" "$sample_ms" "${links[@]}" \
+        2>"$out/linkstats.log" </dev/null &
+    sampler_pid=$!
+fi
 changes_file="$out/.rate-changes"
 : > "$changes_file"
 rm -f "$out/rate-changes.jsonl"
@@ -387,7 +495,7 @@ if [ ${#sched_t[@]} -gt 0 ]; then
                 # shellcheck disable=SC2046    # tbf_params is a list of tc words
                 ip netns exec "${node_ns[k]}" tc qdisc change dev eth0 root tbf \
                     $(tbf_params "${sched_rate[i]}" "$mtu0") 2>>"$out/rate-schedule.log" || true
-                [ -z "${qlimit[$k]:-}" ] || ip netns exec "$sw" tc qdisc change dev "v$k" root tbf \
+                [ -z "${qlimit[$k]:-}" ] || ip netns exec "${sw_of[k]}" tc qdisc change dev "v$k" root tbf \
                     $(tbf_port_params "${sched_rate[i]}" "$mtu0" "${qlimit[$k]}") 2>>"$out/rate-schedule.log" || true
             done
             when=$(date +%s.%N)
@@ -424,7 +532,10 @@ while [ ${#running[@]} -gt 0 ]; do
     fi
 done
 stop_scheduler
+stop_sampler
 for ((k = 0; k < nodes; k++)); do after[k]=$(read_stats "${node_ns[k]}"); done
+i=0
+while read -r ns dev; do up_after[i]=$(read_stats "$ns" "$dev"); i=$((i + 1)); done < <(uplink_ends)
 # Each node's qdisc at the end (kind, sent bytes/packets, dropped, overlimits) and the
 # packets its --loss rule dropped, as JSON objects.
 qdisc_json() {
@@ -438,14 +549,14 @@ qdisc_json() {
         END { printf "{\"kind\": \"%s\", \"sent_bytes\": %d, \"sent_packets\": %d, \"dropped\": %d, \"overlimits\": %d}", kind, sent, pkt, d, o }'
 }
 loss_dropped() {   # frames the --loss rule of node $1 dropped
-    { ip netns exec "$sw" nft list table bridge "$prefix" 2>/dev/null || true; } \
+    { ip netns exec "${sw_of[$1]}" nft list table bridge "$prefix" 2>/dev/null || true; } \
         | awk -v c="\"node$1\"" '/counter packets/ && $NF == c { for (i = 1; i <= NF; i++) if ($i == "packets") n += $(i + 1) }
                                  END { print n + 0 }'
 }
 declare -a qdiscs port_qdiscs dropped_by_rule
 for ((k = 0; k < nodes; k++)); do
     qdiscs[k]=$(qdisc_json "${node_ns[k]}" eth0)
-    port_qdiscs[k]=$(qdisc_json "$sw" "v$k")
+    port_qdiscs[k]=$(qdisc_json "${sw_of[k]}" "v$k")
     dropped_by_rule[k]=$(loss_dropped "$k")
 done
 
@@ -461,10 +572,26 @@ tcp_ts=$(ip netns exec "${node_ns[0]}" cat /proc/sys/net/ipv4/tcp_timestamps)
         d=()
         for i in 0 1 2 3; do d[i]=$((a[i] - b[i])); done
         printf '%-8s %-12s %6s %14d %14d %12d %12d\n' "node$k" "$subnet.$((k + 1))" "${codes[k]}" "${d[@]}"
-        json_nodes+=("$(printf '{"name": "node%d", "address": "%s", "exit_code": %d, "tx_bytes": %d, "rx_bytes": %d, "tx_packets": %d, "rx_packets": %d, "qdisc": %s, "port_qdisc": %s, "loss_dropped_packets": %d}' \
-            "$k" "$subnet.$((k + 1))" "${codes[k]}" "${d[@]}" "${qdiscs[k]}" "${port_qdiscs[k]}" "${dropped_by_rule[k]}")")
+        json_nodes+=("$(printf '{"name": "node%d", "address": "%s", "leaf": %d, "exit_code": %d, "tx_bytes": %d, "rx_bytes": %d, "tx_packets": %d, "rx_packets": %d, "qdisc": %s, "port_qdisc": %s, "loss_dropped_packets": %d}' \
+            "$k" "$subnet.$((k + 1))" $((k / per_leaf)) "${codes[k]}" "${d[@]}" "${qdiscs[k]}" "${port_qdiscs[k]}" "${dropped_by_rule[k]}")")
     done
 }
+# The uplinks: the leaf end's counters (its TX is leaf -> spine), the spine end's (its TX
+# is spine -> leaf), and both ends' qdiscs.
+json_uplinks=()
+if [ "$leaves" -gt 1 ]; then
+    echo
+    printf '%-8s %14s %14s %12s %12s %14s %14s\n' uplink up_tx_bytes down_tx_bytes up_tx_pkts down_tx_pkts up_rx_bytes down_rx_bytes
+    for ((j = 0; j < leaves; j++)); do
+        read -r -a lb <<< "${up_before[2 * j]}"; read -r -a la <<< "${up_after[2 * j]}"
+        read -r -a sb <<< "${up_before[2 * j + 1]}"; read -r -a sa <<< "${up_after[2 * j + 1]}"
+        l=() sp=()
+        for i in 0 1 2 3; do l[i]=$((la[i] - lb[i])); sp[i]=$((sa[i] - sb[i])); done
+        printf '%-8s %14d %14d %12d %12d %14d %14d\n' "leaf$j" "${l[0]}" "${sp[0]}" "${l[2]}" "${sp[2]}" "${l[1]}" "${sp[1]}"
+        json_uplinks+=("$(printf '{"leaf": %d, "name": "leaf%d", "tx_bytes": %d, "rx_bytes": %d, "tx_packets": %d, "rx_packets": %d, "spine_tx_bytes": %d, "spine_rx_bytes": %d, "spine_tx_packets": %d, "spine_rx_packets": %d, "qdisc": %s, "spine_qdisc": %s}' \
+            "$j" "$j" "${l[@]}" "${sp[@]}" "$(qdisc_json "${leaf_ns[j]}" uplink)" "$(qdisc_json "$spine" "l$j")")")
+    done
+fi
 {
     cpu_json="" loss_json="" qlimit_json="" changes_json=""
     for k in "${!quota[@]}"; do cpu_json+="${cpu_json:+, }\"node$k\": ${quota[$k]}"; done
@@ -473,11 +600,16 @@ tcp_ts=$(ip netns exec "${node_ns[0]}" cat /proc/sys/net/ipv4/tcp_timestamps)
     while read -r when at rate; do
         changes_json+="${changes_json:+, }{\"time_unix_s\": $when, \"at_s\": $at, \"rate\": \"$rate\"}"
     done < "$changes_file"
-    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "tcp_timestamps": %d, "link_rate": "%s",\n "cpu_quota_percent": {%s}, "loss_percent": {%s}, "queue_limit_bytes": {%s},\n "start_unix_s": %s, "rate_schedule": "%s", "rate_changes": [%s],\n "nproc_per_node": %d, "nodes": [\n  ' \
-        "$mtu" "$tcp_ts" "$link_rate" "$cpu_json" "$loss_json" "$qlimit_json" "$start_unix" "$rate_schedule" "$changes_json" "$nproc"
+    printf '{"interface": "eth0", "mtu": %d, "gso_max_segs": 1, "tcp_timestamps": %d, "link_rate": "%s",\n "cpu_quota_percent": {%s}, "loss_percent": {%s}, "queue_limit_bytes": {%s},\n "start_unix_s": %s, "rate_schedule": "%s", "rate_changes": [%s],\n "nproc_per_node": %d, "leaves": %d, "nodes_per_leaf": %d, "uplink_rate": "%s", "sample_ms": %s, "nodes": [\n  ' \
+        "$mtu" "$tcp_ts" "$link_rate" "$cpu_json" "$loss_json" "$qlimit_json" "$start_unix" "$rate_schedule" "$changes_json" "$nproc" \
+        "$leaves" "$per_leaf" "$uplink_rate" "${sample_ms:-null}"
     sep=""
     for j in "${json_nodes[@]}"; do printf '%s%s' "$sep" "$j"; sep=$',\n  '; done
-    printf '\n]}\n'
+    printf '\n],\n "uplinks": ['
+    sep=$'\n  '
+    for j in "${json_uplinks[@]}"; do printf '%s%s' "$sep" "$j"; sep=$',\n  '; done
+    [ ${#json_uplinks[@]} = 0 ] || printf '\n'
+    printf ']}\n'
 } > "$out/netstats.json"
 rm -f "$changes_file"
 echo "$prog: wrote $out/netstats.json" >&2

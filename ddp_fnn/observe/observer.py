@@ -4,6 +4,7 @@ logger read as an independent witness."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class _Step:
     end: object = None
     samples: int = 0
     loss: object = None                                 # a tensor, read when the record is made
+    detailed: bool = True                               # False: synced on DDP's C++ path
 
 
 class Observer:
@@ -116,6 +118,13 @@ class Observer:
     def complete(self, rec: _Collective) -> None:
         rec.done = self.clock.mark()
 
+    def handed_over(self, base, launches: list[tuple[int, int, float]]) -> None:
+        """The current step synced on DDP's C++ path (sync.py, --bucket-detail-every):
+        each bucket's (index, payload bytes, hand-over in seconds after the mark ``base``).
+        No completions: its record has step totals only (records.make_record). CPU marks."""
+        self._cur.detailed = False
+        self._cur.collectives = [_Collective(b, nbytes, 1, base + s) for b, nbytes, s in launches]
+
     def discard_stray(self) -> None:
         """Forget collectives made outside a step (e.g. DDP's bucket settling on resume)."""
         self._stray = []
@@ -124,14 +133,19 @@ class Observer:
     def _record(self, s: _Step) -> StepRecord:
         sec = self.clock.seconds
         intervals = [(name, sec(s.start, a), sec(s.start, b)) for name, a, b in s.marks]
-        colls = [CollectiveRecord(c.bucket, c.payload_bytes, c.calls, sec(s.start, c.launched),
-                                  sec(s.start, c.done if c.done is not None else s.end))
-                 for c in s.collectives]
+        if s.detailed:
+            colls = [CollectiveRecord(c.bucket, c.payload_bytes, c.calls, sec(s.start, c.launched),
+                                      sec(s.start, c.done if c.done is not None else s.end))
+                     for c in s.collectives]
+        else:
+            colls = [CollectiveRecord(c.bucket, c.payload_bytes, c.calls, sec(s.start, c.launched), math.nan,
+                                      math.nan) for c in s.collectives]
         loss = None
         if s.loss is not None:
             loss = float(s.loss)
         return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s, start_s=self.clock.host_time(s.start, s.anchor),
-                           step_s=sec(s.start, s.end), intervals=intervals, collectives=colls, loss=loss)
+                           step_s=sec(s.start, s.end), intervals=intervals, collectives=colls, loss=loss,
+                           detailed=s.detailed)
 
 
 # ---------------------------------------------------------------------------------------

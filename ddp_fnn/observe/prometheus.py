@@ -46,32 +46,40 @@ class Summary:
     calls: list[int] = field(default_factory=list)
     payload: list[int] = field(default_factory=list)
     schedule: list[tuple] = field(default_factory=list)   # per step: (payload, lead, duration) per bucket
+    payload_detailed: list[int] = field(default_factory=list)   # payload of the steps in comm_s
     samples: int = 0
 
     def add(self, rec: StepRecord) -> None:
         self.step_s.append(rec.step_s)
         self.exposed_s.append(rec.exposed_s)
-        self.comm_s.append(rec.comm_s)
-        self.span_s.append(rec.comm_span_s)
-        self.tail_s.append(rec.tail_s)
+        if rec.detailed:
+            # Completions are known on detailed steps only (--bucket-detail-every): the
+            # union of the buckets' intervals, the tail, and the bucket schedule.
+            self.comm_s.append(rec.comm_s)
+            self.span_s.append(rec.comm_span_s)
+            self.tail_s.append(rec.tail_s)
+            self.payload_detailed.append(rec.payload_bytes)
+            ready = rec.ready_s if rec.ready_s is not None else 0.0
+            self.schedule.append(tuple((c.payload_bytes, max(0.0, ready - c.start_s), c.duration_s)
+                                       for c in rec.collectives))
         if rec.wait_s is not None:
             self.wait_s.append(rec.wait_s)
             self.transfer_s.append(rec.transfer_s)
             self.last_ready += rec.last_ready_rank == self.rank
         self.calls.append(rec.calls)
         self.payload.append(rec.payload_bytes)
-        ready = rec.ready_s if rec.ready_s is not None else 0.0
-        self.schedule.append(tuple((c.payload_bytes, max(0.0, ready - c.start_s), c.duration_s)
-                                   for c in rec.collectives))
         self.samples += rec.samples
 
     def figures(self) -> dict:
         """Per-step means. The first step (DDP's bucket rebuild, allocator warm-up) is left
-        out of the timing figures when there are more steps; byte counts use every step."""
+        out of the timing figures when there are more steps; byte counts use every step.
+        Comm time, its span, the tail, algbw and busbw are means over the steps with bucket
+        detail (all of them unless --bucket-detail-every > 1), step 1 left out alike."""
         if not self.step_s:
             return {}
         t = slice(1, None) if len(self.step_s) > 1 else slice(None)
-        steps, comm, payload = self.step_s[t], self.comm_s[t], self.payload[t]
+        d = slice(1, None) if len(self.comm_s) > 1 else slice(None)   # detailed steps (step 1 first)
+        steps, comm, payload = self.step_s[t], self.comm_s[d], self.payload_detailed[d]
         q = statistics.quantiles(steps, n=20, method="inclusive") if len(steps) > 1 else [steps[0]] * 19
         comm_total = sum(comm)
         algbw = sum(payload) / comm_total if comm_total > 0 else 0.0
@@ -86,9 +94,10 @@ class Summary:
             "allreduce_payload_bytes_total": sum(self.payload),
             "allreduce_wire_bytes_total": ring_wire_bytes(sum(self.payload), self.world_size),
             "comm_time_per_step_s": statistics.fmean(comm),
-            "comm_span_per_step_s": statistics.fmean(self.span_s[t]),
+            "comm_span_per_step_s": statistics.fmean(self.span_s[d]),
             "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
-            "sync_tail_per_step_s": statistics.fmean(self.tail_s[t]),
+            "sync_tail_per_step_s": statistics.fmean(self.tail_s[d]),
+            "detailed_steps": len(self.comm_s),
             "wait_for_peers_per_step_s": statistics.fmean(self.wait_s[t]) if self.wait_s[t] else None,
             "transfer_per_step_s": statistics.fmean(self.transfer_s[t]) if self.transfer_s[t] else None,
             "last_ready_steps": self.last_ready,
@@ -234,7 +243,8 @@ class Metrics:
         for p in PHASES:
             self._phase[p].observe(rec.phases[p])
         self._exposed.observe(rec.exposed_s)
-        self._tail.observe(rec.tail_s)
+        if rec.detailed:
+            self._tail.observe(rec.tail_s)
         if rec.wait_s is not None:
             self._wait.observe(rec.wait_s)
             self._transfer.observe(rec.transfer_s)
@@ -245,10 +255,11 @@ class Metrics:
             self._calls.inc(rec.calls)
             self._payload.inc(payload)
             self._wire.inc(ring_wire_bytes(payload, self.world_size))
-            for c in rec.collectives:
-                self._ar_duration.observe(c.duration_s)
+            if rec.detailed:                     # completions: --bucket-detail-every
+                for c in rec.collectives:
+                    self._ar_duration.observe(c.duration_s)
             comm = rec.comm_s
-            if comm > 0:
+            if comm > 0 and rec.detailed:
                 self._algbw.set(payload / comm)
                 self._busbw.set(payload / comm * busbw_factor(self.world_size))
         self._last_step.set(rec.time_unix_s + rec.step_s)

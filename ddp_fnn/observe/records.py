@@ -15,12 +15,14 @@ from ddp_fnn.observe.clock import PHASES, union_after, union_length
 
 @dataclass(frozen=True, slots=True)
 class CollectiveRecord:
-    """One gradient all-reduce as this rank saw it (offsets from the step's start)."""
+    """One gradient all-reduce as this rank saw it (offsets from the step's start). On a
+    step without bucket detail (StepRecord.detailed false) ``end_s`` and ``exposed_s``
+    are NaN: DDP's C++ path says when each bucket was handed over, not when it came back."""
     bucket: int             # DDP's bucket index (0 for the flat all-reduce)
     payload_bytes: int      # bytes handed to the backend (after compression)
     calls: int              # all-reduce calls behind it (PowerSGD: 3 per bucket)
     start_s: float          # handed over
-    end_s: float            # reduced result back
+    end_s: float            # reduced result back (NaN: not observed)
     exposed_s: float = 0.0  # the part of it after the step's ``ready`` (set by make_record)
 
     @property
@@ -54,6 +56,9 @@ class StepRecord:
     wait_s: float | None = None                 # waiting for peers: last ready - this rank's ready
     transfer_s: float | None = None             # the network's part: last completion - last ready
     last_ready_rank: int | None = None          # the rank whose gradients came last
+    # False: synced on DDP's C++ path (--bucket-detail-every): hand-overs but no completions,
+    # comm_s = comm_span_s = first hand-over to sync end, exposed_s = the whole sync wait
+    detailed: bool = True
 
     @property
     def payload_bytes(self) -> int:
@@ -79,9 +84,11 @@ class StepRecord:
             "payload_bytes": self.payload_bytes, "calls": self.calls,
             "loss": _finite_or_none(self.loss),
             "wait_s": self.wait_s, "transfer_s": self.transfer_s, "last_ready_rank": self.last_ready_rank,
+            "detailed": self.detailed,
             "phases": [[name, a, b] for name, a, b in self.intervals],
             "collectives": [{"bucket": c.bucket, "payload_bytes": c.payload_bytes, "calls": c.calls,
-                             "start_s": c.start_s, "end_s": c.end_s, "exposed_s": c.exposed_s}
+                             "start_s": c.start_s, "end_s": _finite_or_none(c.end_s),
+                             "exposed_s": _finite_or_none(c.exposed_s)}
                             for c in self.collectives],
         }
 
@@ -92,13 +99,16 @@ def _finite_or_none(x):
 
 def make_record(step: int, samples: int, time_unix_s: float, start_s: float, step_s: float,
                 intervals: list[tuple[str, float, float]], collectives: list[CollectiveRecord],
-                sync_end_s: float | None = None, loss: float | None = None) -> StepRecord:
+                sync_end_s: float | None = None, loss: float | None = None, detailed: bool = True) -> StepRecord:
     """A step's figures from its phase intervals and collectives (all offsets in seconds).
 
     ``sync_end_s`` is when the averaged gradients were usable: the end of the ``sync``
     phase if there is one (flat mode), else the end of the last ``backward`` (DDP). The
     backward phase is compute only: its part after ``ready`` is the sync wait (exposed
-    comm + tail)."""
+    comm + tail). ``detailed`` false (DDP's C++ path: hand-overs only, ``end_s`` NaN):
+    comm and its span run from the first hand-over to the sync's end and the whole wait
+    after ``ready`` counts as exposed (tail 0); on the detailed steps of the same run the
+    tail this folds in is measured (docs/metrics.md, "Bucket detail")."""
     ready = max((c.start_s for c in collectives), default=None)
     backward_ends = [b for name, _, b in intervals if name == "backward"]
     compute_end = backward_ends[-1] if backward_ends else 0.0
@@ -115,6 +125,18 @@ def make_record(step: int, samples: int, time_unix_s: float, start_s: float, ste
             wait_from = max(a, ready)
         elif name != "sync":
             clipped.append((name, a, b))
+    if not detailed:
+        first = min((c.start_s for c in collectives), default=sync_end_s)
+        exposed = max(0.0, sync_end_s - wait_from) if ready is not None else 0.0
+        comm = max(0.0, sync_end_s - first)
+        phases = dict.fromkeys(PHASES, 0.0)
+        for name, a, b in clipped:
+            if name in phases:
+                phases[name] += b - a
+        return StepRecord(step=step, samples=samples, time_unix_s=time_unix_s, start_s=start_s, step_s=step_s,
+                          phases=phases, intervals=clipped, collectives=list(collectives), ready_s=ready,
+                          sync_start_s=wait_from, sync_end_s=sync_end_s, comm_s=comm, comm_span_s=comm,
+                          exposed_s=exposed, tail_s=0.0, loss=loss, detailed=False)
     if ready is not None:
         # Built directly: dataclasses.replace is several times slower, and this runs for
         # every bucket of every step, in the training loop.
@@ -146,8 +168,13 @@ def ready_time(rec: StepRecord) -> float:
 
 
 def done_time(rec: StepRecord) -> float:
-    """When the rank's last all-reduce of the step completed, on its own clock (NaN: none)."""
-    return rec.start_s + max(c.end_s for c in rec.collectives) if rec.collectives else math.nan
+    """When the rank's last all-reduce of the step completed, on its own clock (NaN: none).
+    Without bucket detail: the end of the sync (DDP's finalize included)."""
+    if not rec.collectives:
+        return math.nan
+    if not rec.detailed:
+        return rec.start_s + rec.sync_end_s
+    return rec.start_s + max(c.end_s for c in rec.collectives)
 
 
 def split_wait(rec: StepRecord, ready_all: list[float], offset_s: float) -> None:

@@ -143,6 +143,13 @@ def _step_events(rec: StepRecord, rank: int, base: float, lanes: list[float]) ->
         last = rec.last_ready_rank == rank
         out.append({"ph": "i", "s": "t", "name": "ready (last rank)" if last else "ready", "cat": "sync",
                     "pid": rank, "tid": COMPUTE_TID, "ts": _us(t + rec.ready_s)})
+    if not rec.detailed:
+        # DDP's C++ path (--bucket-detail-every): hand-overs, no completions to draw.
+        for c in rec.collectives:
+            out.append({"ph": "i", "s": "t", "name": f"hand-over bucket {c.bucket}", "cat": "comm", "pid": rank,
+                        "tid": COMM_TID, "ts": _us(t + c.start_s),
+                        "args": {"bucket": c.bucket, "payload_bytes": c.payload_bytes, "step": rec.step}})
+        return out
     for c in sorted(rec.collectives, key=lambda c: c.start_s):
         start, end = t + c.start_s, t + c.end_s
         lane = next((k for k, last in enumerate(lanes) if last <= _us(start)), None)

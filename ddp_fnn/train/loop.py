@@ -93,6 +93,7 @@ def run_step(run: Run, state: LoopState) -> None:
     accum = cfg.optim.grad_accum
     epoch, pos = divmod(state.step, run.batches.steps_per_epoch)
     obs.begin_step(state.step + 1)
+    syncer.select(state.step + 1)              # --bucket-detail-every: which DDP wrapper
     step_loss, step_rows = 0.0, 0
     for k, rows in enumerate(run.batches.rank_micro_batches(epoch, pos)):
         sync_now = k == accum - 1
@@ -108,8 +109,7 @@ def run_step(run: Run, state: LoopState) -> None:
                 # Each micro-batch's mean loss, weighted by its share of the global batch
                 # (1/K when the shards are equal): the ranks' gradients averaged are then
                 # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
-                # x grad_scale: 1/N where the sync sums instead of averaging (sync.py).
-                (run.batches.weighted(loss, len(rows)) * syncer.grad_scale).backward()
+                run.batches.weighted(loss, len(rows)).backward()
         step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
         step_rows += len(rows)
     with obs.phase("sync"):

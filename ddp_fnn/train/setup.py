@@ -181,9 +181,14 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
         ckpt.restore(resume, model, device, rank, world)
     obs = Observer(Clock(device))
     syncer = Synchroniser(model, par.sync, world, obs, bucket_mb=par.bucket_mb,
-                          compression=par.compression, powersgd_rank=par.powersgd_rank, device=device)
+                          compression=par.compression, powersgd_rank=par.powersgd_rank, device=device,
+                          detail_every=par.bucket_detail_every)
     optimizer = make_optimizer(cfg.optim, model.parameters())
-    start_step = _restore_after_wrap(cfg, plan, ctx, optimizer, syncer) if resume is not None else 0
+    if resume is not None:
+        start_step = _restore_after_wrap(cfg, plan, ctx, optimizer, syncer)
+    else:
+        start_step = 0
+        syncer.settle_buckets(device, fresh=True)   # collective with --bucket-detail-every > 1
     saver = (ckpt.Checkpointer(cfg.checkpoint.checkpoint_dir, cfg.checkpoint.checkpoint_every, cfg.checkpoint.keep,
                                rank, world, device, ckpt.fingerprint(cfg.math_settings(), plan.ds.identity),
                                par.bucket_mb, discard=[p for p, _ in resume.skipped] if resume is not None else None)

@@ -44,6 +44,7 @@ class _HookState:
     compression: str
     powersgd: powerSGD_hook.PowerSGDState | None
     world_size: int
+    group: object = None        # the default process group (its allreduce, without dist's wrapper)
 
 
 def _observed_hook(state, bucket):
@@ -68,13 +69,14 @@ def _observed_hook(state, bucket):
         hook = default_hooks.fp16_compress_hook if state.compression == "fp16" else default_hooks.bf16_compress_hook
         fut = hook(None, bucket)
     else:
-        # A plain sum, done here so that a bucket costs one Python callback, not
-        # default_hooks.allreduce_hook's chained two. No division by the world size: the
-        # loop scales the loss by 1/N instead (Synchroniser.grad_scale), which costs one
-        # scalar multiply, where dividing the bucket is another pass over every gradient
-        # (DDP's own C++ path folds it into the copy into the bucket; with a hook it cannot).
+        # DDP's own arithmetic without a hook: each gradient times 1/N (the Reducer's
+        # mul_out into the bucket, the scalar in float), then the sum. The steps on DDP's
+        # C++ path (--bucket-detail-every) therefore come out bit for bit alike. The
+        # all-reduce is called on the process group itself: dist.all_reduce's Python
+        # wrapper costs about as much as the rest of the hook at 24 buckets.
+        buf.mul_(1.0 / state.world_size)
         rec = observer.launch(index, buf.numel() * buf.element_size())
-        fut = dist.all_reduce(buf, async_op=True).get_future()
+        fut = state.group.allreduce([buf]).get_future()
 
         def reduced(f: torch.futures.Future) -> torch.Tensor:
             observer.complete(rec)
@@ -92,26 +94,39 @@ def _observed_hook(state, bucket):
 class Synchroniser:
     """Owns the replica as the loop sees it (``self.model``) and how its gradients sync.
 
-    ``grad_scale`` is the factor the loop multiplies the loss by before backward: 1/N
-    where the hook sums the buckets as they are (``--compression none``: the gradients
-    come out already divided, so the sum is the average; with N a power of two this is
-    bitwise the same as dividing afterwards), 1 where the hook averages itself (fp16, bf16,
-    PowerSGD) and in the flat mode, which divides after its all-reduce as the textbook does.
+    Every hook averages its buckets itself (``--compression none``: times 1/N, then the
+    sum, as DDP does without a hook); the flat mode divides after its all-reduce, as the
+    textbook does. The loop scales nothing.
+
+    Bucket detail every K steps (``detail_every``, --bucket-detail-every; CPU,
+    --compression none): at K = 1 every step syncs through the observing Python hook. At
+    K > 1 a second DDP wrapper over the same module, stock (no hook), syncs the steps
+    between on DDP's C++ path (the same arithmetic, so the same bits), at no cost per
+    bucket. Only the wrapper whose forward ran expects gradients (its Reducer's
+    ``prepare_for_backward``); the other's autograd hooks return at once. On those steps
+    each bucket's hand-over comes from the Reducer's own per-gradient ready times
+    (``get_backward_stats``: nanoseconds since its forward ended) and the sync's end from
+    backward's return: step totals (ready, exposed, wait, transfer) on every step, each
+    bucket's completion only on the detailed ones (docs/metrics.md, "Bucket detail").
+    ``select(step)`` picks the wrapper before a step's first forward.
 
     ``no_sync()`` is the context for micro-steps whose gradients only accumulate;
-    ``after_backward()`` runs the flat all-reduce in ``allreduce`` mode (nothing in ``ddp``
-    mode, where the hook already did it during backward).
+    ``after_backward()`` runs the flat all-reduce in ``allreduce`` mode and hands the
+    C++ path's ready times to the observer in ``ddp`` mode.
     """
 
     def __init__(self, model: nn.Module, mode: str, world_size: int, observer: Observer,
                  bucket_mb: float = 25.0, compression: str = "none", powersgd_rank: int = 2,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, detail_every: int = 1):
         self.module = model          # the unwrapped FNN: what gets saved
         self.mode = mode
         self.world_size = world_size
         self.observer = observer
         self.hook_state: _HookState | None = None
         self.bucket_mb = bucket_mb
+        self.plain: DDP | None = None           # the C++ path's wrapper (detail_every > 1)
+        self.detail_every = 1
+        self.detailed = True                    # this step syncs through the observing hook
         if mode == "ddp":
             if compression == "powersgd" and dist.get_backend() == "gloo":
                 # PowerSGD's hook waits on an all-reduce inside another's completion callback;
@@ -119,7 +134,8 @@ class Synchroniser:
                 # thread and the step deadlocks. One bucket has nothing in flight beside it.
                 self.bucket_mb = max(bucket_mb, gradient_bytes(model) / 2 ** 20 + 1)
             device_ids = [device.index] if device is not None and device.type == "cuda" else None
-            self.model = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
+            self.observed = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
+            self.model = self.observed
             self.setup_wire_bytes = module_state_broadcast_bytes(model, world_size, dist.get_rank())
             ps = None
             if compression == "powersgd":
@@ -127,15 +143,36 @@ class Synchroniser:
                 # two steps all-reduce plainly (DDP rebuilds its buckets after the first).
                 ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                                  start_powerSGD_iter=2, min_compression_rate=1)
-            self.hook_state = _HookState(observer, compression, ps, world_size)
-            self.model.register_comm_hook(self.hook_state, _observed_hook)
-            self.grad_scale = 1.0 / world_size if compression == "none" else 1.0
+            self.hook_state = _HookState(observer, compression, ps, world_size, _default_group())
+            self.observed.register_comm_hook(self.hook_state, _observed_hook)
+            # On CUDA the Reducer's times are when the host queued each gradient, not when
+            # the GPU made it (the run-ahead hazard, docs/metrics.md): every step detailed.
+            if detail_every > 1 and compression == "none" and (device is None or device.type != "cuda"):
+                self.detail_every = detail_every
+                # init_sync=False: the replicas are equal already (the first wrapper's broadcast).
+                self.plain = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb, init_sync=False)
+                self.plain.register_forward_hook(self._forward_returned)
+                self._forward_mark = None
+                self._layout: list[tuple[list[int], int]] | None = None   # (param indices, bytes) per bucket
+                self._plain_steps = 0
         elif mode == "allreduce":
             self.model = model
-            self.grad_scale = 1.0
             self.setup_wire_bytes = 0           # same seed, same replica: nothing to broadcast
         else:
             raise ValueError(f"unknown sync mode {mode!r}")
+
+    def select(self, step: int) -> None:
+        """Pick the wrapper for optimizer step ``step`` (1-based): the observing one on
+        steps 1, 1 + K, 1 + 2K, ..., DDP's C++ path on the others."""
+        if self.plain is None:
+            return
+        self.detailed = (step - 1) % self.detail_every == 0
+        self.model = self.observed if self.detailed else self.plain
+
+    def _forward_returned(self, module, args, output) -> None:
+        # DDP's forward ends with Reducer.prepare_for_backward, the zero of its ready
+        # times; this hook runs right after (microseconds).
+        self._forward_mark = self.observer.clock.mark()
 
     setup_wire_bytes: int
     """What this rank sent to set the replicas up (module_state_broadcast_bytes)."""
@@ -144,7 +181,9 @@ class Synchroniser:
         return self.model.no_sync() if self.mode == "ddp" else contextlib.nullcontext()
 
     def after_backward(self) -> None:
-        if self.mode != "allreduce":
+        if self.mode == "ddp":
+            if not self.detailed:
+                self._hand_over_times()
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -157,6 +196,23 @@ class Synchroniser:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+
+    def _hand_over_times(self) -> None:
+        """A step on the C++ path: each bucket's hand-over, from the Reducer's ready time
+        of every gradient. DDP launches bucket b once all of its gradients are ready and
+        every bucket before it launched (in order), so its launch is the latest ready time
+        of buckets 0..b."""
+        if self._layout is None or self._plain_steps < 2:
+            # The Reducer's first backward uses one bucket in parameter order, and the
+            # next forward rebuilds them (in ready order); read the layout until settled.
+            self._layout = _bucket_layout(self.plain, self.module)
+        self._plain_steps += 1
+        ready_ns = self.plain.reducer.get_backward_stats()
+        launches, latest = [], 0
+        for b, (indices, nbytes) in enumerate(self._layout):
+            latest = max(latest, max(ready_ns[i] for i in indices))
+            launches.append((b, nbytes, latest * 1e-9))
+        self.observer.handed_over(self._forward_mark, launches)
 
     def forget_hook_memory(self) -> None:
         """A skipped step (--on-nan skip): PowerSGD's error feedback and its P and Q
@@ -202,25 +258,47 @@ class Synchroniser:
         ps.q_memory_dict = {k: v.to(device) for k, v in saved["q_memory"].items()}
         return True
 
-    def settle_buckets(self, device: torch.device) -> None:
+    def settle_buckets(self, device: torch.device, fresh: bool = False) -> None:
         """Collective. DDP reduces its first iteration in one bucket holding every gradient
         in parameter order, then rebuilds its buckets in the order the gradients became
         ready. The uninterrupted run computed step s with the rebuilt layout, so a resumed
         run must too: PowerSGD's memories are flat per-bucket buffers, and with 3+ ranks a
         gradient's position in a bucket decides the order in which the ring all-reduce
         adds it up. One throw-away forward and backward (all-reduced plainly, gradients
-        discarded, no RNG drawn) makes DDP rebuild before the first real step."""
+        discarded, no RNG drawn) makes DDP rebuild before the first real step; one for each
+        wrapper with --bucket-detail-every. ``fresh``: a run from step 0, where the observing
+        wrapper's first step is the uninterrupted run's own (one bucket, as DDP has it) and
+        only the C++ path's wrapper, whose first step is step 2, needs settling. Its bytes
+        count as set-up bytes (ring all-reduces of the gradients)."""
         if self.mode != "ddp":
+            return
+        wrappers = [w for w in ((None if fresh else self.observed), self.plain) if w is not None]
+        if not wrappers:
             return
         hs = self.hook_state
         compression, hs.compression = hs.compression, "none"
         try:
             x = torch.zeros(1, self.module.widths[0], device=device)
-            self.model(x).sum().backward()
+            for wrapper in wrappers:
+                wrapper(x).sum().backward()
+                self.setup_wire_bytes += 2 * (self.world_size - 1) * gradient_bytes(self.module) // self.world_size
         finally:
             hs.compression = compression
         self.module.zero_grad(set_to_none=True)
         self.observer.discard_stray()
+
+
+def _default_group():
+    return dist.distributed_c10d._get_default_group()
+
+
+def _bucket_layout(ddp: DDP, module: nn.Module) -> list[tuple[list[int], int]]:
+    """The Reducer's current buckets: each one's parameter indices (in
+    ``module.parameters()`` order, the Reducer's own) and its bytes."""
+    index = {id(p): i for i, p in enumerate(module.parameters())}
+    buckets = sorted(ddp.reducer._get_zeros_like_grad_buckets(), key=lambda b: b.index())
+    return [([index[id(p)] for p in b.parameters()], b.buffer().numel() * b.buffer().element_size())
+            for b in buckets]
 
 
 def _cpu_dict(d: dict) -> dict:
