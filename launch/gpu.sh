@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One GPU, one run of benchmarks/gpu.py (clock vs profiler, bf16 MFU, the NaN check's
-# host sync), sized to finish in under 7 minutes on an H200; ddp-fnn need not be installed.
+# One GPU, one run of benchmarks/gpu.py: the trainer driven through its CLI only (phases vs
+# torch.profiler's kernels, host syncs per step, bf16 MFU, the run-ahead clock rule, --on-nan
+# skip, --target-loss, bucket detail, a matmul ceiling), sized to finish in under 7 minutes
+# on an H100/H200; ddp-fnn need not be installed (PYTHONPATH is the checkout).
 #
-#   launch/gpu.sh OUT_DIR [EXTRA gpu.py OPTIONS...]
+#   launch/gpu.sh OUT_DIR [EXTRA gpu.py OPTIONS...]     e.g. --parts a,profile  --no-compile
+#                                                       or --device cpu --quick (smoke test)
 #
 #   OUT_DIR   where gpu.json, gpu.md, console.log, logs/ and artifacts/ go (created)
 #   PYTHON    interpreter (default python3); OMP_NUM_THREADS defaults to 4
 #
 # The script's own budget is 390 s (--budget-s): each part gets at most its own limit
 # and what is left of the budget; `timeout` is the backstop. Exit status: gpu.py's (0
-# when every part ran, whatever its figures), 124 if the backstop fired.
+# when every part ran, whatever its checks say), 124 if the backstop fired.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: launch/gpu.sh OUT_DIR [gpu.py options...]" >&2; exit 2; }
 out=$1
