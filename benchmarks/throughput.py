@@ -62,6 +62,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -82,6 +83,12 @@ from ddp_fnn.train.model import build_fnn
 from ddp_fnn.perfmodel.netmodel import bucket_layout
 from ddp_fnn.observe import Clock, CollectiveRecord, Observer, make_record
 from ddp_fnn.train.sync import Synchroniser
+
+
+class Timed(NamedTuple):
+    """A run's records and when (wall, CPU) its timed steps began (bare_loop's ``clock_from``)."""
+    records: list
+    began: tuple[float, float]
 
 
 def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
@@ -126,7 +133,7 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
         if syncer is not None:
             observer.end_step(len(rows))
             records += observer.finished()
-    return (records, began) if clock_from is not None else records
+    return Timed(records, began) if clock_from is not None else records
 
 
 def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[str, float]:
@@ -151,7 +158,7 @@ def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[s
 
 def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: dict) -> None:
     """Round ``r``: each variant once, the first one rotating; appends each run's samples/s
-    and this rank's CPU seconds for it. A variant that returns (records, (wall, cpu)) is
+    and this rank's CPU seconds for it. A variant that returns ``Timed`` is
     timed from that instant (bare_loop's ``clock_from``); ``samples_per_run`` then counts
     the steps from there."""
     names = list(variants)
@@ -161,8 +168,8 @@ def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: di
         res = variants[name]()
         c1 = time.process_time()
         dist.barrier()
-        if isinstance(res, tuple):
-            t0, c0 = res[1]
+        if isinstance(res, Timed):
+            t0, c0 = res.began
         rates.setdefault(name, []).append(samples_per_run / (time.perf_counter() - t0))
         cpu.setdefault(name, []).append(c1 - c0)
 
@@ -257,10 +264,10 @@ def main() -> None:
     w = args.hook_warmup + 1       # timed from this step on
 
     def observed(config, every, keep=None):
-        records, began = bare_loop(config, ctx, hds, Observer(Clock(cpu)), detail_every=every, clock_from=w)
+        timed = bare_loop(config, ctx, hds, Observer(Clock(cpu)), detail_every=every, clock_from=w)
         if keep is not None:
-            keep.append(records)
-        return records, began
+            keep.append(timed.records)
+        return timed
 
     hook_variants = {
         "no hook": lambda: bare_loop(hcfg, ctx, hds, clock_from=w),
