@@ -142,12 +142,15 @@ def test_one_lossy_node_retransmits_what_the_switch_dropped(clean_1gbit, tmp_pat
     # The rule drops about 1 % (binomial: thousands of frames, so well within 0.5..2 %).
     assert 0.005 < dropped / sent < 0.02
     # Every lost data segment is sent again (lost pure ACKs need no retransmission), so
-    # the retransmit counter rises by a good part of the drops, far above the clean run's.
+    # the retransmit counter rises by a good part of the drops. node0's data crossed no
+    # lossy rule (only some of node1's ACKs to it were lost), so node1 retransmits that
+    # much more than node0 in the same run. Compared within the run, not with the clean
+    # one: at 1 Gbit/s this 2-core host's veth forwarding itself drops frames in bursts
+    # (thousands of retransmits in a clean run on some hosts, a few hundred on others),
+    # alike for both nodes of a run but not from one run to the next.
+    node0 = tcp_of(run.out, 0)["retransmitted_segments"]
     assert lossy["retransmitted_segments"] >= 0.3 * dropped
-    assert lossy["retransmitted_segments"] > 5 * clean["retransmitted_segments"] + 10
-    # node0's data crossed no lossy rule (only some of node1's ACKs to it were lost):
-    # it retransmits far less.
-    assert tcp_of(run.out, 0)["retransmitted_segments"] < 0.5 * lossy["retransmitted_segments"]
+    assert lossy["retransmitted_segments"] - node0 >= 0.3 * dropped, (lossy, node0, dropped)
     # Some of those losses could only be repaired by the retransmission timer.
     assert lossy["timeouts"] >= 1 and lossy["timeouts"] > clean["timeouts"]
     # The same counters as node1 served them to Prometheus after its last step: read at

@@ -235,11 +235,18 @@ def test_reported_wire_bytes_match_kernel_tx(cluster):
     stats = cluster.netstats
     header = header_bytes_per_packet(stats)
     sent = [tx_payload_estimate(node, header) for node in stats["nodes"]]
-    report = ", ".join(f"node{k} {s:,} B vs {w:,.0f} B ({(s - w) / w:+.2%})"
-                       for k, (s, w) in enumerate(zip(sent, wire)))
+    # What TCP sent again is on the wire twice but handed over once: the rank's own TCP
+    # counters (summary.json's tcp, the kernel's) say how many segments, each at most an
+    # MSS of payload. Unshaped veths on 2 shared cores drop frames in bursts on some hosts
+    # (1-2 % retransmitted), none on others.
+    mss = stats["mtu"] - header + 14
+    resent = [r["tcp"]["retransmitted_segments"] * mss if r.get("tcp") else 0 for r in per_rank]
+    once = [s - x for s, x in zip(sent, resent)]
+    report = ", ".join(f"node{k} {s:,} B less {x:,} B resent vs {w:,.0f} B ({(s - x - w) / w:+.2%})"
+                       for k, (s, x, w) in enumerate(zip(sent, resent, wire)))
     print(f"\nTX payload (header {header} B/packet) vs reported bytes: {report}")
-    for k, (s, w) in enumerate(zip(sent, wire)):
-        assert s == pytest.approx(w, rel=0.02), f"node{k}: {report}"
+    for k, (s, o, w) in enumerate(zip(sent, once, wire)):
+        assert o == pytest.approx(w, rel=0.02), f"node{k}: {report}"
         assert s >= w, f"node{k} sent less than it reports: {report}"
 
 
