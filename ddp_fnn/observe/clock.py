@@ -11,32 +11,22 @@ import torch
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
-def _clock_shift() -> float:
-    """Fault injection for tests of clock alignment: ``DDP_FNN_CLOCK_SHIFT=R:SECONDS``
-    moves rank R's clock by SECONDS, as another host's clock would be (docs/metrics.md)."""
-    spec = os.environ.get("DDP_FNN_CLOCK_SHIFT")
+def _rank_seconds(name: str) -> float:
+    """Fault injection from ``NAME=R:SECONDS``: SECONDS on rank R, 0 elsewhere or unset."""
+    spec = os.environ.get(name)
     if not spec:
         return 0.0
     rank, _, seconds = spec.partition(":")
     return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
 
 
-_SHIFT_S = _clock_shift()
-
-
-def _run_ahead() -> float:
-    """Fault injection for tests of the one-clock rule: ``DDP_FNN_RUN_AHEAD=R:SECONDS``
-    makes rank R's host take a step's queue time SECONDS before its work starts, as a
-    CUDA host that runs ahead of its GPU does (docs/metrics.md). Nothing may time a step
-    from that queue time."""
-    spec = os.environ.get("DDP_FNN_RUN_AHEAD")
-    if not spec:
-        return 0.0
-    rank, _, seconds = spec.partition(":")
-    return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
-
-
-RUN_AHEAD_S = _run_ahead()
+# Tests of clock alignment: DDP_FNN_CLOCK_SHIFT=R:SECONDS moves rank R's clock by SECONDS,
+# as another host's clock would be (docs/metrics.md).
+_SHIFT_S = _rank_seconds("DDP_FNN_CLOCK_SHIFT")
+# Tests of the one-clock rule: DDP_FNN_RUN_AHEAD=R:SECONDS makes rank R's host take a
+# step's queue time SECONDS before its work starts, as a CUDA host that runs ahead of its
+# GPU does (docs/metrics.md). Nothing may time a step from that queue time.
+RUN_AHEAD_S = _rank_seconds("DDP_FNN_RUN_AHEAD")
 
 
 def now() -> float:

@@ -223,12 +223,7 @@ def estimate_sweep(path: str | Path, name: str, values: list, rows: list) -> Non
     top.set_title(f"ddp-fnn estimate: {rows[0].algorithm} all-reduce, layers {','.join(map(str, rows[0].widths))}"
                   if name != "width" else f"ddp-fnn estimate: {rows[0].algorithm} all-reduce")
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise ValueError(f"--plot {path}: cannot write: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path, 100, f"--plot {path}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,9 +273,14 @@ def link_series(jsonl: str | Path, path: str | Path, *, t_from: float | None = N
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    _save(plt, fig, path, 110, str(path))
+
+
+def _save(plt, fig, path, dpi: int, label: str) -> None:
+    """Write ``fig`` to ``path`` and close it; ValueError naming ``label`` if it cannot be written."""
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     except OSError as e:
-        raise ValueError(f"{path}: cannot write: {e.strerror}") from None
+        raise ValueError(f"{label}: cannot write: {e.strerror}") from None
     finally:
         plt.close(fig)
