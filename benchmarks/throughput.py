@@ -125,9 +125,11 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
             syncer.select(step + 1)
             ddp = syncer.model
         loss = F.mse_loss(ddp(x_all[rows]), y_all[rows])
-        loss.backward()
         if syncer is not None:
+            syncer.backward(loss)              # with its loss_scale, as in training
             syncer.after_backward()
+        else:
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if syncer is not None:
@@ -218,6 +220,7 @@ def main() -> None:
                    help="steps of each hook run left out of its timing (wrap, bucket rebuild)")
     p.add_argument("--detail-every", type=int, default=10, help="--bucket-detail-every of the sampled variant")
     p.add_argument("--hook-only", action="store_true", help="only the hook comparisons (2 and 3)")
+    p.add_argument("--train-only", action="store_true", help="only the train comparison (1)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--metrics-port", type=int, default=9450)
     p.add_argument("--json", dest="json_file", default=None, help="also write the figures here (rank 0)")
@@ -257,8 +260,11 @@ def main() -> None:
     hcfg, one = hook_config(args.hook_bucket_mb), hook_config(1024.0)
     hds = load_dataset(hcfg.data, hcfg.model, hcfg.seed)
     layout = bucket_layout(parse_layers(args.hook_layers), args.hook_bucket_mb)
-    seen: list[list] = []           # the observed runs' records (every step detailed)
-    sampled: list[list] = []        # those of the runs with detail every K steps
+    # What the observed runs' records said, per run: (step, sorted bucket indices, detailed)
+    # per step. Kept as tuples, not the records: thousands of live record objects would make
+    # every later garbage collection slower, and the trainer's runs pay for those too.
+    seen: list[list] = []           # the observed runs (every step detailed)
+    sampled: list[list] = []        # the runs with detail every K steps
     k = args.detail_every
     cpu = torch.device("cpu")
     w = args.hook_warmup + 1       # timed from this step on
@@ -266,7 +272,9 @@ def main() -> None:
     def observed(config, every, keep=None):
         timed = bare_loop(config, ctx, hds, Observer(Clock(cpu)), detail_every=every, clock_from=w)
         if keep is not None:
-            keep.append(timed.records)
+            keep.append([(rec.step, tuple(sorted(c.bucket for c in rec.collectives)), rec.detailed)
+                         for rec in timed.records])
+        timed.records.clear()
         return timed
 
     hook_variants = {
@@ -288,18 +296,18 @@ def main() -> None:
     for r in range(args.rounds):                          # the comparisons interleaved, a round each
         if not args.hook_only:
             one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
-        one_round(hook_variants, r, hook_samples, hook_rates, hook_cpu)
-        one_round(one_variants, r, hook_samples, one_rates, one_cpu)
+        if not args.train_only:
+            one_round(hook_variants, r, hook_samples, hook_rates, hook_cpu)
+            one_round(one_variants, r, hook_samples, one_rates, one_cpu)
     metrics.close()
 
     # What the "files on" runs wrote, and the buckets the observed hook saw (after step 1:
     # DDP rebuilds its buckets after the first iteration).
     lines = len(stepfile.read(out / f"steps-rank{ctx.rank}.jsonl")) if not args.hook_only else 0
     timeline_ok = (out / "timeline.json").exists() if ctx.is_master else True
-    buckets_seen = sorted({len(rec.collectives) for run in seen + sampled for rec in run if rec.step > 1})
-    indices_ok = all(sorted(c.bucket for c in rec.collectives) == list(range(len(layout)))
-                     for run in seen + sampled for rec in run if rec.step > 2)
-    detailed = sorted({sum(rec.detailed for rec in run) for run in sampled})
+    buckets_seen = sorted({len(b) for run in seen + sampled for step, b, _ in run if step > 1})
+    indices_ok = all(b == tuple(range(len(layout))) for run in seen + sampled for step, b, _ in run if step > 2)
+    detailed = sorted({sum(d for _, _, d in run) for run in sampled})
     cost = per_step_cost_us(ctx.world_size, buckets=len(layout))
     if ctx.is_master:
         print(f"world size {ctx.world_size}, Gloo on CPU, {args.rounds} rounds (medians over the rounds)")
@@ -311,19 +319,20 @@ def main() -> None:
                 [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])
             print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
                   f"{'a' if timeline_ok else 'NO'} timeline.json")
-        figures["hook"] = table(
-            f"2. hook: layers {runs(parse_layers(args.hook_layers))}, "
-            f"--bucket-mb {args.hook_bucket_mb}, global batch {args.hook_global_batch_size}, "
-            f"{args.hook_steps} steps a run",
-            hook_rates, hook_cpu, args.hook_steps - args.hook_warmup,
-            [(f"detail every {k}", "no hook"), ("observed hook", "no hook"), ("observed hook", "torch hook"),
-             ("torch hook", "no hook")])
-        print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen (steps >= 2, both observed "
-              f"variants): {buckets_seen}, indices 0..{len(layout) - 1} every step from 3: {indices_ok}; "
-              f"detailed steps a run with detail every {k}: {detailed}")
-        figures["one bucket"] = table(
-            "3. the same at one bucket (--bucket-mb 1024)", one_rates, one_cpu, args.hook_steps - args.hook_warmup,
-            [(f"detail every {k}", "no hook"), ("observed hook", "no hook")])
+        if not args.train_only:
+            figures["hook"] = table(
+                f"2. hook: layers {runs(parse_layers(args.hook_layers))}, "
+                f"--bucket-mb {args.hook_bucket_mb}, global batch {args.hook_global_batch_size}, "
+                f"{args.hook_steps} steps a run",
+                hook_rates, hook_cpu, args.hook_steps - args.hook_warmup,
+                [(f"detail every {k}", "no hook"), ("observed hook", "no hook"), ("observed hook", "torch hook"),
+                 ("torch hook", "no hook")])
+            print(f"  buckets a step: {len(layout)} by netmodel.bucket_layout; seen (steps >= 2, both observed "
+                  f"variants): {buckets_seen}, indices 0..{len(layout) - 1} every step from 3: {indices_ok}; "
+                  f"detailed steps a run with detail every {k}: {detailed}")
+            figures["one bucket"] = table(
+                "3. the same at one bucket (--bucket-mb 1024)", one_rates, one_cpu, args.hook_steps - args.hook_warmup,
+                [(f"detail every {k}", "no hook"), ("observed hook", "no hook")])
         print("  per step, timed alone (us): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items())
               + f" (record with {len(layout)} collectives)")
         if args.json_file:

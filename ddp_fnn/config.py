@@ -169,6 +169,11 @@ class ParallelConfig(_Section):
     sync: str = opt("ddp", "ddp: DistributedDataParallel, bucketed and overlapped with backward. allreduce: "
                     "one flat all-reduce after backward (the textbook version).", choices=("ddp", "allreduce"))
     bucket_mb: float = opt(25.0, "DDP bucket cap in MiB (--sync ddp).", fingerprint=False)
+    all_reduce: str = opt("flat", "How each DDP bucket is all-reduced. flat: the backend's own all-reduce over "
+                          "every rank (Gloo's ring in rank order). hierarchical: reduce-scatter among the "
+                          "ranks of each node, all-reduce across nodes among the ranks of the same local rank, "
+                          "all-gather inside the node (docs/topology.md, \"Hierarchical on namespaces\").",
+                          choices=("flat", "hierarchical"), fingerprint=False)
     compression: str = opt("none", "Gradient compression on the wire (DDP communication hooks).",
                            choices=("none", "fp16", "bf16", "powersgd"))
     powersgd_rank: int = opt(2, "Matrix rank of PowerSGD's low-rank approximation.")
@@ -190,6 +195,13 @@ class ParallelConfig(_Section):
         _need(self.timeout_s > 0.0, f"--timeout-s must be > 0, got {self.timeout_s}")
         _need(self.compression == "none" or self.sync == "ddp",
               f"--compression {self.compression} needs --sync ddp (it is a DDP communication hook)")
+        if self.all_reduce == "hierarchical":
+            _need(self.sync == "ddp" and self.compression == "none",
+                  f"--all-reduce hierarchical needs --sync ddp and --compression none (got --sync {self.sync}, "
+                  f"--compression {self.compression})")
+            _need(self.bucket_detail_every == 1,
+                  f"--all-reduce hierarchical needs --bucket-detail-every 1 (the steps between would run DDP's "
+                  f"flat all-reduce), got {self.bucket_detail_every}")
 
 
 @dataclass(frozen=True, kw_only=True)

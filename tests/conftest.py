@@ -52,6 +52,30 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 3
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def torchrun_nodes(nnodes: int, nproc: int, *args: str, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """``nnodes`` torchrun agents on this machine, each a "node" of ``nproc`` workers, meeting
+    through a c10d rendezvous on loopback (what launch/node.sh runs on each node); node k's
+    workers get ranks k*nproc .. k*nproc+nproc-1. Returns each agent's completed process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"test-{os.getpid()}",
+           "-m", "ddp_fnn", *args]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(nnodes)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

@@ -33,17 +33,21 @@ def train(tmp_path, name: str, nproc: int, *extra: str):
 
 
 @pytest.mark.slow
-def test_sampled_detail_trains_bit_for_bit_as_every_step_detailed(tmp_path):
-    """World size 3 (not a power of two, where the averaging's rounding shows): 13 steps
-    with detail every 4 steps end on the same bits as with every step detailed; steps 1,
-    5, 9, 13 are the detailed ones and the others carry hand-overs without completions."""
-    every, _, every_steps = train(tmp_path, "k1", 3, "--global-batch-size", "48", "--max-steps", "13")
-    sampled, summary, steps = train(tmp_path, "k4", 3, "--global-batch-size", "48", "--max-steps", "13",
+@pytest.mark.parametrize("world", [3, 2])
+def test_sampled_detail_trains_bit_for_bit_as_every_step_detailed(tmp_path, world):
+    """13 steps with detail every 4 steps end on the same bits as with every step
+    detailed; steps 1, 5, 9, 13 are the detailed ones and the others carry hand-overs
+    without completions. World size 3: not a power of two, where the averaging's rounding
+    shows and the hook multiplies each bucket by 1/3 as the Reducer does. World size 2:
+    the loss carries the 1/2 on the detailed steps (Synchroniser.loss_scale) and the hook
+    adds unscaled buckets; exact, so the same bits as the Reducer's own halving."""
+    every, _, every_steps = train(tmp_path, "k1", world, "--global-batch-size", "48", "--max-steps", "13")
+    sampled, summary, steps = train(tmp_path, "k4", world, "--global-batch-size", "48", "--max-steps", "13",
                                     "--bucket-detail-every", "4")
     a = torch.load(every / "model.pt", weights_only=True)
     b = torch.load(sampled / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for rank in range(3):
+    for rank in range(world):
         lines = steps[rank]
         assert [d["step"] for d in lines if d["detailed"]] == [1, 5, 9, 13]
         assert all(d["detailed"] for d in every_steps[rank])

@@ -22,6 +22,11 @@ from ddp_fnn.config import MATH_SECTIONS, ConfigError, TrainConfig, fields_for_c
     ({"metrics_port": 70000}, r"--metrics-port must be in 0..65535, got 70000"),
     ({"max_steps": 0}, r"--max-steps must be >= 1, got 0"),
     ({"probe_rounds": 0}, r"--probe-rounds must be >= 1, got 0"),
+    ({"all_reduce": "hierarchical", "sync": "allreduce"}, r"--all-reduce hierarchical needs --sync ddp and "
+     r"--compression none \(got --sync allreduce, --compression none\)"),
+    ({"all_reduce": "hierarchical", "compression": "fp16"}, r"--all-reduce hierarchical needs .*--compression fp16"),
+    ({"all_reduce": "hierarchical", "bucket_detail_every": 4}, r"--all-reduce hierarchical needs "
+     r"--bucket-detail-every 1 .*got 4"),
 ])
 def test_bad_values_name_the_option(kwargs, match):
     with pytest.raises(ConfigError, match=match):

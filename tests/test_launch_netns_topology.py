@@ -5,7 +5,7 @@ their eth0), and with --leaves 2 the nodes on two leaf bridges joined through a 
 uplinks shaped on their own rate. Each node's eth0 and each uplink's kernel TX counters
 are compared with the bytes topology.estimate puts on server{k}.nic0.tx and leaf{j}.up /
 leaf{j}.down, and the measured step time with its step_time_s (issue 28, "Must show" 1
-and 2). Needs root and iproute2, like tests/test_launch_netns.py, whose helpers these
+and 2); and 2 x 2 with --all-reduce hierarchical against the flat ring ("Must show" 3). Needs root and iproute2, like tests/test_launch_netns.py, whose helpers these
 reuse. The figures printed here are the ones docs/topology.md records.
 """
 
@@ -302,6 +302,90 @@ def test_two_tier_run_leaves_nothing_behind(leafy):
     assert leafy.returncode == 0
     assert_nothing_left(leafy)
     assert leafy.root_links_added == set()
+
+
+# ---------------------------------------------------------------------------------------
+# (c) 2 nodes x 2 workers, hierarchical against flat: what crosses eth0, and the step time
+# ---------------------------------------------------------------------------------------
+
+HIER_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def hier_pair(tmp_path_factory):
+    """The same 2 x 2 job at 100 Mbit/s twice, flat and --all-reduce hierarchical."""
+    runs = {}
+    for algo in ("flat", "hierarchical"):
+        before = root_links()
+        run = run_cluster(2, tmp_path_factory.mktemp(f"algo-{algo}"), *TRAIN, "--max-steps", str(HIER_STEPS),
+                          "--all-reduce", algo, extra=("--nproc-per-node", str(GPUS), "--link-rate", "100mbit"))
+        run.root_links_added = root_links() - before
+        print(f"\n2 nodes x {GPUS}, --all-reduce {algo}: {run.seconds:.1f} s\n{run.stdout}")
+        runs[algo] = run
+    return runs
+
+
+def test_hierarchical_sends_what_the_model_says_across_servers(hier_pair):
+    """Hierarchical: each node's eth0 carries its G ranks' all-reduces of one 1/G chunk
+    across the servers, 2(n-1)/n x S/G each, so the node sends S a step here against the
+    flat ring's 1.5 S (one ring edge per server, 2(N-1)/N x S). Each node's eth0 TX
+    payload within 3 % of topology.hierarchical's server{k}.nic0.tx plus the start-up
+    broadcast's messages that leave the node (issue 28, "Must show" 3)."""
+    h, f = summary_of(hier_pair["hierarchical"]), summary_of(hier_pair["flat"])
+    assert h["config"]["all_reduce"] == "hierarchical" and f["config"]["all_reduce"] == "flat"
+    world, payload = 2 * GPUS, h["allreduce_payload_bytes_per_step"]
+    assert payload == f["allreduce_payload_bytes_per_step"]
+    # The rank's own wire bytes: the two in-node phases and its share across.
+    assert h["allreduce_wire_bytes_per_step"] == pytest.approx(2 * (GPUS - 1) / GPUS * payload + payload / GPUS)
+    setup = setup_bytes_leaving(lambda r: r // GPUS, world, h["gradient_bytes"])
+    rows = []
+    for algo, run, summary in (("hierarchical", hier_pair["hierarchical"], h), ("flat", hier_pair["flat"], f)):
+        stats = run.netstats
+        header = header_bytes_per_packet(stats)
+        est = topology.estimate(topology.from_dict(netns_topology("netns-2x2.toml")), LAYERS,
+                                compute_s=compute_s(summary), bucket_mb=summary["bucket_mb"],
+                                algorithm="hierarchical" if algo == "hierarchical" else "ring")
+        links = dict(est.link_bytes_per_step)
+        for k, node in enumerate(stats["nodes"]):
+            rows.append((algo, k, tx_payload_estimate(node, header),
+                         links[f"server{k}.nic0.tx"] * HIER_STEPS + setup.get(k, 0), links[f"server{k}.nic0.tx"]))
+    report = "; ".join(f"{a} node{k} eth0 {s:,} B vs model {m:,.0f} B ({pct(s, m)})" for a, k, s, m, _ in rows)
+    print(f"\n2x{GPUS}, {HIER_STEPS} steps: {report}")
+    for algo, k, sent, model, per_step in rows:
+        assert sent == pytest.approx(model, rel=0.03), report
+        assert per_step == pytest.approx(payload if algo == "hierarchical" else 1.5 * payload)
+
+
+def test_hierarchical_step_time_change_is_predicted_within_10_percent(hier_pair):
+    """At 100 Mbit/s the node links set the pace: hierarchical moves 2/3 of the flat
+    ring's bytes across them, and the model predicts the step time of each run (compute
+    from its own summary, the links at the rate their TCP payload gets) within 10 %, and
+    so the ratio of the two (issue 28, "Must show" 3)."""
+    figures = {}
+    for algo in ("flat", "hierarchical"):
+        run = hier_pair[algo]
+        summary = summary_of(run)
+        header = header_bytes_per_packet(run.netstats)
+        raw = payload_rates(netns_topology("netns-2x2.toml"), run.netstats["mtu"], header)
+        est = topology.estimate(topology.from_dict(raw), LAYERS, compute_s=compute_s(summary),
+                                bucket_mb=summary["bucket_mb"], algorithm="ring" if algo == "flat" else algo)
+        figures[algo] = (summary["step_time_p50_s"], est.step_time_s, est.bottleneck_link)
+    (mf, pf, bf), (mh, ph, bh) = figures["flat"], figures["hierarchical"]
+    print(f"\n2x{GPUS} at 100 Mbit/s: flat p50 {mf * 1e3:.1f} ms vs model {pf * 1e3:.1f} ms ({pct(pf, mf)}), "
+          f"bottleneck {bf}; hierarchical p50 {mh * 1e3:.1f} ms vs model {ph * 1e3:.1f} ms ({pct(ph, mh)}), "
+          f"bottleneck {bh}; ratio hierarchical/flat measured {mh / mf:.3f}, model {ph / pf:.3f} "
+          f"({pct(ph / pf, mh / mf)})")
+    assert ".nic" in bf and ".nic" in bh
+    assert pf == pytest.approx(mf, rel=0.10) and ph == pytest.approx(mh, rel=0.10)
+    assert ph / pf == pytest.approx(mh / mf, rel=0.10)
+    assert mh < 0.85 * mf                        # what the model says it buys: a third of the bytes
+
+
+def test_hierarchical_runs_leave_nothing_behind(hier_pair):
+    for run in hier_pair.values():
+        assert run.returncode == 0
+        assert_nothing_left(run)
+        assert run.root_links_added == set()
 
 
 # ---------------------------------------------------------------------------------------

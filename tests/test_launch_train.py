@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, torchrun
+from conftest import REPO, run_cli, torchrun, torchrun_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,30 @@ def test_n_workers_compute_the_single_process_model(single, tmp_path, nproc, syn
     init = run_cli("train", *COMMON, "--max-steps", "1", "--lr", "1e-12", "--output", str(tmp_path / "init"))
     assert init.returncode == 0
     assert max_diff(params(tmp_path / "init"), params(tmp_path)) > 1e-3
+
+
+@pytest.mark.parametrize("nnodes,nproc", [(2, 2), (1, 3)])
+def test_hierarchical_all_reduce_computes_the_single_process_model(single, tmp_path, nnodes, nproc):
+    """--all-reduce hierarchical (reduce-scatter in the node, all-reduce across, all-gather
+    in the node), on 2 "nodes" of 2 workers meeting through a c10d rendezvous, and on one
+    node of 3 (buckets of 65 or 4,160 elements padded to a multiple of 3): the same model
+    as one process, to float32 summation order; and the rank's wire bytes are the three
+    phases' (netmodel.hierarchical_wire_bytes)."""
+    args = ("train", *COMMON, "--all-reduce", "hierarchical", "--bucket-mb", "0.01", "--output", str(tmp_path))
+    runs = torchrun_nodes(nnodes, nproc, *args) if nnodes > 1 else [torchrun(nproc, *args)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == nnodes * nproc and summary["config"]["all_reduce"] == "hierarchical"
+    assert max_diff(params(single), params(tmp_path)) < 1e-5
+    payload = summary["allreduce_payload_bytes_per_step"]
+    g, n = nproc, nnodes
+    assert summary["allreduce_wire_bytes_per_step"] == pytest.approx(
+        2 * (g - 1) / g * payload + 2 * (n - 1) / n * payload / g)
+    last = json.loads((tmp_path / "steps-rank0.jsonl").read_text().splitlines()[-1])
+    assert len(last["collectives"]) > 1             # several buckets (and their padding)
+    # Three collectives a bucket, two with one node (nothing to all-reduce across).
+    assert {c["calls"] for c in last["collectives"]} == {3 if nnodes > 1 else 2}
 
 
 def test_grad_accum_in_one_process_equals_the_full_batch(single, tmp_path):

@@ -32,6 +32,20 @@ def test_ring_wire_bytes_is_two_n_minus_one_over_n_times_payload_exactly(n, s):
         assert netmodel.ring_wire_bytes(s, n) == exact.numerator
 
 
+def test_hierarchical_wire_bytes_by_hand():
+    """2 nodes x 2: reduce-scatter S/2, all-reduce of S/2 across 2 nodes S/2, all-gather
+    S/2: 1.5 S, as a ring of 4 sends, but only S/2 of it leaves the node (the ring: one rank
+    a node sends its 1.5 S across). 4 x 8: 7/8 S twice in the node, 2 x 3/4 x S/8 across."""
+    s = 8 * 2 ** 20
+    assert netmodel.hierarchical_wire_bytes(s, 2, 2) == 1.5 * s == netmodel.ring_wire_bytes(s, 4)
+    assert netmodel.hierarchical_network_bytes(s, 2, 2) == s / 2
+    assert netmodel.hierarchical_wire_bytes(s, 8, 4) == 2 * 7 / 8 * s + 2 * 3 / 4 * s / 8
+    assert netmodel.hierarchical_network_bytes(s, 8, 1) == 0        # one node: nothing leaves it
+    assert netmodel.hierarchical_wire_bytes(s, 1, 5) == netmodel.ring_wire_bytes(s, 5)   # G = 1: a ring
+    with pytest.raises(ValueError, match="local size and nodes must be >= 1"):
+        netmodel.hierarchical_wire_bytes(s, 0, 2)
+
+
 def test_ring_wire_bytes_per_rank_is_what_the_ring_steps_send():
     # Reduce-scatter and all-gather: N-1 steps each, one S/N chunk per step.
     s, n = 8 * 2 ** 20, 8

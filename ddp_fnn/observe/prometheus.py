@@ -48,6 +48,11 @@ class Summary:
     schedule: list[tuple] = field(default_factory=list)   # per step: (payload, lead, duration) per bucket
     payload_detailed: list[int] = field(default_factory=list)   # payload of the steps in comm_s
     samples: int = 0
+    # Bytes a rank sends to all-reduce a payload (Synchroniser.wire_bytes); None: a ring's.
+    wire_bytes: object = None
+
+    def _wire(self, payload: float) -> float:
+        return ring_wire_bytes(payload, self.world_size) if self.wire_bytes is None else self.wire_bytes(payload)
 
     def add(self, rec: StepRecord) -> None:
         self.step_s.append(rec.step_s)
@@ -90,9 +95,9 @@ class Summary:
             "step_time_mean_s": statistics.fmean(steps),
             "allreduce_calls_per_step": sum(self.calls) / n_steps,
             "allreduce_payload_bytes_per_step": sum(self.payload) / n_steps,
-            "allreduce_wire_bytes_per_step": ring_wire_bytes(sum(self.payload), self.world_size) / n_steps,
+            "allreduce_wire_bytes_per_step": self._wire(sum(self.payload)) / n_steps,
             "allreduce_payload_bytes_total": sum(self.payload),
-            "allreduce_wire_bytes_total": ring_wire_bytes(sum(self.payload), self.world_size),
+            "allreduce_wire_bytes_total": self._wire(sum(self.payload)),
             "comm_time_per_step_s": statistics.fmean(comm),
             "comm_span_per_step_s": statistics.fmean(self.span_s[d]),
             "exposed_comm_time_per_step_s": statistics.fmean(self.exposed_s[t]),
@@ -130,6 +135,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.rank = str(rank)
         self.world_size = world_size
+        self._wire_bytes = None                 # set_wire_bytes; None: a ring's 2(N-1)/N x payload
         r, reg = ["rank"], self.registry
         self.steps = Counter("ddp_fnn_steps", "Optimizer steps completed.", r, registry=reg)
         self.samples = Counter("ddp_fnn_samples", "Training samples this rank processed.", r, registry=reg)
@@ -191,7 +197,8 @@ class Metrics:
         self.ar_payload = Counter("ddp_fnn_allreduce_payload_bytes",
                                   "Bytes of the tensors handed to all-reduce (after compression).", r, registry=reg)
         self.ar_wire = Counter("ddp_fnn_allreduce_wire_bytes",
-                               "Bytes this rank sent for gradient all-reduce: ring formula 2(N-1)/N x payload.",
+                               "Bytes this rank sent for gradient all-reduce: ring formula 2(N-1)/N x payload "
+                               "(--all-reduce hierarchical: its three phases' sum, docs/metrics.md).",
                                r, registry=reg)
         self.ar_duration = Histogram("ddp_fnn_allreduce_duration_seconds",
                                      "One gradient all-reduce (bucket), launch to completion.",
@@ -254,7 +261,8 @@ class Metrics:
         if rec.collectives:
             self._calls.inc(rec.calls)
             self._payload.inc(payload)
-            self._wire.inc(ring_wire_bytes(payload, self.world_size))
+            self._wire.inc(self._wire_bytes(payload) if self._wire_bytes is not None
+                           else ring_wire_bytes(payload, self.world_size))
             if rec.detailed:                     # completions: --bucket-detail-every
                 for c in rec.collectives:
                     self._ar_duration.observe(c.duration_s)
@@ -266,6 +274,10 @@ class Metrics:
 
     def set_gradient_bytes(self, nbytes: int) -> None:
         self.grad_bytes.labels(self.rank).set(nbytes)
+
+    def set_wire_bytes(self, wire_bytes) -> None:
+        """How many bytes a rank sends to all-reduce a payload (Synchroniser.wire_bytes)."""
+        self._wire_bytes = wire_bytes
 
     def count_probe(self, traffic: dict | None) -> None:
         """The probe's bytes (predict.probe_traffic), once, before the first step."""
@@ -333,6 +345,7 @@ class NullMetrics:
 
     def observe(self, rec: StepRecord) -> None: ...
     def set_gradient_bytes(self, nbytes: int) -> None: ...
+    def set_wire_bytes(self, wire_bytes) -> None: ...
     def count_probe(self, traffic: dict | None) -> None: ...
     def count_setup(self, nbytes: int) -> None: ...
     def count_control(self, total_bytes: float) -> None: ...

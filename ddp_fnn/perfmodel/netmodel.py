@@ -196,6 +196,24 @@ def busbw_factor(world_size: int) -> float:
     return 2 * (n - 1) / n
 
 
+def hierarchical_wire_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
+    """Bytes each rank sends in a hierarchical all-reduce of ``payload_bytes`` over
+    ``nodes`` nodes of ``local_size`` ranks (train/sync.py; topology.hierarchical): a
+    reduce-scatter and an all-gather among the node's G ranks, (G-1)/G x S each as rings
+    send them, and between them an all-reduce of one S/G chunk across the n nodes,
+    2(n-1)/n x S/G, the only bytes that leave the node. (Padding to a multiple of G
+    elements, at most G-1 elements a bucket, is left out.)"""
+    g, n = local_size, nodes
+    if g < 1 or n < 1:
+        raise ValueError(f"local size and nodes must be >= 1, got {local_size}, {nodes}")
+    return 2 * (g - 1) * payload_bytes / g + hierarchical_network_bytes(payload_bytes, local_size, nodes)
+
+
+def hierarchical_network_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
+    """The part of ``hierarchical_wire_bytes`` that leaves the node: 2(n-1)/n x S/G."""
+    return 2 * (nodes - 1) * payload_bytes / (nodes * local_size)
+
+
 def ring_wire_bytes(payload_bytes: float, world_size: int) -> float:
     """Bytes each rank sends in a ring all-reduce of ``payload_bytes``: 2(N-1)/N * S.
 

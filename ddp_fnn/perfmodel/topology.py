@@ -7,7 +7,9 @@ The fabric (``Topology``, loaded by ``load`` from TOML or JSON; docs/topology.md
 format): ``servers`` servers of ``gpus_per_server`` GPUs each; inside a server every GPU
 has its own link to the server's switch (NVSwitch, a PCIe switch, or the loopback of a
 network namespace), ``intra`` rate per GPU per direction; each server has
-``nic.count`` NICs (rails), ``nic.rate`` each per direction; ``switch.servers_per_leaf``
+``nic.count`` NICs (rails), ``nic.rate`` each per direction (each rate times its
+section's ``efficiency``, default 1: the share of the line rate left to payload, e.g.
+NCCL's own 20.6 of NVLink4's 25 GB/s per link); ``switch.servers_per_leaf``
 servers hang off one leaf switch (or, ``rail_optimized``, NIC r of those servers hangs off
 rail leaf r, as in NVIDIA's DGX SuperPOD reference design); each leaf's uplink to the
 spine carries at most its downlink capacity / ``oversubscription`` per direction (or
@@ -60,9 +62,9 @@ what lets ``estimate`` hand it to ``netmodel.estimate_step`` as an equivalent al
 beta instead of copying its bucket-overlap time line.
 
 What it leaves out: NVLink SHARP / in-network reduction (NCCL's NVLS and CollNet
-algorithms), protocol overhead (NCCL's Simple protocol reaches about 80 % of NVLink's
-line rate: NVIDIA/nccl-tests issue 212), the PCIe path from GPU to NIC, congestion
-control and adaptive routing, and the reduction's arithmetic.
+algorithms), protocol overhead beyond a link's ``efficiency`` (one number a link, from
+the file: NCCL's Simple and LL protocols differ), the PCIe path from GPU to NIC,
+congestion control and adaptive routing, and the reduction's arithmetic.
 """
 
 from __future__ import annotations
@@ -170,8 +172,8 @@ def parse_rate(key: str, text) -> float:
 
 _SCHEMA = {
     "": {"name", "servers", "gpus_per_server", "intra", "nic", "switch"},
-    "intra": {"kind", "rate", "latency_us"},
-    "nic": {"count", "rate", "latency_us"},
+    "intra": {"kind", "rate", "efficiency", "latency_us"},
+    "nic": {"count", "rate", "efficiency", "latency_us"},
     "switch": {"servers_per_leaf", "oversubscription", "uplink_rate", "rail_optimized", "latency_us"},
 }
 
@@ -197,6 +199,15 @@ def _latency_s(table: Mapping, where: str, default_us: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
         raise _fail(f"{where}.latency_us", "must be a number of microseconds >= 0", v)
     return float(v) * 1e-6
+
+
+def _efficiency(table: Mapping, where: str) -> float:
+    """The share of a link's line rate that a collective's payload gets (link-layer and
+    protocol overhead); 1.0 unless the file says otherwise, and then it says where from."""
+    v = table.get("efficiency", 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+        raise _fail(f"{where}.efficiency", "must be a number in (0, 1] (payload rate / line rate)", v)
+    return float(v)
 
 
 def _section(raw: Mapping, name: str, required: bool = True) -> Mapping:
@@ -227,14 +238,14 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
         raise _fail("intra.kind", f"must be one of {', '.join(INTRA_KINDS)}", kind)
     if "rate" not in intra:
         raise ValueError("topology: intra.rate is missing")
-    intra_rate = parse_rate("intra.rate", intra["rate"])
+    intra_rate = parse_rate("intra.rate", intra["rate"]) * _efficiency(intra, "intra")
     intra_lat = _latency_s(intra, "intra", 1.0)
 
     # One server needs no NIC; several do, or nothing could leave a server.
     nic = _section(raw, "nic", required=servers > 1)
     nics = _int(nic, "count", "nic.count", minimum=1, default=1)
     if "rate" in nic:
-        nic_rate = parse_rate("nic.rate", nic["rate"])
+        nic_rate = parse_rate("nic.rate", nic["rate"]) * _efficiency(nic, "nic")
     elif servers > 1:
         raise ValueError("topology: nic.rate is missing")
     else:

@@ -13,6 +13,9 @@ at start (train/setup.py)
     probe             perfmodel/probe.py: a ladder of all-reduces timing alpha and beta
                       (world size >= 2, without --bench-json); counted apart
                       (ddp_fnn_probe_wire_bytes)
+    node groups       --all-reduce hierarchical only: every rank's (node, G, local rank),
+                      all_gather_object (train/dist.py node_groups), then one new_group a
+                      node and one a local rank, on every rank in the same order
     DDP's wrap        broadcast of rank 0's parameters and buffers: (N-1) x their bytes
                       from rank 0 (ddp_fnn_setup_wire_bytes)
     clock offset      observe/peers.py estimate_offset, control: 16 ping-pongs of 8 B with
@@ -20,7 +23,9 @@ at start (train/setup.py)
 each step (train/loop.py)
     gradients         DDP's bucket all-reduces inside backward, or the flat all-reduce
                       (sync.py; observed per bucket, counted as the step's comm and
-                      ddp_fnn_allreduce_wire_bytes: 2(N-1)/N x payload)
+                      ddp_fnn_allreduce_wire_bytes: 2(N-1)/N x payload; --all-reduce
+                      hierarchical: a reduce-scatter and an all-gather on the node's group
+                      and an all-reduce on the local rank's group per bucket)
     whose NaN         ``ranks_with``, with --on-nan skip and only on a step whose synced
                       gradients are non-finite (every rank finds that alike: health.py):
                       N int32s all-reduced

@@ -107,6 +107,45 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0)
                        control=control)
 
 
+@dataclass(frozen=True)
+class NodeGroups:
+    """The process groups of a hierarchical all-reduce: ``local``, this node's ranks;
+    ``rail``, the ranks of every node with this rank's local rank (None with one node)."""
+    local_size: int
+    nodes: int
+    local: object
+    rail: object
+
+
+def node_groups(ctx: DistContext, timeout_s: float) -> NodeGroups:
+    """Collective (every rank, the same order): one group per node and one per local
+    rank. torchrun gives node k's workers the ranks k*G .. k*G+G-1 (G = LOCAL_WORLD_SIZE,
+    the same on every node); checked here across ranks, so a layout that breaks it is one
+    clear error on every rank, not a wrong grouping."""
+    local_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    node = _env_int("GROUP_RANK", 0)
+    mine = (node, local_size, ctx.local_rank)
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, mine, group=ctx.control)
+    for r, (k, g, lr) in enumerate(every):
+        if g != local_size or r != k * g + lr:
+            raise ConfigError(f"--all-reduce hierarchical needs the same --nproc-per-node on every node and node "
+                              f"k holding ranks k*G..k*G+G-1; rank {r} is node {k}'s local rank {lr} of {g}")
+    nodes = ctx.world_size // local_size
+    timeout = timedelta(seconds=timeout_s)
+    local = rail = None
+    for k in range(nodes):
+        g = dist.new_group(list(range(k * local_size, (k + 1) * local_size)), timeout=timeout)
+        if k == node:
+            local = g
+    if nodes > 1:
+        for i in range(local_size):
+            g = dist.new_group([k * local_size + i for k in range(nodes)], timeout=timeout)
+            if i == ctx.local_rank:
+                rail = g
+    return NodeGroups(local_size, nodes, local, rail)
+
+
 def teardown() -> None:
     """Leave the process group (a no-op if it was never joined or is already gone), and
     make sure the group is destroyed here, on this thread, with its Gloo threads joined.

@@ -109,7 +109,7 @@ def run_step(run: Run, state: LoopState) -> None:
                 # Each micro-batch's mean loss, weighted by its share of the global batch
                 # (1/K when the shards are equal): the ranks' gradients averaged are then
                 # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
-                run.batches.weighted(loss, len(rows)).backward()
+                syncer.backward(run.batches.weighted(loss, len(rows)))
         step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
         step_rows += len(rows)
     with obs.phase("sync"):

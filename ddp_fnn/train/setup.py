@@ -180,9 +180,11 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
         # every rank loaded the same file, so the replicas start equal either way.
         ckpt.restore(resume, model, device, rank, world)
     obs = Observer(Clock(device))
+    # collective: a group per node and per local rank, before DDP's wrap
+    hierarchy = ddist.node_groups(ctx, par.timeout_s) if par.all_reduce == "hierarchical" else None
     syncer = Synchroniser(model, par.sync, world, obs, bucket_mb=par.bucket_mb,
                           compression=par.compression, powersgd_rank=par.powersgd_rank, device=device,
-                          detail_every=par.bucket_detail_every)
+                          detail_every=par.bucket_detail_every, hierarchy=hierarchy)
     optimizer = make_optimizer(cfg.optim, model.parameters())
     if resume is not None:
         start_step = _restore_after_wrap(cfg, plan, ctx, optimizer, syncer)
@@ -194,6 +196,7 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
                                par.bucket_mb, discard=[p for p, _ in resume.skipped] if resume is not None else None)
              if cfg.checkpoint.checkpoint_dir is not None else None)
     metrics.set_gradient_bytes(gradient_bytes(model))
+    metrics.set_wire_bytes(syncer.wire_bytes)
     metrics.count_setup(syncer.setup_wire_bytes)
     steps_path = out.steps_file_path(rank)
     steps_file = StepFile(steps_path, start_step) if steps_path is not None else None
@@ -201,7 +204,7 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
     timeline = Timeline(*out.timeline_steps, rank, clock) if out.timeline_steps else None
     witness = ((DdpLoggerWitness(syncer.model), JsonLines(out.output / f"ddp-logger-rank{rank}.jsonl", start_step))
                if out.ddp_logger else None)
-    acct = Accounting(metrics, Summary(world), steps_file, timeline,
+    acct = Accounting(metrics, Summary(world, wire_bytes=syncer.wire_bytes), steps_file, timeline,
                       mfu.train_flops_per_sample(cfg.model.layers), peak_flops(device, cfg.optim.precision), witness,
                       peers.PeerExchange(rank, world, clock, ctx.control), tcpstats.TcpCounters())
     acct.summary.rank = rank
