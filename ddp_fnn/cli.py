@@ -477,10 +477,18 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
               help="World size whose runs predict the others' (cal_* columns)  [default: the smallest --nodes]")
 @click.option("--host-cores", type=int, default=None,
               help="Cores the nodes share, for the calibrated compute scale  [default: this process's CPUs]")
+@click.option("--all-reduce", "all_reduces", default="flat", show_default=True, metavar="flat|hierarchical,...",
+              help="Train's --all-reduce at each point (hierarchical needs several workers a node: --topology).")
+@click.option("--topology", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="The fabric each point runs on and is modelled on link by link (docs/topology.md): its "
+                   "gpus_per_server workers a node, servers_per_leaf nodes a leaf with the uplinks at its "
+                   "oversubscription of --link-rate (or its uplink_rate); servers = --nodes, nic.rate = "
+                   "--link-rate. Adds each NIC's and uplink's kernel bytes beside the model's, and the "
+                   "fabric model's step time.")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Draw the PNG plots (needs matplotlib).")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAIN_ARGS...]")
 def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, loss_node, queue_limits, layers,
-          rows_per_rank, steps, repeat, calibrate_on, host_cores, plot, train_args):
+          rows_per_rank, steps, repeat, calibrate_on, host_cores, all_reduces, topology, plot, train_args):
     """Run a grid of real training jobs and put each one's measured step, communication,
     exposed communication, transfer and wait beside the cost model's predictions.
 
@@ -488,6 +496,8 @@ def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, lo
     ddp-fnn sweep --out sweep/ --nodes 2,3,4 --link-rate unshaped,1gbit,200mbit \\
         --bucket-mb 100,0.25 --compression none,fp16
     ddp-fnn sweep --out fabric/ --nodes 2,4 --link-rate 1gbit --loss 0,0.1,0.5,1,2
+    ddp-fnn sweep --out tiers/ --nodes 2,4 --link-rate 100mbit --all-reduce flat,hierarchical \\
+        --topology deploy/topologies/netns-2leaf-4x2.toml
 
     Writes DIR/sweep.csv (one row a point), DIR/sweep.json, DIR/validation.md and PNG
     plots; docs/netmodel.md and docs/fabric.md describe the columns and the plots.
@@ -505,7 +515,8 @@ def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, lo
             losses=sweepmod.parse_list("--loss", losses, "float"),
             queue_limits=sweepmod.parse_list("--queue-limit", queue_limits, "bytes"),
             layers=tuple(parse_layers(layers)), rows_per_rank=rows_per_rank, steps=steps, repeat=repeat,
-            loss_node=loss_node, train_args=tuple(train_args), plot=plot)
+            loss_node=loss_node, train_args=tuple(train_args), plot=plot,
+            all_reduces=sweepmod.parse_list("--all-reduce", all_reduces, "str"), topology=topology)
         cfg.calibrate_on = calibrate_on if calibrate_on is not None else min(cfg.nodes)
         if host_cores is not None:
             cfg.host_cores = host_cores

@@ -46,30 +46,10 @@ GPUS = 2                            # --nproc-per-node
 # what crosses which link besides the steps
 # ---------------------------------------------------------------------------------------
 
-def gloo_broadcast_sends(world: int, root: int = 0) -> list[tuple[int, int]]:
-    """(sender, receiver) of every message of Gloo's broadcast (gloo/broadcast.cc): a
-    binomial tree over virtual ranks (root = 0): in round i every rank below 2^i that has
-    one sends to its peer with bit i set. At 8 ranks: 0->1; 0->2, 1->3; 0->4, 1->5, 2->6,
-    3->7 -- rank 0 sends 3 copies, not N-1. DDP's start-up broadcast of rank 0's
-    parameters (``_sync_module_states``) is one such broadcast of P bytes."""
-    sends = []
-    bit = 1
-    while bit < world:
-        for v in range(bit):
-            if v + bit < world:
-                sends.append(((v + root) % world, (v + bit + root) % world))
-        bit <<= 1
-    return sends
-
-
 def setup_bytes_leaving(group_of, world: int, param_bytes: int) -> dict[int, int]:
-    """Start-up broadcast bytes each group (a node, or a leaf) sends to ranks outside it:
-    ``group_of(rank)`` names a rank's group."""
-    out: dict[int, int] = {}
-    for a, b in gloo_broadcast_sends(world):
-        if group_of(a) != group_of(b):
-            out[group_of(a)] = out.get(group_of(a), 0) + param_bytes
-    return out
+    """Start-up broadcast bytes each group (a node, or a leaf) sends to ranks outside it
+    (topology.broadcast_bytes_leaving: Gloo's binomial tree)."""
+    return topology.broadcast_bytes_leaving(group_of, world, param_bytes)
 
 
 def netns_topology(file: str, **overrides) -> dict:
@@ -461,6 +441,7 @@ def test_plot_draws_a_sampled_series(tmp_path):
 
 def test_gloo_broadcast_tree():
     # gloo/broadcast.cc at 8 ranks, root 0 (hand-traced): 0->1; 0->2, 1->3; 0->4, 1->5, 2->6, 3->7.
+    gloo_broadcast_sends = topology.gloo_broadcast_sends
     assert gloo_broadcast_sends(8) == [(0, 1), (0, 2), (1, 3), (0, 4), (1, 5), (2, 6), (3, 7)]
     assert gloo_broadcast_sends(3) == [(0, 1), (0, 2)]
     # 2 nodes x 2: node0 (ranks 0, 1) sends 0->2, 1->3 off the node.

@@ -47,6 +47,9 @@ def read_csv(path):
     (("--launcher", "netns", "--queue-limit", "20000"), "--queue-limit needs a shaped --link-rate"),
     (("--steps", "2"), "--steps must be >= 3"),
     (("--bucket-mb", "0"), "--bucket-mb: every cap must be > 0"),
+    (("--all-reduce", "tree"), "--all-reduce: bad value 'tree' (flat, hierarchical)"),
+    (("--all-reduce", "hierarchical", "--compression", "fp16"), "--all-reduce hierarchical needs --compression none"),
+    (("--topology", "deploy/topologies/netns-2x2.toml"), "--topology needs --launcher netns"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "sweep"
@@ -66,6 +69,34 @@ def test_the_grid_is_every_combination_and_names_each_point():
     assert len({p.name for p in points}) == len(points)
     assert "n3-200mbit-b0.25-fp16-loss0-r1" in {p.name for p in points}
     assert cfg.train_argv(points[0])[cfg.train_argv(points[0]).index("--global-batch-size") + 1] == "64"
+
+
+TOPOLOGIES = Path(__file__).resolve().parents[1] / "deploy" / "topologies"
+
+
+def test_a_topology_sets_workers_a_node_leaves_and_uplinks_of_each_point():
+    """netns-2leaf-4x2.toml: 2 workers a node, 2 nodes a leaf, uplinks at 50 Mbit/s. At 4
+    nodes the cluster gets 2 leaves and the file's uplink rate; at 2 nodes one leaf (the
+    point's nodes all fit on it). The global batch counts every worker."""
+    cfg = sweep.SweepConfig(out=Path("/x"), nodes=(2, 4), link_rates=("100mbit",), launcher="netns",
+                            all_reduces=("flat", "hierarchical"), topology=TOPOLOGIES / "netns-2leaf-4x2.toml",
+                            rows_per_rank=8)
+    points = {p.name: p for p in cfg.points()}
+    assert set(points) == {"n2-100mbit-b25-none-loss0", "n2-100mbit-b25-none-loss0-hier",
+                           "n4-100mbit-b25-none-loss0", "n4-100mbit-b25-none-loss0-hier"}
+    four = points["n4-100mbit-b25-none-loss0-hier"]
+    cmd = sweep.command(cfg, four, Path("/x/p"))
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--leaves") + 1] == "2" and cmd[cmd.index("--uplink-rate") + 1] == "50000000bit"
+    argv = cfg.train_argv(four)
+    assert argv[argv.index("--global-batch-size") + 1] == str(4 * 2 * 8)
+    assert argv[argv.index("--all-reduce") + 1] == "hierarchical"
+    assert "--leaves" not in sweep.command(cfg, points["n2-100mbit-b25-none-loss0"], Path("/x/p"))
+    assert "--all-reduce" not in cfg.train_argv(points["n2-100mbit-b25-none-loss0"])
+    assert cfg.compute_scale(4, 2) == 2.0                      # 8 workers on 2 cores against 4
+    # With an oversubscription instead of a rate, the uplink follows the point's link rate.
+    raw = sweep.SweepConfig(out=None, topology=TOPOLOGIES / "netns-2x2.toml", nodes=(4,), launcher="netns")
+    assert raw.fabric(sweep.Point(4, "100mbit", 25.0, "none", 0.0, None)).uplink_bytes_per_second == 2 * 100e6 / 8
 
 
 def test_the_compute_scale_is_the_share_of_the_hosts_cores():
@@ -191,12 +222,44 @@ def test_a_namespace_sweep_reports_every_byte_the_kernel_sent(tmp_path):
         assert f"ddpfnn-{pid}-" not in left, left
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="namespace nodes need root and iproute2")
+def test_a_topology_sweep_puts_each_nics_kernel_bytes_beside_the_fabric_models(tmp_path):
+    """2 nodes x 2 workers at 100 Mbit/s, flat and hierarchical: every node's eth0 TX
+    payload within 3 % of topology.job_link_bytes (steps by the point's algorithm, the
+    probe's ring, the start-up broadcast), the node link the bottleneck, the points
+    link-bound by the bottleneck's busy share, and hierarchical fewer bytes."""
+    out = tmp_path / "out"
+    res = run_cli("sweep", "--out", str(out), "--nodes", "2", "--link-rate", "100mbit", "--no-plot",
+                  "--all-reduce", "flat,hierarchical", "--topology", str(TOPOLOGIES / "netns-2x2.toml"),
+                  "--layers", "64,512,512,1", "--bucket-mb", "100", "--rows-per-rank", "8", "--steps", "10",
+                  timeout=600)
+    assert res.returncode == 0, res.stderr + res.stdout
+    rows = {r["all_reduce"]: r for r in read_csv(out / "sweep.csv")}
+    assert set(rows) == {"flat", "hierarchical"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["gpus_per_node"] == "2"
+        assert abs(float(r["nic_tx_error"])) < 0.03, r
+        assert r["bottleneck_link"].startswith("server") and ".nic0." in r["bottleneck_link"]
+        assert r["bound"] == "link", r
+        assert r["tx_error"] == ""                 # per rank, not per node: not comparable here
+        assert float(r["topo_step_s"]) > 0
+    # The steps' share (the probe, a flat ring either way, is most of these short runs' bytes).
+    flat, hier = float(rows["flat"]["model_nic_tx_bytes"]), float(rows["hierarchical"]["model_nic_tx_bytes"])
+    assert hier < flat
+    text = (out / "validation.md").read_text()
+    assert "| 2 x 2 | 100mbit | hierarchical |" in text
+
+
 def test_a_point_is_link_bound_when_its_busbw_reaches_the_share_of_its_rate():
     rate = 100e6 / 8                                            # 100mbit in bytes/s
     assert sweep.bound("100mbit", 0.8 * rate, False) == (rate, pytest.approx(0.8), "link")
     assert sweep.bound("1gbit", 0.2 * 10 * rate, False)[2] == "host"      # the cores, not the link
     assert sweep.bound("100mbit", 0.3 * rate, True)[2] == "fault"         # loss or a shallow queue
     assert sweep.bound("unshaped", 5e6, False) == (None, None, "unshaped")
+    # On a fabric: the bottleneck's busy time at line rate over the measured comm time.
+    assert sweep.bound("100mbit", None, False, busy_s=0.09, comm_s=0.1)[1:] == (pytest.approx(0.9), "link")
+    assert sweep.bound("100mbit", None, False, busy_s=0.03, comm_s=0.1)[2] == "host"
 
 
 def test_validation_counts_link_bound_points_apart():

@@ -415,3 +415,23 @@ def test_cli_hierarchical_needs_a_topology():
     res = _estimate("--layers", "8,8", "--compute-ms", "1", "--world-size", "4", "--link-rate", "1gbit",
                     "--algorithm", "hierarchical")
     assert res.exit_code == 2 and "needs --topology" in res.output
+
+
+def test_a_jobs_link_bytes_by_hand_on_2_x_2():
+    """netns-2x2: payload P all-reduced in all, a probe of Q, a start-up broadcast of B.
+    Ring of 4 in rank order: one edge a server crosses, 2(N-1)/N = 1.5 a payload byte;
+    hierarchical: each of the 2 rail rings of 2 sends 2(n-1)/n x 1/G = 1/2, two of them a
+    server; the probe always as the ring; Gloo's broadcast 0->1, 0->2, 1->3 sends 2
+    copies from server 0 to server 1."""
+    topo = T.load(TOPOLOGIES / "netns-2x2.toml")
+    p, q, b = 1000.0, 100.0, 10
+    ring = T.job_link_bytes(topo, p, "ring", q, b)
+    assert ring["server0.nic0.tx"] == pytest.approx(1.5 * (p + q) + 2 * b)
+    assert ring["server1.nic0.tx"] == pytest.approx(1.5 * (p + q))
+    assert ring["server1.nic0.rx"] == pytest.approx(1.5 * (p + q) + 2 * b)
+    hier = T.job_link_bytes(topo, p, "hierarchical", q, b)
+    assert hier["server0.nic0.tx"] == pytest.approx(2 * 0.5 * p + 1.5 * q + 2 * b)
+    assert not any(k.startswith("server0.gpu") for k in hier)      # NICs and uplinks only
+    # Two leaves of 2 x 2 (netns-2leaf-4x2): the broadcast's 0->4, 1->5, 2->6, 3->7 cross up.
+    leaves = T.job_link_bytes(T.load(TOPOLOGIES / "netns-2leaf-4x2.toml"), 0.0, "ring", 0.0, b)
+    assert leaves["leaf0.up"] == 4 * b and leaves["leaf1.down"] == 4 * b

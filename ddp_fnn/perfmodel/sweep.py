@@ -37,6 +37,7 @@ the step time comes from its step file (steps after the first, as the summary's)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -72,18 +73,20 @@ class Point:
     loss_percent: float
     queue_limit_bytes: int | None
     repeat: int = 0
+    all_reduce: str = "flat"        # train's --all-reduce
 
     @property
     def name(self) -> str:
         q = f"-q{self.queue_limit_bytes}" if self.queue_limit_bytes else ""
         r = f"-r{self.repeat}" if self.repeat else ""
+        h = "-hier" if self.all_reduce == "hierarchical" else ""
         return (f"n{self.nodes}-{self.link_rate or 'unshaped'}-b{self.bucket_mb:g}-{self.compression}"
-                f"-loss{self.loss_percent:g}{q}{r}")
+                f"-loss{self.loss_percent:g}{q}{h}{r}")
 
     def sibling(self, nodes: int) -> Point:
         """The same settings at another world size (the calibration point)."""
         return Point(nodes, self.link_rate, self.bucket_mb, self.compression, self.loss_percent,
-                     self.queue_limit_bytes, self.repeat)
+                     self.queue_limit_bytes, self.repeat, self.all_reduce)
 
 
 @dataclass
@@ -105,6 +108,37 @@ class SweepConfig:
     host_cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     train_args: tuple[str, ...] = ()
     plot: bool = True
+    all_reduces: tuple[str, ...] = ("flat",)
+    # --topology FILE: the fabric (servers x GPUs, leaves, uplinks) each point runs on and
+    # is modelled on, link by link (topology.py); None: one worker a node on one bridge.
+    topology: Path | None = None
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self._fabric().gpus_per_server if self.topology is not None else 1
+
+    def _fabric(self, nodes: int | None = None, link_rate: str | None = None, payload_share: float = 1.0):
+        """The --topology file's fabric with ``nodes`` servers, their NICs at ``link_rate``
+        (the point's; unshaped: the file's) and every network rate times
+        ``payload_share`` (what of a tc rate TCP payload gets)."""
+        from ddp_fnn.perfmodel import topology
+
+        raw = json.loads(json.dumps(topology.load_raw(self.topology)))
+        if nodes is not None:
+            raw["servers"] = nodes
+            sw = raw.setdefault("switch", {})
+            sw["servers_per_leaf"] = min(sw.get("servers_per_leaf", nodes), nodes)
+        if link_rate:
+            raw.setdefault("nic", {})["rate"] = link_rate
+        topo = topology.from_dict(raw, default_name=self.topology.stem)
+        if payload_share != 1.0:
+            topo = dataclasses.replace(topo, nic_bytes_per_second=topo.nic_bytes_per_second * payload_share,
+                                       uplink_bytes_per_second=topo.uplink_bytes_per_second * payload_share)
+        return topo
+
+    def fabric(self, p: Point, payload_share: float = 1.0):
+        """Point p's fabric (``_fabric``)."""
+        return self._fabric(p.nodes, p.link_rate, payload_share)
 
     def check(self) -> None:
         """ValueError naming the option and the value."""
@@ -145,24 +179,39 @@ class SweepConfig:
             raise ValueError(f"--calibrate-on {self.calibrate_on} is not one of --nodes "
                              f"{','.join(map(str, self.nodes))}")
         netmodel.bucket_layout(self.layers, self.bucket_mbs[0])      # the layer widths' own check
+        for a in self.all_reduces:
+            if a not in ("flat", "hierarchical"):
+                raise ValueError(f"--all-reduce: bad value {a!r} (flat, hierarchical)")
+            if a == "hierarchical" and any(c != "none" for c in self.compressions):
+                raise ValueError("--all-reduce hierarchical needs --compression none at every point")
+        if self.topology is not None:
+            if self.launcher != "netns":
+                raise ValueError("--topology needs --launcher netns (its links are namespace links)")
+            base = self._fabric()                    # the file's own check (one line, naming the key)
+            for n in self.nodes:
+                per_leaf = min(base.servers_per_leaf, n)
+                if n % per_leaf:
+                    raise ValueError(f"--nodes {n}: the topology's switch.servers_per_leaf {per_leaf} must divide it")
         if self.launcher == "netns":
             if os.geteuid() != 0:
                 raise ValueError("--launcher netns needs root (it creates network namespaces); "
                                  "run as root or use --launcher loopback")
 
     def points(self) -> list[Point]:
-        return [Point(n, r, b, c, p, q, k) for k, n, r, b, c, p, q in itertools.product(
+        return [Point(n, r, b, c, p, q, k, a) for k, n, r, b, c, p, q, a in itertools.product(
             range(self.repeat), self.nodes, self.link_rates, self.bucket_mbs, self.compressions,
-            self.losses, self.queue_limits)]
+            self.losses, self.queue_limits, self.all_reduces)]
 
     def train_argv(self, p: Point) -> list[str]:
         """`ddp-fnn train`'s arguments at point p (weak scaling: rows_per_rank a rank)."""
         # On loopback the workers share the host's ports: no /metrics endpoints unless asked
         # (a namespace node has its own).
         ports = ["--metrics-port", "0"] if self.launcher == "loopback" else []
+        algo = ["--all-reduce", p.all_reduce] if p.all_reduce != "flat" else []
+        ranks = p.nodes * self.gpus_per_node
         return ["--layers", ",".join(map(str, self.layers)), "--bucket-mb", f"{p.bucket_mb:g}",
-                "--compression", p.compression, "--global-batch-size", str(p.nodes * self.rows_per_rank),
-                "--max-steps", str(self.steps), "--progress", "none", *ports, *self.train_args]
+                "--compression", p.compression, "--global-batch-size", str(ranks * self.rows_per_rank),
+                "--max-steps", str(self.steps), "--progress", "none", *ports, *algo, *self.train_args]
 
     def command_line(self) -> str:
         """The `ddp-fnn sweep` command that makes this sweep (written beside its results)."""
@@ -177,6 +226,10 @@ class SweepConfig:
                 "--layers", join(self.layers), "--rows-per-rank", str(self.rows_per_rank),
                 "--steps", str(self.steps), "--repeat", str(self.repeat),
                 "--calibrate-on", str(self.calibrate_on), "--host-cores", str(self.host_cores)]
+        if self.all_reduces != ("flat",):
+            args += ["--all-reduce", join(self.all_reduces)]
+        if self.topology is not None:
+            args += ["--topology", str(self.topology)]
         if not self.plot:
             args.append("--no-plot")
         if self.train_args:
@@ -186,7 +239,7 @@ class SweepConfig:
     def compute_scale(self, nodes: int, calibrated_on: int) -> float:
         """How much slower a worker computes at ``nodes`` than at ``calibrated_on`` when they
         all share this machine's cores, one thread each (the sweep runs them so)."""
-        share = lambda n: max(1.0, n / self.host_cores)        # noqa: E731
+        share = lambda n: max(1.0, n * self.gpus_per_node / self.host_cores)        # noqa: E731
         return share(nodes) / share(calibrated_on)
 
 
@@ -200,8 +253,13 @@ def point_dir(cfg: SweepConfig, p: Point) -> Path:
 
 def _identity(cfg: SweepConfig, p: Point) -> dict:
     """What a complete point must have been run with to be reused."""
-    return {"point": {**asdict(p), "name": p.name}, "launcher": cfg.launcher, "train_args": cfg.train_argv(p),
-            "loss_node": cfg.loss_node}
+    ident = {"point": {**asdict(p), "name": p.name}, "launcher": cfg.launcher, "train_args": cfg.train_argv(p),
+             "loss_node": cfg.loss_node}
+    if p.all_reduce == "flat":
+        ident["point"].pop("all_reduce")      # points run before --all-reduce existed are still these
+    if cfg.topology is not None:
+        ident["cluster"] = command(cfg, p, Path("."))[2:]   # workers a node, leaves, uplinks
+    return ident
 
 
 def command(cfg: SweepConfig, p: Point, pdir: Path) -> list[str]:
@@ -217,6 +275,15 @@ def command(cfg: SweepConfig, p: Point, pdir: Path) -> list[str]:
     if p.queue_limit_bytes:
         for k in range(p.nodes):
             cmd += ["--queue-limit", f"{k}:{p.queue_limit_bytes}"]
+    if cfg.topology is not None:
+        topo = cfg.fabric(p)
+        if topo.gpus_per_server > 1:
+            cmd += ["--nproc-per-node", str(topo.gpus_per_server)]
+        if topo.leaf_groups > 1:
+            # The leaves' uplinks at the file's rate (or its oversubscription of this point's
+            # node links), in tc's bits per second.
+            cmd += ["--leaves", str(topo.leaf_groups),
+                    "--uplink-rate", f"{round(topo.uplink_bytes_per_second * 8)}bit"]
     return [*cmd, "--", *train]
 
 
@@ -305,15 +372,62 @@ def measure(cfg: SweepConfig, p: Point, pdir: Path) -> dict:
         # Node k runs rank k (c10d ranks the nodes by host name, node0, node1, ...).
         payload_tx = [n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES for n in ns["nodes"]]
         row["kernel_tx_payload_bytes"] = max(payload_tx)
-        row["tx_error"] = max((t / w - 1 for t, w in zip(payload_tx, reported) if w), key=abs, default=None)
+        # One worker a node: its eth0 carries what the rank reports. With several, a node's
+        # eth0 carries part of each rank's bytes (the rest stays inside): nic_tx_error.
+        row["tx_error"] = (max((t / w - 1 for t, w in zip(payload_tx, reported) if w), key=abs, default=None)
+                           if cfg.gpus_per_node == 1 else None)
         row["tc_dropped_packets"] = sum((n.get("qdisc") or {}).get("dropped", 0)
                                         + (n.get("port_qdisc") or {}).get("dropped", 0) for n in ns["nodes"])
         row["loss_dropped_packets"] = sum(n.get("loss_dropped_packets") or 0 for n in ns["nodes"])
+    if cfg.topology is not None and netstats.is_file():
+        row |= fabric_columns(cfg, p, summary, ns)
     if p.loss_percent > 0 and row["rtt_s"]:
         link = netmodel.parse_rate(p.link_rate) if p.link_rate else None
         row["mathis_busbw_bytes_per_second"] = netmodel.mathis_rate(TCP_MSS_BYTES, row["rtt_s"],
                                                                     p.loss_percent / 100, link)
     return row | {"_summary": summary}
+
+
+PAYLOAD_SHARE = (1500 + 14 - HEADER_BYTES) / (1500 + 14)   # TCP payload of a tc (frame) rate at MTU 1500
+
+
+def fabric_columns(cfg: SweepConfig, p: Point, summary: dict, ns: dict) -> dict:
+    """--topology: each node's eth0 and each uplink's kernel TX payload against the
+    fabric model's bytes on that link over the whole job (topology.job_link_bytes: the
+    gradients by the point's algorithm, the probe's flat ring, DDP's start-up broadcast),
+    the worst of each as an error; the step time by topology.estimate with every network
+    rate at what its TCP payload gets (PAYLOAD_SHARE) and the rank's compute as the
+    namespace checks take it (the mean step less the exposed communication: with several
+    workers a node sharing the cores, a peer's lateness is theirs, not a straggler's);
+    and how long the bottleneck link must be busy a step at its line rate
+    (``bottleneck_busy_s``), which ``bound`` holds against the measured comm time."""
+    from ddp_fnn.perfmodel import topology
+
+    algorithm = "hierarchical" if p.all_reduce == "hierarchical" else "ring"
+    topo = cfg.fabric(p)
+    probe = summary.get("probe") or {}
+    model = topology.job_link_bytes(topo, summary["allreduce_payload_bytes_total"], algorithm,
+                                    probe.get("payload_bytes") or 0, summary["gradient_bytes"])
+    node_err = [(n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES) / model[topology.nic_link(k, 0, "tx")] - 1
+                for k, n in enumerate(ns["nodes"]) if model.get(topology.nic_link(k, 0, "tx"))]
+    up_err = []
+    for u in ns.get("uplinks") or []:
+        j = u["leaf"]
+        for name, tx, packets in ((f"leaf{j}.up", u["tx_bytes"], u["tx_packets"]),
+                                  (f"leaf{j}.down", u["spine_tx_bytes"], u["spine_tx_packets"])):
+            if model.get(name):
+                up_err.append((tx - packets * HEADER_BYTES) / model[name] - 1)
+    compute_s = max(0.0, summary["step_time_mean_s"] - summary["exposed_comm_time_per_step_s"])
+    est = topology.estimate(cfg.fabric(p, PAYLOAD_SHARE), cfg.layers, compute_s=compute_s, bucket_mb=p.bucket_mb,
+                            compression=p.compression, algorithm=algorithm)
+    line = topology.estimate(topo, cfg.layers, compute_s=compute_s, bucket_mb=p.bucket_mb,
+                             compression=p.compression, algorithm=algorithm)
+    return {"model_nic_tx_bytes": max((v for k, v in model.items() if k.endswith(".tx") and ".nic" in k), default=None),
+            "nic_tx_error": max(node_err, key=abs, default=None),
+            "model_uplink_bytes": max((v for k, v in model.items() if k.startswith("leaf")), default=None),
+            "uplink_tx_error": max(up_err, key=abs, default=None),
+            "topo_step_s": est.step_time_s, "topo_step_error": _err(est.step_time_s, summary["step_time_mean_s"]),
+            "bottleneck_link": line.bottleneck_link, "bottleneck_busy_s": line.bottleneck_busy_s}
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,6 +446,8 @@ COLUMNS = (
     "rtt_s", "mathis_busbw_bytes_per_second",
     "reported_tx_bytes", "kernel_tx_payload_bytes", "tx_error",
     "line_rate_bytes_per_second", "wire_share", "bound",
+    "all_reduce", "gpus_per_node", "model_nic_tx_bytes", "nic_tx_error", "model_uplink_bytes", "uplink_tx_error",
+    "topo_step_s", "topo_step_error", "bottleneck_link", "bottleneck_busy_s",
 )
 
 # What sets a point's pace. A link-bound point's all-reduces run its shaped link near the
@@ -345,12 +461,20 @@ COLUMNS = (
 LINK_BOUND_SHARE = 0.7
 
 
-def bound(link_rate: str | None, busbw: float | None, faulted: bool) -> tuple[float | None, float | None, str]:
-    """(line rate in bytes/s, busbw / line rate, "link" | "host" | "fault" | "unshaped")."""
+def bound(link_rate: str | None, busbw: float | None, faulted: bool, busy_s: float | None = None,
+          comm_s: float | None = None) -> tuple[float | None, float | None, str]:
+    """(line rate in bytes/s, share, "link" | "host" | "fault" | "unshaped"). The share is
+    busbw / line rate -- with one worker a node and one tier, the ring's every link busy
+    over the comm time -- or, on a --topology fabric, the bottleneck link's busy time at
+    line rate (``busy_s``) over the measured comm time: the same question, asked of the
+    link that should set the pace."""
     if not link_rate or link_rate == "unshaped":
         return None, None, "unshaped"
     rate = netmodel.parse_rate(link_rate)
-    share = busbw / rate if busbw is not None else None
+    if busy_s is not None:
+        share = busy_s / comm_s if comm_s else None
+    else:
+        share = busbw / rate if busbw is not None else None
     if share is not None and share >= LINK_BOUND_SHARE:
         return rate, share, "link"
     return rate, share, "fault" if faulted else "host"
@@ -366,12 +490,14 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
     for p, (ok, _d) in results.items():
         row = {"point": p.name, "status": "ok" if ok else "failed", "nodes": p.nodes, "link_rate": p.link_rate or "unshaped",
                "bucket_mb": p.bucket_mb, "compression": p.compression, "loss_percent": p.loss_percent,
-               "queue_limit_bytes": p.queue_limit_bytes, "steps": cfg.steps}
+               "queue_limit_bytes": p.queue_limit_bytes, "steps": cfg.steps, "all_reduce": p.all_reduce,
+               "gpus_per_node": cfg.gpus_per_node}
         m = measured.get(p)
         if m is not None:
             row |= {k: v for k, v in m.items() if not k.startswith("_")}
             row["line_rate_bytes_per_second"], row["wire_share"], row["bound"] = bound(
-                p.link_rate, row.get("busbw_bytes_per_second"), bool(p.loss_percent or p.queue_limit_bytes))
+                p.link_rate, row.get("busbw_bytes_per_second"), bool(p.loss_percent or p.queue_limit_bytes),
+                row.get("bottleneck_busy_s"), row.get("comm_s"))
             row["step_error"] = _err(row["pred_step_s"], row["step_mean_s"])
             row["exposed_error"] = _err(row["pred_exposed_s"], row["exposed_s"])
             base = p.sibling(cfg.calibrate_on) if cfg.calibrate_on is not None else None
@@ -390,7 +516,8 @@ def build_rows(cfg: SweepConfig, results: dict[Point, tuple[bool, Path]]) -> lis
     return rows
 
 
-ERROR_KEYS = ("step_error", "exposed_error", "cal_step_error", "cal_exposed_error", "tx_error")
+ERROR_KEYS = ("step_error", "exposed_error", "cal_step_error", "cal_exposed_error", "tx_error",
+              "topo_step_error", "nic_tx_error", "uplink_tx_error")
 
 
 def _error_stats(rows: list[dict]) -> dict:
@@ -441,7 +568,10 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
     lines = ["# `ddp-fnn sweep`: measured vs predicted", "", "```", command_line, "```", ""]
     names = {"step_error": "step time, the run's own prediction", "exposed_error": "exposed communication, the run's own prediction",
              "cal_step_error": "step time, calibrated on another world size", "cal_exposed_error": "exposed communication, calibrated",
-             "tx_error": "kernel TX payload vs reported bytes (steps + probe), worst node"}
+             "tx_error": "kernel TX payload vs reported bytes (steps + probe), worst node",
+             "topo_step_error": "step time, the --topology fabric model (no probe)",
+             "nic_tx_error": "each node's eth0 TX payload vs the fabric model's NIC bytes, worst node",
+             "uplink_tx_error": "each uplink's TX payload vs the fabric model's, worst direction"}
     lines += ["| prediction | points | median abs error | largest abs error | link-bound points | median | largest |",
               "|---|---|---|---|---|---|---|"]
     for key, label in names.items():
@@ -454,7 +584,8 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
               + ", ".join(f"{k} {v}" for k, v in figures["probe_methods"].items()), "",
               f"What set the pace (bound): link {b['link']}, host {b['host']}, fault {b['fault']}, unshaped "
               f"{b['unshaped']}. A shaped point is link-bound when its busbw reached {LINK_BOUND_SHARE:.0%} of the "
-              f"configured rate; below that the host's cores forwarding the frames set the pace (host), or, with "
+              f"configured rate (with --topology: when the bottleneck link, at its line rate, was busy that "
+              f"share of the measured comm time); below that the host's cores forwarding the frames set the pace (host), or, with "
               f"loss or a shallow queue configured, the fault or the host (fault). Unshaped points run as fast "
               f"as the host can.", ""]
     head = ("| nodes | link | bound (busbw/rate) | bucket MiB (n) | wire | loss % | step ms | p99 ms | exposed ms | wait ms | "
@@ -472,6 +603,24 @@ def markdown(rows: list[dict], figures: dict, command_line: str) -> str:
             f"{_ms(r['pred_step_s'])} | {_pct(r['step_error'])} | {_ms(r['pred_exposed_s'])} | "
             f"{_pct(r['exposed_error'])} | {_ms(r['cal_step_s'])} | {_pct(r['cal_step_error'])} | "
             f"{r['retransmits_per_step']:.1f} |")
+    if any(r.get("topo_step_s") is not None for r in rows):
+        lines += ["", "The fabric (--topology): each point on its servers, NICs, leaves and uplinks, modelled link "
+                  "by link (topology.py) with no probe: the step time at the links' TCP payload rates, the "
+                  "bottleneck, and each link's kernel TX payload against the model's bytes over the whole job "
+                  "(steps, probe, start-up broadcast), the worst node and the worst uplink direction.", "",
+                  "| nodes x GPUs | link | all-reduce | bucket MiB (n) | bound | step ms | fabric model step ms | err | "
+                  "bottleneck | NIC TX model MB | worst node err | uplink model MB | worst uplink err |",
+                  "|" + "---|" * 13]
+        for r in rows:
+            if r["status"] != "ok" or r.get("topo_step_s") is None:
+                continue
+            up = r.get("model_uplink_bytes")
+            lines.append(
+                f"| {r['nodes']} x {r['gpus_per_node']} | {r['link_rate']} | {r['all_reduce']} | "
+                f"{r['bucket_mb']:g} ({r['buckets']}) | {_bound_cell(r)} | {_ms(r['step_mean_s'])} | "
+                f"{_ms(r['topo_step_s'])} | {_pct(r['topo_step_error'])} | {r['bottleneck_link']} | "
+                f"{r['model_nic_tx_bytes'] / 1e6:.2f} | {_pct(r['nic_tx_error'])} | "
+                f"{'' if up is None else f'{up / 1e6:.2f}'} | {_pct(r.get('uplink_tx_error'))} |")
     if any(r["loss_percent"] or r["queue_limit_bytes"] for r in rows):
         lines += ["", "Faults: what TCP saw (retransmitted segments per step and retransmission timeouts "
                   "per 100 steps, all nodes; frames the switch dropped over the run), the bus bandwidth "
@@ -511,7 +660,8 @@ def retable(out: Path) -> dict:
     for r in doc["rows"]:
         if r.get("status") == "ok":
             r["line_rate_bytes_per_second"], r["wire_share"], r["bound"] = bound(
-                r["link_rate"], r.get("busbw_bytes_per_second"), bool(r["loss_percent"] or r["queue_limit_bytes"]))
+                r["link_rate"], r.get("busbw_bytes_per_second"), bool(r["loss_percent"] or r["queue_limit_bytes"]),
+                r.get("bottleneck_busy_s"), r.get("comm_s"))
         rows.append({c: r.get(c) for c in COLUMNS})
     return write_tables(out, rows, doc["command"], doc.get("host_cores"), doc.get("calibrate_on"))
 

@@ -280,6 +280,11 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
 def load(path: str | Path) -> Topology:
     """A ``Topology`` from a ``.toml`` or ``.json`` file (by its suffix; anything else is
     read as TOML). Errors are one line: ``topology: KEY ..., got VALUE``."""
+    return from_dict(load_raw(path), default_name=Path(path).stem)
+
+
+def load_raw(path: str | Path) -> dict:
+    """The file's table as parsed, unchecked (``load`` checks it)."""
     p = Path(path)
     try:
         if p.suffix.lower() == ".json":
@@ -292,7 +297,7 @@ def load(path: str | Path) -> Topology:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"topology: {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'}: "
                          f"{str(e).splitlines()[0]}") from None
-    return from_dict(raw, default_name=p.stem)
+    return raw
 
 
 # ---------------------------------------------------------------------------------------
@@ -553,6 +558,55 @@ def busbw(topo: Topology, size_bytes: float, algorithm: str = "ring", channels: 
     if topo.world_size == 1:
         return 0.0
     return netmodel.busbw(netmodel.algbw(size_bytes, coll.time_s(size_bytes)), topo.world_size)
+
+
+def gloo_broadcast_sends(world: int, root: int = 0) -> list[tuple[int, int]]:
+    """(sender, receiver) of every message of Gloo's broadcast (gloo/broadcast.cc): a
+    binomial tree over virtual ranks (root = 0): in round i every rank below 2^i that has
+    one sends to its peer with bit i set. At 8 ranks: 0->1; 0->2, 1->3; 0->4, 1->5, 2->6,
+    3->7 -- rank 0 sends 3 copies, not N-1. DDP's start-up broadcast of rank 0's
+    parameters (``_sync_module_states``) is one such broadcast."""
+    sends = []
+    bit = 1
+    while bit < world:
+        for v in range(bit):
+            if v + bit < world:
+                sends.append(((v + root) % world, (v + bit + root) % world))
+        bit <<= 1
+    return sends
+
+
+def broadcast_bytes_leaving(group_of, world: int, nbytes: int) -> dict:
+    """Bytes of one Gloo broadcast of ``nbytes`` that each group (a server, a leaf: named
+    by ``group_of(rank)``) sends to ranks outside it."""
+    out: dict = {}
+    for a, b in gloo_broadcast_sends(world):
+        if group_of(a) != group_of(b):
+            out[group_of(a)] = out.get(group_of(a), 0) + nbytes
+    return out
+
+
+def job_link_bytes(topo: Topology, payload_bytes: float, algorithm: str = "ring", probe_payload_bytes: float = 0.0,
+                   setup_bytes: int = 0) -> dict[str, float]:
+    """Every NIC and uplink's bytes over a whole job, one direction each: its gradient
+    all-reduces (``payload_bytes`` per rank in all, by ``algorithm``), the probe's
+    (always the backend's flat ring), and DDP's start-up broadcast of ``setup_bytes``
+    (Gloo's binomial tree) -- what a kernel counter on that link saw, less the store's and
+    the small collectives' few kB."""
+    out: dict[str, float] = defaultdict(float)
+    for coll, nbytes in ((collective(topo, algorithm), payload_bytes), (collective(topo, "ring"), probe_payload_bytes)):
+        if nbytes:
+            for link, b in coll.link_bytes_per_payload_byte().items():
+                out[link] += b * nbytes
+    g, per_leaf = topo.gpus_per_server, topo.gpus_per_server * topo.servers_per_leaf
+    for a, b in gloo_broadcast_sends(topo.world_size) if setup_bytes else ():
+        if a // g != b // g:
+            out[nic_link(a // g, topo.nic_of(a % g), "tx")] += setup_bytes
+            out[nic_link(b // g, topo.nic_of(b % g), "rx")] += setup_bytes
+        if topo.leaf_groups > 1 and not topo.rail_optimized and a // per_leaf != b // per_leaf:
+            out[f"leaf{a // per_leaf}.up"] += setup_bytes
+            out[f"leaf{b // per_leaf}.down"] += setup_bytes
+    return {k: v for k, v in out.items() if ".nic" in k or k.startswith("leaf")}
 
 
 # ---------------------------------------------------------------------------------------
