@@ -183,6 +183,10 @@ class Synchroniser:
                 # thread and the step deadlocks. One bucket has nothing in flight beside it.
                 self.bucket_mb = max(bucket_mb, gradient_bytes(model) / 2 ** 20 + 1)
             device_ids = [device.index] if device is not None and device.type == "cuda" else None
+            # gradient_as_bucket_view: each .grad is a view into its bucket, so after the
+            # all-reduce nothing is copied back (one pass over the gradients less a step;
+            # with zero_grad(set_to_none=True) the Reducer still copies each new gradient
+            # in, times 1/N on its own path, so the arithmetic is unchanged).
             self.observed = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb, gradient_as_bucket_view=True)
             self.model = self.observed
             self.setup_wire_bytes = module_state_broadcast_bytes(model, world_size, dist.get_rank())
