@@ -244,6 +244,11 @@ def test_a_topology_sweep_puts_each_nics_kernel_bytes_beside_the_fabric_models(t
         assert r["bound"] == "link", r
         assert r["tx_error"] == ""                 # per rank, not per node: not comparable here
         assert float(r["topo_step_s"]) > 0
+        # Every node's eth0, kernel and model bytes side by side, each within 3 %.
+        links = dict(item.split("=") for item in r["links"].split())
+        assert set(links) == {"server0.nic0.tx", "server1.nic0.tx"}
+        for kernel, model in (map(float, v.split("/")) for v in links.values()):
+            assert kernel == pytest.approx(model, rel=0.03)
     # The steps' share (the probe, a flat ring either way, is most of these short runs' bytes).
     flat, hier = float(rows["flat"]["model_nic_tx_bytes"]), float(rows["hierarchical"]["model_nic_tx_bytes"])
     assert hier < flat

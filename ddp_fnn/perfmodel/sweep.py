@@ -408,15 +408,16 @@ def fabric_columns(cfg: SweepConfig, p: Point, summary: dict, ns: dict) -> dict:
     probe = summary.get("probe") or {}
     model = topology.job_link_bytes(topo, summary["allreduce_payload_bytes_total"], algorithm,
                                     probe.get("payload_bytes") or 0, summary["gradient_bytes"])
-    node_err = [(n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES) / model[topology.nic_link(k, 0, "tx")] - 1
-                for k, n in enumerate(ns["nodes"]) if model.get(topology.nic_link(k, 0, "tx"))]
-    up_err = []
+    # (link, kernel TX payload, model bytes) for every node's eth0 and both ends of every uplink
+    seen = [(topology.nic_link(k, 0, "tx"), n["tx_bytes"] - n["tx_packets"] * HEADER_BYTES)
+            for k, n in enumerate(ns["nodes"])]
     for u in ns.get("uplinks") or []:
         j = u["leaf"]
-        for name, tx, packets in ((f"leaf{j}.up", u["tx_bytes"], u["tx_packets"]),
-                                  (f"leaf{j}.down", u["spine_tx_bytes"], u["spine_tx_packets"])):
-            if model.get(name):
-                up_err.append((tx - packets * HEADER_BYTES) / model[name] - 1)
+        seen += [(f"leaf{j}.up", u["tx_bytes"] - u["tx_packets"] * HEADER_BYTES),
+                 (f"leaf{j}.down", u["spine_tx_bytes"] - u["spine_tx_packets"] * HEADER_BYTES)]
+    links = [(name, sent, model.get(name, 0.0)) for name, sent in seen]
+    node_err = [sent / m - 1 for name, sent, m in links if m and ".nic" in name]
+    up_err = [sent / m - 1 for name, sent, m in links if m and name.startswith("leaf")]
     compute_s = max(0.0, summary["step_time_mean_s"] - summary["exposed_comm_time_per_step_s"])
     est = topology.estimate(cfg.fabric(p, PAYLOAD_SHARE), cfg.layers, compute_s=compute_s, bucket_mb=p.bucket_mb,
                             compression=p.compression, algorithm=algorithm)
@@ -427,7 +428,8 @@ def fabric_columns(cfg: SweepConfig, p: Point, summary: dict, ns: dict) -> dict:
             "model_uplink_bytes": max((v for k, v in model.items() if k.startswith("leaf")), default=None),
             "uplink_tx_error": max(up_err, key=abs, default=None),
             "topo_step_s": est.step_time_s, "topo_step_error": _err(est.step_time_s, summary["step_time_mean_s"]),
-            "bottleneck_link": line.bottleneck_link, "bottleneck_busy_s": line.bottleneck_busy_s}
+            "bottleneck_link": line.bottleneck_link, "bottleneck_busy_s": line.bottleneck_busy_s,
+            "links": " ".join(f"{name}={sent}/{m:.0f}" for name, sent, m in links)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,6 +450,7 @@ COLUMNS = (
     "line_rate_bytes_per_second", "wire_share", "bound",
     "all_reduce", "gpus_per_node", "model_nic_tx_bytes", "nic_tx_error", "model_uplink_bytes", "uplink_tx_error",
     "topo_step_s", "topo_step_error", "bottleneck_link", "bottleneck_busy_s",
+    "links",        # --topology: LINK=KERNEL/MODEL bytes over the job, every NIC (eth0) and uplink direction
 )
 
 # What sets a point's pace. A link-bound point's all-reduces run its shaped link near the
