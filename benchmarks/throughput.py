@@ -2,7 +2,10 @@
 
 Run under torchrun (the figures in README.md came from this command):
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --rounds 12
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --rounds 6
+
+(--train-only: comparison 1 alone, as the A/B runs against an older tree in README were
+made; --hook-only: comparisons 2 and 3.)
 
 1. ``train``: ddp-fnn's ``train.loop.train`` on one FNN (--layers, default 256,1024,1024,1),
    four ways:
