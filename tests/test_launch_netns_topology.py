@@ -289,16 +289,21 @@ def test_two_tier_run_leaves_nothing_behind(leafy):
 # ---------------------------------------------------------------------------------------
 
 HIER_STEPS = 30
+# 25 Mbit/s, not the 100 of the other checks: the in-node phases lose 8-15 ms a step to
+# this host (4 workers on 2 cores finish backward apart; docs/topology.md), a straggler
+# the model does not have. At 100 Mbit/s that is 6 points of a 27-point change; here the
+# node links' share of the step is 4x and the change is measured, not the host's skew.
+HIER_RATE = "25mbit"
 
 
 @pytest.fixture(scope="module")
 def hier_pair(tmp_path_factory):
-    """The same 2 x 2 job at 100 Mbit/s twice, flat and --all-reduce hierarchical."""
+    """The same 2 x 2 job at HIER_RATE twice, flat and --all-reduce hierarchical."""
     runs = {}
     for algo in ("flat", "hierarchical"):
         before = root_links()
         run = run_cluster(2, tmp_path_factory.mktemp(f"algo-{algo}"), *TRAIN, "--max-steps", str(HIER_STEPS),
-                          "--all-reduce", algo, extra=("--nproc-per-node", str(GPUS), "--link-rate", "100mbit"))
+                          "--all-reduce", algo, extra=("--nproc-per-node", str(GPUS), "--link-rate", HIER_RATE))
         run.root_links_added = root_links() - before
         print(f"\n2 nodes x {GPUS}, --all-reduce {algo}: {run.seconds:.1f} s\n{run.stdout}")
         runs[algo] = run
@@ -322,7 +327,7 @@ def test_hierarchical_sends_what_the_model_says_across_servers(hier_pair):
     for algo, run, summary in (("hierarchical", hier_pair["hierarchical"], h), ("flat", hier_pair["flat"], f)):
         stats = run.netstats
         header = header_bytes_per_packet(stats)
-        est = topology.estimate(topology.from_dict(netns_topology("netns-2x2.toml")), LAYERS,
+        est = topology.estimate(topology.from_dict(netns_topology("netns-2x2.toml", **{"nic.rate": HIER_RATE})), LAYERS,
                                 compute_s=compute_s(summary), bucket_mb=summary["bucket_mb"],
                                 algorithm="hierarchical" if algo == "hierarchical" else "ring")
         links = dict(est.link_bytes_per_step)
@@ -337,24 +342,30 @@ def test_hierarchical_sends_what_the_model_says_across_servers(hier_pair):
 
 
 def test_hierarchical_step_time_change_is_predicted_within_10_percent(hier_pair):
-    """At 100 Mbit/s the node links set the pace: hierarchical moves 2/3 of the flat
-    ring's bytes across them, and the model predicts the step time of each run (compute
-    from its own summary, the links at the rate their TCP payload gets) within 10 %, and
-    so the ratio of the two (issue 28, "Must show" 3)."""
+    """With the node links setting the pace, hierarchical moves 2/3 of the flat ring's
+    bytes across them. The model predicts the step time of each run (compute from its own
+    summary, the links at the rate their TCP payload gets) within 10 %, the ratio of the
+    two within 10 % (issue 28, "Must show" 3). The change itself (hierarchical / flat - 1)
+    is printed beside the model's: at 25 Mbit/s it came within 4.6-14 % of its size in
+    four runs (docs/topology.md); one run's TCP share between the two rails moves the
+    hierarchical step 2-6 %, which the change, a difference, magnifies 3x, so that is
+    reported, not asserted."""
     figures = {}
     for algo in ("flat", "hierarchical"):
         run = hier_pair[algo]
         summary = summary_of(run)
         header = header_bytes_per_packet(run.netstats)
-        raw = payload_rates(netns_topology("netns-2x2.toml"), run.netstats["mtu"], header)
+        raw = payload_rates(netns_topology("netns-2x2.toml", **{"nic.rate": HIER_RATE}), run.netstats["mtu"], header)
         est = topology.estimate(topology.from_dict(raw), LAYERS, compute_s=compute_s(summary),
                                 bucket_mb=summary["bucket_mb"], algorithm="ring" if algo == "flat" else algo)
         figures[algo] = (summary["step_time_p50_s"], est.step_time_s, est.bottleneck_link)
     (mf, pf, bf), (mh, ph, bh) = figures["flat"], figures["hierarchical"]
-    print(f"\n2x{GPUS} at 100 Mbit/s: flat p50 {mf * 1e3:.1f} ms vs model {pf * 1e3:.1f} ms ({pct(pf, mf)}), "
+    change_m, change_p = mh / mf - 1, ph / pf - 1
+    print(f"\n2x{GPUS} at {HIER_RATE}: flat p50 {mf * 1e3:.1f} ms vs model {pf * 1e3:.1f} ms ({pct(pf, mf)}), "
           f"bottleneck {bf}; hierarchical p50 {mh * 1e3:.1f} ms vs model {ph * 1e3:.1f} ms ({pct(ph, mh)}), "
           f"bottleneck {bh}; ratio hierarchical/flat measured {mh / mf:.3f}, model {ph / pf:.3f} "
-          f"({pct(ph / pf, mh / mf)})")
+          f"({pct(ph / pf, mh / mf)}); change measured {change_m:+.1%}, model {change_p:+.1%} "
+          f"({pct(change_p, change_m)} of the change)")
     assert ".nic" in bf and ".nic" in bh
     assert pf == pytest.approx(mf, rel=0.10) and ph == pytest.approx(mh, rel=0.10)
     assert ph / pf == pytest.approx(mh / mf, rel=0.10)
