@@ -32,7 +32,6 @@ plain    not the trainer: an N^3 bf16 matmul (the ceiling), the bf16 model in a 
 from __future__ import annotations
 
 import argparse
-import bisect
 import gzip
 import os
 import shutil
@@ -52,6 +51,7 @@ REPO = Path(SCRIPT).parent.parent
 sys.path.insert(0, str(REPO))
 from ddp_fnn import fileio  # noqa: E402
 from ddp_fnn.observe import mfu as mfu_table  # noqa: E402  (a table, no torch)
+from ddp_fnn.observe.profile_trace import attribute, host_syncs, trace_steps  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 TARGET_SUM, TARGET_PROFILER, TARGET_MFU, AHEAD_S, ACCUM = 0.05, 0.10, 0.60, 0.02, 4
@@ -87,12 +87,6 @@ def read_json(path: Path, default=None):
 
 def read_steps(path: Path) -> list[dict]:
     return [fileio.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(fileio.dumps(value, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def run_cmd(cmd: list[str], timeout: float, log: Path, env: dict | None = None, poll=None) -> dict:
@@ -156,109 +150,6 @@ def step_figures(recs: list[dict], skip: int) -> dict:
     return out
 
 
-# ---- the profiler trace (--profile A:B: Chrome trace events) ---------------------------------
-
-DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-LAUNCH_CATS = ("cuda_runtime", "cuda_driver", "runtime", "driver")
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cuStreamSynchronize", "cuCtxSynchronize")
-
-
-def trace_steps(events: list[dict]):
-    """The trainer's phase ranges (ts, end, phase), and its steps: a step runs from its first
-    phase range to the next step's first (the last one: to the end of the trace)."""
-    wins = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"][len("ddp_fnn."):])
-                  for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-                  and str(e.get("name", "")).startswith("ddp_fnn."))
-    starts, new = [], True
-    for a, _, name in wins:
-        if new:
-            starts.append(a)
-        new = name == "optimizer"
-    return wins, list(zip(starts, starts[1:] + [float("inf")]))
-
-
-def locate(spans: list[tuple], t: float) -> int | None:
-    i = bisect.bisect_right([s[0] for s in spans], t) - 1
-    return i if i >= 0 and t <= spans[i][1] else None
-
-
-def device_events(events: list[dict], cpu: bool) -> list[tuple[dict, float | None]]:
-    """(event, launch time): CUDA kernels, memcpys and memsets with their launch call's start
-    (by correlation id); on CPU, ops not inside another op of their thread, at their start."""
-    if not cpu:
-        launch = {(e.get("args") or {}).get("correlation"): float(e["ts"]) for e in events
-                  if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS}
-        return [(e, launch.get((e.get("args") or {}).get("correlation"))) for e in events
-                if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS]
-    out, by_tid = [], {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
-            by_tid.setdefault(e.get("tid"), []).append(e)
-    for evs in by_tid.values():
-        end = -1.0
-        for e in sorted(evs, key=lambda e: (float(e["ts"]), -float(e.get("dur", 0)))):
-            if float(e["ts"]) >= end:
-                out.append((e, float(e["ts"])))
-                end = float(e["ts"]) + float(e.get("dur", 0))
-    return out
-
-
-def attribute(events: list[dict], use: set[int], cpu: bool) -> dict:
-    """Device seconds per phase over the trace's steps ``use``; backward split at its last
-    all-reduce call (after it: DDP's copy-back into the gradients)."""
-    from ddp_fnn.observe import union_length
-    wins, segs = trace_steps(events)
-    reduces = sorted(float(e["ts"]) for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"
-                     and "allreduce" in str(e.get("name", "")).lower().replace("_", ""))
-    per, busy, unmatched, outside = {}, [], 0.0, 0.0
-    for e, t in device_events(events, cpu):
-        dur = float(e.get("dur", 0)) / 1e6
-        if t is None or locate(segs, t) not in use:
-            unmatched += dur if t is None else 0.0
-            continue
-        busy.append((float(e["ts"]) / 1e6, float(e["ts"]) / 1e6 + dur))
-        w = locate(wins, t)
-        if w is None:
-            outside += dur
-            continue
-        a, b, phase = wins[w]
-        d = per.setdefault(phase, {"s": 0.0, "events": 0, "before_last_allreduce_s": 0.0})
-        d["s"] += dur
-        d["events"] += 1
-        j = bisect.bisect_right(reduces, b) - 1
-        d["before_last_allreduce_s"] += dur if not (j >= 0 and a <= reduces[j] <= t) else 0.0
-    return {"per_phase": per, "device_busy_s": union_length(busy), "outside_phases_s": outside,
-            "unmatched_s": unmatched}
-
-
-def host_syncs(events: list[dict], use: set[int]) -> list[dict]:
-    """Per step ``use``: host waits for the device (cuda*Synchronize calls), reads of a device
-    tensor (_local_scalar_dense around a memcpy call), where they were, and aten::item counts."""
-    wins, segs = trace_steps(events)
-    copies = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS and "Memcpy" in str(e.get("name", "")):
-            copies.setdefault(e.get("tid"), []).append(float(e["ts"]))
-    per = {k: {"syncs": 0, "device_reads": 0, "where": [], "aten::item": 0, "aten::_local_scalar_dense": 0}
-           for k in sorted(use)}
-    for e in events:
-        name, t = str(e.get("name", "")), float(e.get("ts", 0))
-        k = locate(segs, t) if e.get("ph") == "X" else None
-        if k not in per:
-            continue
-        kind = "syncs" if e.get("cat") in LAUNCH_CATS and name in SYNC_CALLS else None
-        if e.get("cat") == "cpu_op" and name in ("aten::item", "aten::_local_scalar_dense"):
-            per[k][name] += 1
-            end = t + float(e.get("dur", 0))
-            if name == "aten::_local_scalar_dense" and any(t <= c <= end for c in copies.get(e.get("tid"), ())):
-                kind = "device_reads"
-        if kind:
-            per[k][kind] += 1
-            w = locate(wins, t)
-            per[k]["where"].append(wins[w][2] if w is not None else "between phases")
-    return list(per.values())
-
-
 # ---- the parts ---------------------------------------------------------------------------------
 
 class Driver:
@@ -319,7 +210,7 @@ class Driver:
                 self.res["parts"][name] = r
                 ok = ok and bool(r.get("ran"))
                 self.res["elapsed_s"] = time.monotonic() - self.t0
-                write_json(self.out / "gpu.json", self.res)
+                fileio.write_json(self.out / "gpu.json", self.res)
                 (self.out / "gpu.md").write_text(table(self.res["parts"]) + "\n")
                 print(table({name: r}), flush=True)
         finally:
@@ -521,7 +412,7 @@ def worker(name: str, device: str, out: Path, cfg: dict) -> int:
             res |= {"device_name": p.name, "capability": list(torch.cuda.get_device_capability(0)),
                     "sm_count": p.multi_processor_count, "memory_gib": p.total_memory / 2 ** 30,
                     "nccl": ".".join(map(str, torch.cuda.nccl.version())), "cudnn": torch.backends.cudnn.version()}
-        write_json(out, res)
+        fileio.write_json(out, res)
         return 0
     import torch.nn.functional as F
     from ddp_fnn.train.model import build_fnn
@@ -563,7 +454,7 @@ def worker(name: str, device: str, out: Path, cfg: dict) -> int:
         except Exception as e:
             res["variants"][variant] = {"step_s": None, "error": f"{type(e).__name__}: {str(e)[:1000]}"}
         model = fwd = opt = None
-        write_json(out, res)
+        fileio.write_json(out, res)
     return 0
 
 
