@@ -24,7 +24,7 @@ less than the file; the file's pages are evicted from the page cache first
 from storage (read_bytes in /proc/self/io); fincore tells how much of the file was
 ever brought in.
 
-Workers are this script run by torchrun (``worker``), calling trainer.main in-process.
+Workers are this script run by torchrun (``worker``), calling job.main in-process.
 """
 
 from __future__ import annotations

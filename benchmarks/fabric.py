@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ddp_fnn.core import units  # noqa: E402
 from ddp_fnn.observe import stepfile  # noqa: E402
 from ddp_fnn.perfmodel import netmodel  # noqa: E402  (the repo's package, without installing it)
 
@@ -71,7 +72,7 @@ def run_one(loss: float, out: Path, steps: int) -> dict:
     steps0 = [d["step_s"] for d in stepfile.read(out / "node0" / "steps-rank0.jsonl")[WARMUP:]]
     tcp1 = s["ranks"][1]["tcp"]
     rtt = 2 * max(c["bound_start_s"] or 0 for c in s["clock_offsets"])
-    link = netmodel.parse_rate(LINK)
+    link = units.parse_rate(LINK)
     mathis = netmodel.mathis_rate(MSS, rtt, loss / 100, link) if rtt > 0 else None
     return row | {
         "steps": len(steps0),

@@ -49,7 +49,7 @@ from pathlib import Path
 SCRIPT = str(Path(__file__).resolve())
 REPO = Path(SCRIPT).parent.parent
 sys.path.insert(0, str(REPO))
-from ddp_fnn import fileio  # noqa: E402
+from ddp_fnn.core import fileio  # noqa: E402
 from ddp_fnn.observe import mfu as mfu_table  # noqa: E402  (a table, no torch)
 from ddp_fnn.observe.profile_trace import attribute, host_syncs, trace_steps  # noqa: E402
 
@@ -415,7 +415,7 @@ def worker(name: str, device: str, out: Path, cfg: dict) -> int:
         fileio.write_json(out, res)
         return 0
     import torch.nn.functional as F
-    from ddp_fnn.train.model import build_fnn
+    from ddp_fnn.model import build_fnn
     dev, res = torch.device(device), {"variants": {}}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 

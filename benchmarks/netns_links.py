@@ -43,8 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import fileio  # noqa: E402
-from ddp_fnn.perfmodel import netmodel  # noqa: E402  (the repo's package, without installing it)
+from ddp_fnn.core import fileio, units  # noqa: E402
 
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 LAYERS = "256,1024,1024,1024,1"
@@ -64,11 +63,11 @@ def train_args(layers: str, steps: int, batch: int) -> list[str]:
     """`ddp-fnn train` arguments for every node. lr 0.0005: this deep, wide FNN diverges
     on the synthetic data at the default 0.01 with momentum 0.9."""
     return ["--layers", layers, "--global-batch-size", str(batch), "--lr", "0.0005", "--max-steps", str(steps),
-            "--metrics-port", "0", "--progress", "none", "--probe-rounds", str(PROBE_ROUNDS)]
+            "--metrics-port", "0", "--progress", "none", "--probe", "--probe-rounds", str(PROBE_ROUNDS)]
 
 
 def link_bytes_per_second(rate: str) -> float | None:
-    return None if rate == UNSHAPED else netmodel.parse_rate(rate)
+    return None if rate == UNSHAPED else units.parse_rate(rate)
 
 
 def rel_error(predicted: float | None, measured: float | None) -> float | None:
@@ -222,7 +221,7 @@ def main() -> int:
     for r in rates:
         if r != UNSHAPED:
             try:
-                netmodel.parse_rate(r)
+                units.parse_rate(r)
             except ValueError as e:
                 p.error(f"--rates: {e}")
     out = args.out or Path(tempfile.mkdtemp(prefix="ddp-fnn-links."))

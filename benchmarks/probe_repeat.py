@@ -163,7 +163,7 @@ def netns_run(i: int, nodes: int, steps: int, layers: str) -> dict:
 def cost_worker(runs: int, largest: int) -> None:
     sys.path.insert(0, str(REPO))
     from ddp_fnn.perfmodel import probe
-    from ddp_fnn.train import dist as ddist
+    from ddp_fnn import dist as ddist
     world = ddist.setup("gloo", "auto", 120)
     rows = []
     for _ in range(runs):

@@ -54,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ddp_fnn import fileio  # noqa: E402
+from ddp_fnn.core import fileio  # noqa: E402
 from ddp_fnn.observe import stepfile  # noqa: E402  (the repo's package, without installing it)
 
 SLOW_RANK = 1

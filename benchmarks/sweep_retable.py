@@ -8,7 +8,7 @@ link-bound and which host-bound), without running a job:
 import sys
 from pathlib import Path
 
-from ddp_fnn.perfmodel import sweep
+from ddp_fnn import sweep
 
 for d in sys.argv[1:]:
     figures = sweep.retable(Path(d))

@@ -74,15 +74,15 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_fnn.train import dist as ddist
+from ddp_fnn import dist as ddist
 from ddp_fnn.observe import stepfile
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.train import loop as trainer
 from ddp_fnn.train import setup
 from ddp_fnn.config import TrainConfig, parse_layers
 from ddp_fnn.data.datasets import GlobalBatches, load_dataset
 from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn.model import build_fnn
 from ddp_fnn.perfmodel.netmodel import bucket_layout
 from ddp_fnn.observe import Clock, CollectiveRecord, Observer, make_record
 from ddp_fnn.train.sync import Synchroniser

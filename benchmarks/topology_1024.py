@@ -20,7 +20,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ddp_fnn.perfmodel import netmodel, topology
+from ddp_fnn.core import units
+from ddp_fnn.perfmodel import topology
 
 REPO = Path(__file__).resolve().parents[1]
 TIER_COLOURS = {"intra": "tab:green", "nic": "tab:blue", "uplink": "tab:red"}
@@ -37,13 +38,13 @@ def run(path: Path, widths: list[int], compute_s: float, bucket_mb: float) -> li
 
 
 def report(results) -> None:
-    fb, fs = netmodel.format_bytes, netmodel.format_seconds
+    fb, fs = units.format_bytes, units.format_seconds
     for est, elapsed in results:
         tiers = est.tier_bytes_per_step
         print(f"== {est.algorithm} ({est.topology.world_size} GPUs, {len(est.link_bytes_per_step)} links loaded)")
         print(f"   per step: intra {fb(tiers['intra'])}, NIC {fb(tiers['nic'])}, uplink/spine {fb(tiers['uplink'])}")
         print(f"   bottleneck {est.bottleneck_link}: {fb(est.bottleneck_bytes_per_step)}, utilisation "
-              f"{est.bottleneck_utilisation:.1%}, burst {netmodel.format_rate(est.burst_bytes_per_second)}, "
+              f"{est.bottleneck_utilisation:.1%}, burst {units.format_rate(est.burst_bytes_per_second)}, "
               f"duty cycle {est.duty_cycle:.1%}")
         print(f"   step {fs(est.step_time_s)}, comm {fs(est.comm_time_s)}, exposed {fs(est.exposed_s)}; "
               f"busbw at 8 GiB {topology.busbw(est.topology, 8 * 2 ** 30, est.algorithm) / 1e9:.1f} GB/s")
@@ -68,7 +69,7 @@ def plot(results, png: Path) -> bool:
             if xs:
                 ax.scatter(xs, [100 * util[links[i]] for i in xs], s=2, color=TIER_COLOURS[tier], label=tier)
         ax.set_title(f"{est.algorithm}: bottleneck {est.bottleneck_link} at {est.bottleneck_utilisation:.0%} "
-                     f"of a {netmodel.format_seconds(est.step_time_s)} step", fontsize=9)
+                     f"of a {units.format_seconds(est.step_time_s)} step", fontsize=9)
         ax.set_ylabel("busy / step (%)")
         ax.legend(loc="upper left", fontsize=7, markerscale=4)
     axes[-1].set_xlabel(f"link (grouped by tier; {results[0][0].topology.name})")

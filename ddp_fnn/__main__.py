@@ -1,10 +1,10 @@
 """`python -m ddp_fnn ...` is `ddp-fnn ...` (torchrun launches workers this way: `torchrun ... -m ddp_fnn train`).
 
 The worker process ends with os._exit once everything is written and flushed: by then
-the process group is destroyed (ddp_fnn.train.dist.teardown), and skipping interpreter
+the process group is destroyed (ddp_fnn.dist.teardown), and skipping interpreter
 finalisation leaves no window in which a Gloo thread still finishing a collective's
 bookkeeping can need the GIL during Py_Finalize and abort the process (docs/shutdown.md).
-Only here, the process entry point: cli.main and trainer.main return normally, so the
+Only here, the process entry point: cli.main and job.main return normally, so the
 tests can call them in-process.
 """
 

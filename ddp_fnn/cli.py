@@ -61,30 +61,57 @@ def _load_toml_config(ctx: click.Context, _param, path: str | None):
     return path
 
 
+def _option(name: str, type_name: str, default, meta: dict, flag: str | None = None):
+    """The click option of TrainConfig's field ``name``: its help, default, type and choices."""
+    flag = flag or "--" + name.replace("_", "-")
+    kwargs = dict(help=meta["help"], show_default=True)
+    if meta.get("flag"):
+        kwargs.update(is_flag=True, default=default)
+        if not meta.get("single"):
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+    elif meta.get("choices"):
+        kwargs.update(type=click.Choice(meta["choices"]), default=default)
+    elif type_name.startswith("tuple"):
+        kwargs.update(type=str, default=",".join(map(str, default)))
+    elif type_name.startswith("int"):
+        kwargs.update(type=int, default=default)
+    elif type_name.startswith("float"):
+        kwargs.update(type=float, default=default)
+    elif type_name.startswith("Path"):
+        kind = dict(dir_okay=False) if meta.get("file") else dict(file_okay=False)
+        kwargs.update(type=click.Path(path_type=Path, **kind), default=default)
+    else:
+        kwargs.update(type=str, default=default)
+    return flag, kwargs
+
+
 def _config_options(func):
     """Decorate `func` with one click option per TrainConfig field."""
     for name, type_name, default, meta in reversed(fields_for_cli()):
-        flag = "--" + name.replace("_", "-")
-        kwargs = dict(help=meta["help"], envvar="DDP_FNN_" + name.upper(), show_default=True)
-        if meta.get("flag"):
-            kwargs.update(is_flag=True, default=default)
-            if not meta.get("single"):
-                flag = f"{flag}/--no-{name.replace('_', '-')}"
-        elif meta.get("choices"):
-            kwargs.update(type=click.Choice(meta["choices"]), default=default)
-        elif type_name.startswith("tuple"):
-            kwargs.update(type=str, default=",".join(map(str, default)))
-        elif type_name.startswith("int"):
-            kwargs.update(type=int, default=default)
-        elif type_name.startswith("float"):
-            kwargs.update(type=float, default=default)
-        elif type_name.startswith("Path"):
-            kind = dict(dir_okay=False) if meta.get("file") else dict(file_okay=False)
-            kwargs.update(type=click.Path(path_type=Path, **kind), default=default)
-        else:
-            kwargs.update(type=str, default=default)
-        func = click.option(flag, name, **kwargs)(func)
+        flag, kwargs = _option(name, type_name, default, meta)
+        func = click.option(flag, name, envvar="DDP_FNN_" + name.upper(), **kwargs)(func)
     return func
+
+
+_TRAIN_FIELDS = {name: (type_name, default, meta) for name, type_name, default, meta in fields_for_cli()}
+
+
+def train_option(name: str, *, many: str | None = None, **override):
+    """train's option ``name`` on another command (estimate, bench, sweep), from the same
+    TrainConfig field: one help text, one default, one list of choices. ``many="dest"``:
+    a comma list of such values, a sweep axis, parsed by the command (its default the
+    field's). ``override``: click settings that differ here (a default, an envvar)."""
+    type_name, default, meta = _TRAIN_FIELDS[name]
+    flag, kwargs = _option(name, type_name, default, meta)
+    if many is not None:
+        choices = meta.get("choices")
+        kwargs = dict(type=str, default=str(kwargs["default"]) if not isinstance(default, tuple) else kwargs["default"],
+                      show_default=True, metavar=("|".join(choices) if choices else name.split("_")[0].upper()) + ",...",
+                      help=f"Comma list, one point each: {meta['help']}")
+        if isinstance(default, float):
+            kwargs["default"] = f"{default:g}"
+    kwargs.update(override)
+    return click.option(flag, many or name, **kwargs)
 
 
 @cli.command()
@@ -100,11 +127,11 @@ def train(dry_run: bool, **options):
     N processes:       torchrun --standalone --nproc-per-node N -m ddp_fnn train
     Several nodes:     see launch/node.sh (torchrun with c10d rendezvous)
     """
-    from ddp_fnn.train import loop as trainer
+    from ddp_fnn import job
 
     try:
         cfg = TrainConfig.of(**options)
-        code = trainer.main(cfg, dry_run=dry_run)
+        code = job.main(cfg, dry_run=dry_run)
     except ConfigError as e:
         raise UserError(str(e)) from None
     sys.exit(code)
@@ -135,7 +162,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
     Your own small network:   ddp-fnn example --spec net.json --steps 20
     """
     from ddp_fnn import example as worked
-    from ddp_fnn import fileio
+    from ddp_fnn.core import fileio
 
     try:
         spec = worked.seed_spec() if spec_file is None else worked.load_spec(spec_file)
@@ -156,13 +183,12 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 # bench and estimate: all-reduce sweep and the cost model (ddp_fnn/perfmodel/bench.py, ddp_fnn/perfmodel/netmodel.py)
 # ---------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--layers", default="32,256,256,1", show_default=True,
-              help="Layer widths input,hidden...,output, as train's --layers.")
+@train_option("layers")
 @click.option("--world-size", type=int, default=None,
               help="Number of ranks N (processes, one per GPU or CPU worker).")
 @click.option("--link-rate", default=None, metavar="RATE",
-              help="Bus bandwidth beta as a link rate in tc units: 400gbit, 25gbit, 100mbit, 125mbps "
-                   "(bps = bytes/s). Overrides --bench-json's beta.")
+              help="Bus bandwidth beta as a link rate: 400gbit, 400Gbit/s, 50GB/s, 100mbit, 125mbps "
+                   "(tc's bps = bytes/s). Overrides --bench-json's beta.")
 @click.option("--latency-us", type=float, default=None,
               help="alpha: latency of one message step between two ranks, in microseconds; a ring "
                    "all-reduce pays it 2(N-1) times per bucket. Overrides --bench-json's.  [default: 5]")
@@ -177,12 +203,8 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
 @click.option("--backward-fraction", type=float, default=2 / 3, show_default="2/3",
               help="Share of the compute time spent in backward, over which the buckets' "
                    "all-reduces can overlap (0..1).")
-@click.option("--bucket-mb", type=float, default=25.0, show_default=True,
-              help="DDP bucket cap in MiB, as train's --bucket-mb (DDP then caps the first bucket "
-                   "at it too).")
-@click.option("--compression", type=click.Choice(["none", "fp16", "bf16"]), default="none",
-              show_default=True, help="Gradient dtype on the wire: fp32 (4 B/element) or fp16/bf16 "
-                                      "(2 B/element, DDP's compress hooks).")
+@train_option("bucket_mb")
+@train_option("compression")
 @click.option("--algorithm", type=click.Choice(["ring", "tree", "halving-doubling", "hierarchical"]),
               default="ring", show_default=True,
               help="All-reduce algorithm; see docs/netmodel.md for each formula. hierarchical "
@@ -220,169 +242,17 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
     ddp-fnn estimate --topology deploy/topologies/h100-128x8-400g-2to1.toml \\
         --layers 8192,8192,8192,8192,10 --compute-ms 20 --algorithm hierarchical
     """
-    from ddp_fnn.perfmodel import netmodel, predict
-    from ddp_fnn import fileio
-    from ddp_fnn.config import parse_layers
+    from ddp_fnn.perfmodel import estimate as estimator
 
     try:
-        widths = list(parse_layers(layers))
+        lines = estimator.run(layers=layers, world_size=world_size, link_rate=link_rate, latency_us=latency_us,
+                              bench_json=bench_json, compute_ms=compute_ms, summary_file=summary_file,
+                              backward_fraction=backward_fraction, bucket_mb=bucket_mb, compression=compression,
+                              algorithm=algorithm, topology_file=topology_file, channels=channels,
+                              sweep_spec=sweep_spec, plot_file=plot_file, as_json=as_json)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    sweep_name, sweep_values = None, []
-    if sweep_spec is not None:
-        try:
-            sweep_name, sweep_values = netmodel.parse_sweep(sweep_spec)
-        except ValueError as e:
-            raise UserError(f"--sweep: {e}") from None
-    if plot_file is not None and sweep_name is None:
-        raise UserError("--plot needs --sweep (it draws the sweep's table)")
-    if topology_file is not None:
-        _estimate_on_topology(topology_file, widths, algorithm, channels, compute_ms, summary_file,
-                              backward_fraction, bucket_mb, compression, as_json,
-                              given=dict(world_size=world_size, link_rate=link_rate, latency_us=latency_us,
-                                         bench_json=bench_json, sweep=sweep_spec))
-        return
-    if algorithm == "hierarchical":
-        raise UserError("--algorithm hierarchical needs --topology FILE (it is defined by the servers)")
-    if channels is not None:
-        raise UserError(f"--channels {channels} needs --topology FILE")
-
-    # alpha and beta: explicit options, else the bench JSON, else alpha's default.
-    alpha_s, beta, alpha_src, beta_src = None, None, "", ""
-    if bench_json is not None:
-        try:
-            net = predict.read_bench_json(bench_json)
-        except ConfigError as e:
-            raise UserError(str(e)) from None
-        # The fit's alpha is the whole all-reduce's latency at the bench's N, paid in the
-        # measured backend's steps, not --algorithm's (predict.alpha_per_step).
-        alpha_s, beta = predict.alpha_per_step(net), net["beta_bytes_per_second"]
-        alpha_src = f" (bench: {net['alpha_s'] * 1e6:.1f} us per all-reduce at N={net['world_size']})"
-        beta_src = f" (bench, N={net['world_size']})"
-    if link_rate is not None:
-        try:
-            beta = netmodel.parse_rate(link_rate)
-        except ValueError as e:
-            raise UserError(f"--link-rate: {e}") from None
-        beta_src = f" (--link-rate {link_rate})"
-    if latency_us is not None:
-        if not (latency_us >= 0 and latency_us < float("inf")):
-            raise UserError(f"--latency-us must be >= 0, got {latency_us}")
-        alpha_s, alpha_src = latency_us * 1e-6, ""
-    if alpha_s is None:
-        alpha_s, alpha_src = 5e-6, " (default)"
-    if beta is None and sweep_name != "link-rate":
-        raise UserError("no bandwidth: give --link-rate (e.g. 100gbit) or --bench-json FILE")
-
-    compute_s = _compute_time_s(compute_ms, summary_file, required=sweep_name != "compute-ms")
-    if world_size is None and sweep_name != "world-size":
-        raise UserError("--world-size is required (or sweep it: --sweep world-size=2,8,64)")
-    if world_size is not None and world_size < 1:
-        raise UserError(f"--world-size must be >= 1, got {world_size}")
-
-    kwargs = dict(world_size=world_size if world_size is not None else 1, alpha_s=alpha_s, beta_bytes_per_second=beta or 1.0,
-                  compute_time_s=compute_s, bucket_mb=bucket_mb, compression=compression,
-                  algorithm=algorithm, backward_fraction=backward_fraction)
-    try:
-        if sweep_name is None:
-            est = netmodel.estimate_step(widths, **kwargs)
-        else:
-            rows = netmodel.sweep(sweep_name, sweep_values, widths, **kwargs)
-    except ValueError as e:
-        raise UserError(_estimate_option_message(str(e))) from None
-
-    if sweep_name is None:
-        if as_json:
-            click.echo(fileio.dumps(est.to_dict(), indent=2))
-        else:
-            click.echo("\n".join(netmodel.format_estimate(est, alpha_src, beta_src)))
-        return
-    if plot_file is not None:
-        from ddp_fnn.perfmodel import plots
-
-        try:
-            plots.estimate_sweep(plot_file, sweep_name, sweep_values, rows)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    if as_json:
-        click.echo(fileio.dumps({"sweep": sweep_name, "values": sweep_values,
-                               "estimates": [r.to_dict() for r in rows]}, indent=2))
-    else:
-        click.echo("\n".join(netmodel.format_sweep(sweep_name, sweep_values, rows)))
-        if plot_file is not None:
-            click.echo(f"wrote {plot_file}")
-
-
-def _compute_time_s(compute_ms, summary_file, required: bool) -> float:
-    """One step's compute time: --compute-ms, else a train summary.json's mean step less its
-    mean exposed communication (both means over the same steps: the p50 less a mean can
-    go below zero when the link sets nearly the whole step)."""
-    if compute_ms is not None:
-        return compute_ms / 1e3
-    if summary_file is not None:
-        summary = _read_json(summary_file, "--summary")
-        try:
-            return max(0.0, float(summary["step_time_mean_s"]) - float(summary["exposed_comm_time_per_step_s"]))
-        except KeyError as e:
-            raise UserError(f"--summary {summary_file}: no key {e} (is it a train summary.json?)") from None
-        except (TypeError, ValueError):
-            raise UserError(f"--summary {summary_file}: step_time_mean_s and exposed_comm_time_per_step_s "
-                            f"must be numbers") from None
-    if required:
-        raise UserError("no compute time: give --compute-ms MS or --summary summary.json")
-    return 0.0
-
-
-def _estimate_on_topology(path, widths, algorithm, channels, compute_ms, summary_file, backward_fraction,
-                          bucket_mb, compression, as_json, given: dict) -> None:
-    """``estimate --topology``: the fabric sets N and every link (ddp_fnn/perfmodel/topology.py)."""
-    from ddp_fnn import fileio
-    from ddp_fnn.perfmodel import topology
-
-    for name, value in given.items():
-        if value is not None:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {value}: not with --topology (the topology file sets the ranks and links)")
-    if algorithm not in topology.ALGORITHMS:
-        raise UserError(f"--algorithm {algorithm}: with --topology, one of {', '.join(topology.ALGORITHMS)}")
-    if channels is not None and channels < 1:
-        raise UserError(f"--channels must be >= 1, got {channels}")
-    compute_s = _compute_time_s(compute_ms, summary_file, required=True)
-    try:
-        topo = topology.load(path)
-        est = topology.estimate(topo, widths, compute_s=compute_s, bucket_mb=bucket_mb, compression=compression,
-                                algorithm=algorithm, channels=channels, backward_fraction=backward_fraction)
-    except ValueError as e:
-        raise UserError(_estimate_option_message(str(e))) from None
-    if as_json:
-        click.echo(fileio.dumps(est.to_dict(), indent=2))
-    else:
-        click.echo("\n".join(topology.format_estimate(est)))
-
-
-def _estimate_option_message(message: str) -> str:
-    """netmodel's ValueErrors name the quantity; say which option carries it."""
-    for word, option in (("world size", "--world-size"), ("latency", "--latency-us"),
-                         ("compute time", "--compute-ms"), ("backward fraction", "--backward-fraction"),
-                         ("bucket_mb", "--bucket-mb"), ("layers", "--layers")):
-        if message.startswith(word):
-            return f"{option}: {message}"
-    return message
-
-
-def _read_json(path: str, option: str) -> dict:
-    import json
-
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise UserError(f"{option} {path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{option} {path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{option} {path}: expected a JSON object")
-    return data
+    click.echo("\n".join(lines))
 
 
 @cli.command()
@@ -395,9 +265,7 @@ def _read_json(path: str, option: str) -> dict:
               help="Untimed all-reduces before each size's timed ones.  [default: 5 with NCCL, 2 with Gloo]")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
               show_default=True, help="Element type of the all-reduced tensor.")
-@click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
-              envvar="DDP_FNN_BACKEND", help="Process-group backend; auto = nccl on CUDA (one GPU per "
-                                             "rank, cuda:LOCAL_RANK), gloo on CPU otherwise.")
+@train_option("backend", envvar="DDP_FNN_BACKEND")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="FILE", help="Rank 0 writes the results, the alpha-beta fit and the harness check "
                                    "here (bytes, seconds, bytes/s).")
@@ -406,8 +274,7 @@ def _read_json(path: str, option: str) -> dict:
                    "size (bytes; K, M, G suffixes) and report their busbw ratio; 0 skips it.")
 @click.option("--compare-rounds", type=int, default=60, show_default=True,
               help="Rounds of --compare-bare, each 5 harness-timed calls then 5 bare ones.")
-@click.option("--timeout-s", type=float, default=300.0, show_default=True, envvar="DDP_FNN_TIMEOUT_S",
-              help="Collective timeout in seconds: a dead or frozen peer fails the run after this.")
+@train_option("timeout_s", envvar="DDP_FNN_TIMEOUT_S")
 def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare_rounds, timeout_s):
     """All-reduce bus bandwidth over message sizes, nccl-tests style, and the alpha-beta
     fit `estimate --bench-json` uses.
@@ -448,6 +315,20 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
 # sweep: a grid of real jobs, measured beside the model
 # ---------------------------------------------------------------------------------------
 
+def _sweep_axes(func):
+    """One option per axis of the grid (sweep/grid.py AXES); train's own help and default
+    where the axis is a train option."""
+    from ddp_fnn.sweep.grid import AXES
+
+    for a in reversed(AXES):
+        if a.train is not None:
+            func = train_option(a.train, many=a.values)(func)
+        else:
+            func = click.option(a.option, a.values, default=a.default, show_default=True,
+                                metavar=a.option[2:].upper().replace("-", "_") + ",...", help=a.help)(func)
+    return func
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, metavar="DIR",
               help="Where the points, sweep.csv, sweep.json, validation.md and the plots go. A rerun of the "
@@ -455,20 +336,8 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
 @click.option("--launcher", type=click.Choice(["netns", "loopback"]), default="netns", show_default=True,
               help="netns: one network-namespace node a worker (launch/netns-cluster.sh, root); loopback: "
                    "torchrun --standalone on this host (no link rates or faults).")
-@click.option("--nodes", default="2,4", show_default=True, metavar="N,N,...", help="World sizes (one worker a node).")
-@click.option("--link-rate", "link_rates", default="unshaped", show_default=True, metavar="RATE,...",
-              help="Each node's egress rate, tc units (1gbit, 200mbit), or 'unshaped'.")
-@click.option("--bucket-mb", "bucket_mbs", default="25", show_default=True, metavar="MB,...",
-              help="DDP bucket caps in MiB (train's --bucket-mb).")
-@click.option("--compression", "compressions", default="none", show_default=True, metavar="none|fp16|bf16,...",
-              help="Gradient dtype on the wire (train's --compression).")
-@click.option("--loss", "losses", default="0", show_default=True, metavar="PCT,...",
-              help="Random packet loss on --loss-node's egress, in % (netns-cluster.sh --loss).")
 @click.option("--loss-node", type=int, default=1, show_default=True, help="The node whose egress loses packets.")
-@click.option("--queue-limit", "queue_limits", default="none", show_default=True, metavar="BYTES,...",
-              help="Every switch port's queue in bytes, a shallow buffer (netns-cluster.sh --queue-limit), "
-                   "or 'none'.")
-@click.option("--layers", default="256,512,512,512,512,10", show_default=True, help="The FNN's widths.")
+@train_option("layers", default="256,512,512,512,512,10")
 @click.option("--rows-per-rank", type=int, default=32, show_default=True,
               help="Rows of each global batch a rank computes (weak scaling: global batch = nodes x this).")
 @click.option("--steps", type=int, default=30, show_default=True, help="Optimizer steps a point.")
@@ -477,8 +346,6 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
               help="World size whose runs predict the others' (cal_* columns)  [default: the smallest --nodes]")
 @click.option("--host-cores", type=int, default=None,
               help="Cores the nodes share, for the calibrated compute scale  [default: this process's CPUs]")
-@click.option("--all-reduce", "all_reduces", default="flat", show_default=True, metavar="flat|hierarchical,...",
-              help="Train's --all-reduce at each point (hierarchical needs several workers a node: --topology).")
 @click.option("--topology", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="The fabric each point runs on and is modelled on link by link (docs/topology.md): its "
                    "gpus_per_server workers a node, servers_per_leaf nodes a leaf with the uplinks at its "
@@ -486,9 +353,10 @@ def bench(sizes, iters, warmup, dtype, backend, json_path, compare_bare, compare
                    "--link-rate. Adds each NIC's and uplink's kernel bytes beside the model's, and the "
                    "fabric model's step time.")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Draw the PNG plots (needs matplotlib).")
+@_sweep_axes
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAIN_ARGS...]")
-def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, loss_node, queue_limits, layers,
-          rows_per_rank, steps, repeat, calibrate_on, host_cores, all_reduces, topology, plot, train_args):
+def sweep(out, launcher, loss_node, layers, rows_per_rank, steps, repeat, calibrate_on, host_cores, topology, plot,
+          train_args, **axes):
     """Run a grid of real training jobs and put each one's measured step, communication,
     exposed communication, transfer and wait beside the cost model's predictions.
 
@@ -502,26 +370,20 @@ def sweep(out, launcher, nodes, link_rates, bucket_mbs, compressions, losses, lo
     Writes DIR/sweep.csv (one row a point), DIR/sweep.json, DIR/validation.md and PNG
     plots; docs/netmodel.md and docs/fabric.md describe the columns and the plots.
     """
-    from ddp_fnn.perfmodel import sweep as sweepmod
+    from ddp_fnn import sweep as sweepmod
     from ddp_fnn.config import parse_layers
 
     try:
         cfg = sweepmod.SweepConfig(
             out=out, launcher=launcher,
-            nodes=sweepmod.parse_list("--nodes", nodes, "int"),
-            link_rates=sweepmod.parse_list("--link-rate", link_rates, "rate"),
-            bucket_mbs=sweepmod.parse_list("--bucket-mb", bucket_mbs, "float"),
-            compressions=sweepmod.parse_list("--compression", compressions, "str"),
-            losses=sweepmod.parse_list("--loss", losses, "float"),
-            queue_limits=sweepmod.parse_list("--queue-limit", queue_limits, "bytes"),
+            **{a.values: sweepmod.parse_list(a.option, axes[a.values], a.kind) for a in sweepmod.AXES},
             layers=tuple(parse_layers(layers)), rows_per_rank=rows_per_rank, steps=steps, repeat=repeat,
-            loss_node=loss_node, train_args=tuple(train_args), plot=plot,
-            all_reduces=sweepmod.parse_list("--all-reduce", all_reduces, "str"), topology=topology)
+            loss_node=loss_node, train_args=tuple(train_args), plot=plot, topology=topology)
         cfg.calibrate_on = calibrate_on if calibrate_on is not None else min(cfg.nodes)
         if host_cores is not None:
             cfg.host_cores = host_cores
         if plot:
-            from ddp_fnn.perfmodel.plots import check_plotting
+            from ddp_fnn.core.figures import check_plotting
 
             check_plotting()
         code = sweepmod.main(cfg)

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A user's setting is wrong; the message is one line naming the option and value."""
+from ddp_fnn.core.errors import ConfigError
+from ddp_fnn.core.wire import DEFAULT_BUCKET_MB
+from ddp_fnn.core.intervals import parse_range
 
 
 def opt(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, file: bool = False,
@@ -165,10 +165,10 @@ class StopConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig(_Section):
-    """Distribution and gradient sync (train/sync.py, train/dist.py)."""
+    """Distribution and gradient sync (train/sync.py, ddp_fnn/dist.py)."""
     sync: str = opt("ddp", "ddp: DistributedDataParallel, bucketed and overlapped with backward. allreduce: "
                     "one flat all-reduce after backward (the textbook version).", choices=("ddp", "allreduce"))
-    bucket_mb: float = opt(25.0, "DDP bucket cap in MiB (--sync ddp).", fingerprint=False)
+    bucket_mb: float = opt(DEFAULT_BUCKET_MB, "DDP bucket cap in MiB (--sync ddp).", fingerprint=False)
     all_reduce: str = opt("flat", "How each DDP bucket is all-reduced. flat: the backend's own all-reduce over "
                           "every rank (Gloo's ring in rank order). hierarchical: reduce-scatter among the "
                           "ranks of each node, all-reduce across nodes among the ranks of the same local rank, "
@@ -275,7 +275,6 @@ class OutputConfig(_Section):
               f"--no-steps-file and --steps-file {self.steps_file} contradict each other")
         for option, value in (("--timeline", self.timeline), ("--profile", self.profile)):
             if value is not None:
-                from ddp_fnn.observe.timeline import parse_range
                 try:
                     parse_range(value)
                 except ValueError as e:
@@ -287,13 +286,11 @@ class OutputConfig(_Section):
     @property
     def timeline_steps(self) -> tuple[int, int] | None:
         """--timeline A:B as (A, B), or None."""
-        from ddp_fnn.observe.timeline import parse_range
         return parse_range(self.timeline) if self.timeline is not None else None
 
     @property
     def profile_steps(self) -> tuple[int, int] | None:
         """--profile A:B as (A, B), or None."""
-        from ddp_fnn.observe.timeline import parse_range
         return parse_range(self.profile) if self.profile is not None else None
 
     def steps_file_path(self, rank: int) -> Path | None:
@@ -326,8 +323,9 @@ class PredictConfig(_Section):
     """The cost model's inputs for this run's prediction (perfmodel/predict.py)."""
     bench_json: Path | None = opt(None, "A `ddp-fnn bench --json` file: its alpha and beta feed the cost model's "
                                   "prediction of this run's communication (summary.json predicted_*).", file=True)
-    probe: bool = opt(True, "Without --bench-json, time a few all-reduces before training to fit alpha and beta "
-                      "for the prediction (world size >= 2).", flag=True)
+    probe: bool = opt(False, "Predict this run's communication (summary.json predicted_*): without --bench-json, "
+                      "time a few all-reduces before the first step to fit alpha and beta (world size >= 2). "
+                      "Off by default: a plain run starts its first step at once.", flag=True)
     probe_rounds: int = opt(5, "Timed rounds of the probe, each one all-reduce of every probe size; each size's "
                             "time is the mean of the middle half of its rounds. More rounds cost more time "
                             "before the first step and steady the fit on a noisy host.")
@@ -414,6 +412,12 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) i
 # Each flat option name's section: the CLI's flags are flat, the config is not.
 SECTION_OF = {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
 assert len(SECTION_OF) == sum(len(dataclasses.fields(k)) for k in SECTIONS.values()), "a name in two sections"
+
+
+def math_defaults() -> dict:
+    """The fingerprinted settings of a run with every default (``math_settings``): what a
+    checkpoint written before a field existed is taken to have had."""
+    return TrainConfig().math_settings()
 
 
 def fields_for_cli():

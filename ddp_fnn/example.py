@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_fnn.train.model import ACTIVATIONS, fnn_from_weights
+from ddp_fnn.model import ACTIVATIONS, fnn_from_weights
 
 # The chapter's network, Figures 2-2 to 2-4, with the biases its arithmetic uses
 # (b3 = 0, b4 = 0.5; its text says the opposite, see CHAPTER_NOTES).

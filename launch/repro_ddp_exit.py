@@ -43,7 +43,7 @@ COLLECTIVES = ("ddp", "allreduce", "allreduce-tls")
 
 def gloo_threads() -> int:
     """Threads of this process whose name says Gloo (Linux; 0 elsewhere). The same count as
-    ddp_fnn.train.dist.gloo_threads_alive, written out: the reproducer imports nothing of
+    ddp_fnn.dist.gloo_threads_alive, written out: the reproducer imports nothing of
     ddp_fnn, whose imports would change what is loaded before init_process_group."""
     try:
         tasks = os.listdir("/proc/self/task")

@@ -9,7 +9,7 @@ Each round: a Gloo group of one (HashStore, nothing listens), a DDP model with d
 PowerSGD communication hook, 4 SGD steps, then the group is left, either
 
   bare     dist.destroy_process_group() (what the test fixture used to do)
-  ddp-fnn  ddp_fnn.train.dist.teardown() (collect, destroy, wait until this thread holds the
+  ddp-fnn  ddp_fnn.dist.teardown() (collect, destroy, wait until this thread holds the
            group's last reference, drop it here)
 
 and the process waits on a short subprocess, as the next test did. It prints one line
@@ -25,8 +25,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ddp_fnn.train import dist as ddist          # imports torch.distributed.nn before any group
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn import dist as ddist          # imports torch.distributed.nn before any group
+from ddp_fnn.model import build_fnn
 from ddp_fnn.train.sync import CommRecorder, Synchroniser
 from ddp_fnn.timing import Clock
 

@@ -22,7 +22,7 @@ def gloo_threads_left(timeout_s: float = 5.0) -> int:
     there after ``timeout_s``. A destroyed group's threads are joined, but a joined thread
     can still be listed in /proc for a few milliseconds while the kernel finishes its exit;
     a group that something still holds keeps its threads for good."""
-    from ddp_fnn.train import dist as ddist
+    from ddp_fnn import dist as ddist
     deadline = time.monotonic() + timeout_s
     while (n := ddist.gloo_threads_alive()) and time.monotonic() < deadline:
         time.sleep(0.001)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddp_fnn.perfmodel import bench
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.cli import cli
 from tests.conftest import run_cli, torchrun
 

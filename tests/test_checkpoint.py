@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from conftest import dataset_of, free_port, gloo_threads_left, run_cli, torchrun
 from ddp_fnn.train import checkpoint as ckpt
-from ddp_fnn.train import dist as ddist
+from ddp_fnn import dist as ddist
 from ddp_fnn.config import ConfigError, TrainConfig
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn.model import build_fnn
 from test_train import QUICK, one_line_error
 
 
@@ -180,7 +180,7 @@ def test_parameter_digest_sees_one_flipped_bit():
 
 @pytest.fixture
 def group_of_one():
-    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.train.dist.teardown:
+    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.dist.teardown:
     a bare destroy_process_group() can leave a Gloo worker thread to free the group, which
     aborts the whole test run (docs/shutdown.md, "Groups inside pytest")."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -390,8 +390,11 @@ def test_powersgd_state_at_another_world_size_keeps_iter_and_rng_and_drops_memor
     assert torch.equal(new.error_dict[0], torch.ones(5)) and torch.equal(new.q_memory_dict[0], torch.ones(3))
 
 
-def test_a_field_added_to_the_optim_section_makes_resume_refuse_a_checkpoint_made_without_it(tmp_path):
-    """Nobody lists the new field anywhere: being in a math section fingerprints it."""
+def test_a_field_added_to_the_optim_section_resumes_at_its_default_and_refuses_otherwise(tmp_path, monkeypatch):
+    """Nobody lists the new field anywhere: being in a math section fingerprints it. A
+    checkpoint written before it existed was computed as its default computes: it
+    resumes with the field at its default and is refused with any other value."""
+    from ddp_fnn import config
     from ddp_fnn.config import OptimConfig, opt
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -401,10 +404,15 @@ def test_a_field_added_to_the_optim_section_makes_resume_refuse_a_checkpoint_mad
     before = _cfg(tmp_path)
     _fake_checkpoint(tmp_path / ckpt.checkpoint_name(5), _fp(before, "d"), 5)
     assert _resume(before, _fp(before, "d")).step == 5           # the same settings resume
-    after = dataclasses.replace(before, optim=OptimWithNesterov(**before.optim.to_dict()))
+    defaults = {**config.math_defaults(), "nesterov": False}     # the release that adds the field
+    monkeypatch.setattr(ckpt, "math_defaults", lambda: defaults)
+    at_default = dataclasses.replace(before, optim=OptimWithNesterov(**before.optim.to_dict()))
+    assert "nesterov" in _fp(at_default, "d")
+    assert _resume(at_default, _fp(at_default, "d")).step == 5
+    changed = dataclasses.replace(before, optim=OptimWithNesterov(**before.optim.to_dict(), nesterov=True))
     with pytest.raises(ConfigError, match=r"step-00000005\.pt was written with other settings: "
-                                          r"--nesterov \(unset\) → False"):
-        _resume(after, _fp(after, "d"))
+                                          r"--nesterov False → True"):
+        _resume(changed, _fp(changed, "d"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ def _modules():
 
 
 def test_no_module_but_the_composition_root_takes_the_whole_config():
-    """config.py and cli.py define and parse it; train/setup.py and train/loop.py are the
-    run's composition root, which hands every other module its section."""
-    root = {"ddp_fnn.config", "ddp_fnn.cli", "ddp_fnn.train.setup", "ddp_fnn.train.loop"}
+    """config.py and cli.py define and parse it; job.py, train/setup.py and train/loop.py
+    are the run's composition root, which hands every other module its section."""
+    root = {"ddp_fnn.config", "ddp_fnn.cli", "ddp_fnn.job", "ddp_fnn.train.setup", "ddp_fnn.train.loop"}
     takers = []
     for module in _modules():
         for _, obj in inspect.getmembers(module):
@@ -95,3 +95,29 @@ def test_no_module_but_the_composition_root_takes_the_whole_config():
                      not any(t.startswith(r + ".") for r in root))
     assert outside == [], outside
     assert "ddp_fnn.train.setup.plan" in takers            # the walk sees the ones that do
+
+
+def test_estimate_bench_and_sweep_take_trains_own_options():
+    """One definition a setting: the options estimate, bench and sweep share with train
+    have train's help, default and choices (cli.train_option), the sweep's as comma lists."""
+    import click
+
+    from ddp_fnn.cli import cli
+
+    def params(command):
+        return {p.name: p for p in cli.commands[command].params if isinstance(p, click.Option)}
+
+    train = params("train")
+    for command, names in (("estimate", ("layers", "bucket_mb", "compression")),
+                           ("bench", ("backend", "timeout_s")), ("sweep", ())):
+        theirs = params(command)
+        for name in names:
+            assert theirs[name].help == train[name].help, (command, name)
+            assert theirs[name].default == train[name].default, (command, name)
+            assert getattr(theirs[name].type, "choices", None) == getattr(train[name].type, "choices", None)
+    sweep = params("sweep")
+    assert sweep["bucket_mbs"].default == f"{train['bucket_mb'].default:g}"
+    assert train["bucket_mb"].help in sweep["bucket_mbs"].help
+    assert sweep["all_reduces"].default == train["all_reduce"].default
+    from ddp_fnn.sweep.grid import AXES
+    assert {a.values for a in AXES} <= set(sweep), "every axis of the grid is an option"

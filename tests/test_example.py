@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import REPO, run_cli
 from ddp_fnn import example
 from ddp_fnn.cli import cli, main
-from ddp_fnn.train.model import ACTIVATIONS, fnn_from_weights
+from ddp_fnn.model import ACTIVATIONS, fnn_from_weights
 
 SEED_FILE = REPO / "docs" / "seed-example.json"
 

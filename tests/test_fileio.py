@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 
 
 def test_atomic_write_writes_text_and_bytes_and_leaves_only_the_file(tmp_path):

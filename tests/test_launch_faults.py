@@ -232,7 +232,7 @@ def test_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path):
 REPLICA_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from ddp_fnn.train import checkpoint as ckpt
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn.model import build_fnn
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = build_fnn((4, 8, 1), seed=0)

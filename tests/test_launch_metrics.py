@@ -34,7 +34,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port
-from ddp_fnn.perfmodel.netmodel import bucket_layout, parameter_count, ring_wire_bytes
+from ddp_fnn.core.wire import ring_wire_bytes
+from ddp_fnn.perfmodel.netmodel import bucket_layout, parameter_count
 from test_deploy import PROM_DIR, dashboard_queries, rules
 
 PROMETHEUS = Path("/usr/bin/prometheus")

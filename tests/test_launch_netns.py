@@ -28,7 +28,7 @@ SCRIPT = REPO / "launch" / "netns-cluster.sh"
 # node at 4 nodes) is then under 2% of a node's ring traffic (150 copies' worth at N=4).
 # --on-nan skip and --target-loss on (a target never met): their checks add no collective
 # a step (health.py; the loss at log steps), so the bytes still add up.
-TRAIN = ("--max-steps", "100", "--metrics-port", "9400", "--progress", "json", "--on-nan", "skip",
+TRAIN = ("--max-steps", "100", "--metrics-port", "9400", "--progress", "json", "--on-nan", "skip", "--probe",
          "--target-loss", "1e-12")
 
 pytestmark = [

@@ -167,7 +167,7 @@ def test_the_probe_fits_and_its_traffic_is_counted_in_summary_and_prometheus(tmp
     thread.start()
     _Gateway.received = []
     try:
-        r = torchrun(2, "train", "--max-steps", "5", "--metrics-port", "0", "--progress", "none",
+        r = torchrun(2, "train", "--max-steps", "5", "--metrics-port", "0", "--progress", "none", "--probe",
                      "--output", str(tmp_path), "--pushgateway", f"127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
@@ -193,3 +193,16 @@ def test_the_probe_fits_and_its_traffic_is_counted_in_summary_and_prometheus(tmp
         assert samples["ddp_fnn_probe_wire_bytes_total"] == probe["wire_bytes"], path
         assert samples["ddp_fnn_probe_payload_bytes_total"] == probe["payload_bytes"], path
     assert len(_Gateway.received) == 2
+
+
+@pytest.mark.slow
+def test_a_plain_run_starts_without_a_probe_and_says_why_nothing_is_predicted(tmp_path):
+    """No --probe and no --bench-json: no probe before the first step, and the summary
+    says why predicted_* are null."""
+    r = torchrun(2, "train", "--max-steps", "3", "--metrics-port", "0", "--progress", "none",
+                 "--output", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["probe"] is None and summary["prediction"] is None
+    assert summary["predicted_step_time_s"] is None
+    assert "--probe" in summary["prediction_skipped"]

@@ -55,7 +55,7 @@ def test_hierarchical_all_reduce_computes_the_single_process_model(single, tmp_p
     in the node), on 2 "nodes" of 2 workers meeting through a c10d rendezvous, and on one
     node of 3 (buckets of 65 or 4,160 elements padded to a multiple of 3): the same model
     as one process, to float32 summation order; and the rank's wire bytes are the three
-    phases' (netmodel.hierarchical_wire_bytes)."""
+    phases' (wire.hierarchical_wire_bytes)."""
     args = ("train", *COMMON, "--all-reduce", "hierarchical", "--bucket-mb", "0.01", "--output", str(tmp_path))
     runs = torchrun_nodes(nnodes, nproc, *args) if nnodes > 1 else [torchrun(nproc, *args)]
     for r in runs:

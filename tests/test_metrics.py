@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 from ddp_fnn.config import ConfigError
 from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
-from ddp_fnn.observe import PHASES, CollectiveRecord, StepRecord, union_length
+from ddp_fnn.core.intervals import union_length
+from ddp_fnn.observe import PHASES, CollectiveRecord, StepRecord
 from test_deploy import CONTRACT_SERIES
 
 RANK, WORLD = 1, 4                      # 2(N-1)/N = 3/2 at N = 4: wire bytes differ from payload

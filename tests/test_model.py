@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddp_fnn.train.model import FNN, build_fnn, fnn_from_weights
+from ddp_fnn.model import FNN, build_fnn, fnn_from_weights
 
 
 def test_he_init_std_matches_sqrt_two_over_fan_in():

@@ -13,9 +13,10 @@ import pytest
 import torch.distributed as dist
 from click.testing import CliRunner
 
+from ddp_fnn.core import units, wire
 from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.cli import cli
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn.model import build_fnn
 from tests.conftest import REPO, free_port, run_cli
 
 # ---------------------------------------------------------------------------------------
@@ -27,9 +28,9 @@ from tests.conftest import REPO, free_port, run_cli
 @pytest.mark.parametrize("s", [0, 1, 4096, 25 * 2 ** 20 + 12, 201_539_624])
 def test_ring_wire_bytes_is_two_n_minus_one_over_n_times_payload_exactly(n, s):
     exact = Fraction(2 * (n - 1) * s, n)
-    assert netmodel.ring_wire_bytes(s, n) == float(exact)   # the correctly rounded value
+    assert wire.ring_wire_bytes(s, n) == float(exact)   # the correctly rounded value
     if exact.denominator == 1:
-        assert netmodel.ring_wire_bytes(s, n) == exact.numerator
+        assert wire.ring_wire_bytes(s, n) == exact.numerator
 
 
 def test_hierarchical_wire_bytes_by_hand():
@@ -37,31 +38,31 @@ def test_hierarchical_wire_bytes_by_hand():
     S/2: 1.5 S, as a ring of 4 sends, but only S/2 of it leaves the node (the ring: one rank
     a node sends its 1.5 S across). 4 x 8: 7/8 S twice in the node, 2 x 3/4 x S/8 across."""
     s = 8 * 2 ** 20
-    assert netmodel.hierarchical_wire_bytes(s, 2, 2) == 1.5 * s == netmodel.ring_wire_bytes(s, 4)
-    assert netmodel.hierarchical_network_bytes(s, 2, 2) == s / 2
-    assert netmodel.hierarchical_wire_bytes(s, 8, 4) == 2 * 7 / 8 * s + 2 * 3 / 4 * s / 8
-    assert netmodel.hierarchical_network_bytes(s, 8, 1) == 0        # one node: nothing leaves it
-    assert netmodel.hierarchical_wire_bytes(s, 1, 5) == netmodel.ring_wire_bytes(s, 5)   # G = 1: a ring
+    assert wire.hierarchical_wire_bytes(s, 2, 2) == 1.5 * s == wire.ring_wire_bytes(s, 4)
+    assert wire.hierarchical_network_bytes(s, 2, 2) == s / 2
+    assert wire.hierarchical_wire_bytes(s, 8, 4) == 2 * 7 / 8 * s + 2 * 3 / 4 * s / 8
+    assert wire.hierarchical_network_bytes(s, 8, 1) == 0        # one node: nothing leaves it
+    assert wire.hierarchical_wire_bytes(s, 1, 5) == wire.ring_wire_bytes(s, 5)   # G = 1: a ring
     with pytest.raises(ValueError, match="local size and nodes must be >= 1"):
-        netmodel.hierarchical_wire_bytes(s, 0, 2)
+        wire.hierarchical_wire_bytes(s, 0, 2)
 
 
 def test_ring_wire_bytes_per_rank_is_what_the_ring_steps_send():
     # Reduce-scatter and all-gather: N-1 steps each, one S/N chunk per step.
     s, n = 8 * 2 ** 20, 8
     chunk = s // n
-    assert netmodel.ring_wire_bytes(s, n) == 2 * (n - 1) * chunk
+    assert wire.ring_wire_bytes(s, n) == 2 * (n - 1) * chunk
 
 
 def test_busbw_is_algbw_times_two_n_minus_one_over_n():
-    a = netmodel.algbw(8e6, 2e-3)
+    a = wire.algbw(8e6, 2e-3)
     assert a == 4e9
-    assert netmodel.busbw(a, 8) == pytest.approx(4e9 * 14 / 8, rel=1e-15)
-    assert netmodel.busbw(a, 1) == 0.0
+    assert wire.busbw(a, 8) == pytest.approx(4e9 * 14 / 8, rel=1e-15)
+    assert wire.busbw(a, 1) == 0.0
     with pytest.raises(ValueError, match="world size"):
-        netmodel.busbw(a, 0)
+        wire.busbw(a, 0)
     with pytest.raises(ValueError, match="time"):
-        netmodel.algbw(1, 0)
+        wire.algbw(1, 0)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -70,13 +71,13 @@ def test_busbw_is_algbw_times_two_n_minus_one_over_n():
     ("1.5gbit", 187.5e6),
 ])
 def test_parse_rate_tc_units(text, expected):
-    assert netmodel.parse_rate(text) == pytest.approx(expected, rel=1e-12)
+    assert units.parse_rate(text) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("bad", ["fast", "400gbt", "", "-1gbit", "0gbit", "gbit", "1e999gbit"])
 def test_parse_rate_bad_value_names_it(bad):
     with pytest.raises(ValueError, match="bad link rate " + repr(bad).replace("\\", "\\\\")):
-        netmodel.parse_rate(bad)
+        units.parse_rate(bad)
 
 
 def test_latency_steps_per_algorithm():
@@ -249,14 +250,14 @@ def test_bucket_layout_keeps_the_tensor_that_crosses_the_cap():
 # A world-size-1 Gloo group in a subprocess: wrap real FNNs in DDP, register a comm hook
 # that records each bucket it is handed, and report what the second step saw (the first
 # step runs with one bucket holding everything; DDP rebuilds its buckets after it).
-# It leaves the group as the workers do (ddp_fnn.train.dist imported before the group exists,
+# It leaves the group as the workers do (ddp_fnn.dist imported before the group exists,
 # teardown(), os._exit after flushing: docs/shutdown.md), so that it cannot abort at exit.
 _DDP_PROBE = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from ddp_fnn.train import dist as ddist
-    from ddp_fnn.train.model import build_fnn
+    from ddp_fnn import dist as ddist
+    from ddp_fnn.model import build_fnn
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     out = []
@@ -539,8 +540,21 @@ def test_estimate_error_line_from_the_real_entry_point():
     proc = run_cli("estimate", "--world-size", "8", "--link-rate", "fast", "--compute-ms", "5", timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "ddp-fnn: error: --link-rate: bad link rate 'fast': expected a number and a tc unit such as "
-        "400gbit, 100mbit, 1gbit or 125mbps"]
+        "ddp-fnn: error: --link-rate: bad link rate 'fast': expected a number and a unit such as "
+        "400gbit, 400Gbit/s, 50GB/s, 100mbit or 125mbps"]
+
+
+@pytest.mark.parametrize("text, bytes_per_second", [("400Gbit/s", 5e10), ("400Gb/s", 5e10), ("50GB/s", 5e10),
+                                                     ("400gbit", 5e10), ("100mbit", 1.25e7)])
+def test_every_rate_option_takes_the_same_spellings(text, bytes_per_second):
+    """One parser: --link-rate reads the data-sheet spellings a fabric file takes."""
+    from ddp_fnn.core.units import parse_rate, tc_rate
+    assert parse_rate(text) == pytest.approx(bytes_per_second)
+    assert parse_rate(tc_rate(text)) == pytest.approx(bytes_per_second)
+    res = CliRunner().invoke(cli, ["estimate", "--world-size", "8", "--link-rate", text, "--compute-ms", "5",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["beta_bytes_per_second"] == pytest.approx(bytes_per_second)
 
 
 def test_estimate_plot_draws_a_png(tmp_path):

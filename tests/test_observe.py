@@ -11,7 +11,9 @@ import torch
 from ddp_fnn import observe
 from ddp_fnn.observe import stepfile
 from ddp_fnn.observe import timeline
-from ddp_fnn.observe import CollectiveRecord, Observer, make_record, union_after, union_length
+from ddp_fnn.core import intervals
+from ddp_fnn.core.intervals import union_after, union_length
+from ddp_fnn.observe import CollectiveRecord, Observer, make_record
 
 # Binary fractions throughout, so every sum and difference is exact in floating point.
 
@@ -281,4 +283,4 @@ def test_trace_moves_each_rank_by_its_clock_offset():
                                       ("4:3", "1 <= A <= B")])
 def test_timeline_range_errors(text, why):
     with pytest.raises(ValueError, match=why):
-        timeline.parse_range(text)
+        intervals.parse_range(text)

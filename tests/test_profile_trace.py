@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.observe.profile_trace import attribute, host_syncs, trace_steps
 
 

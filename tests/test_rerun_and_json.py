@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from test_train import QUICK
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import run_cli
 from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.perfmodel import predict
-from ddp_fnn.perfmodel import sweep
+from ddp_fnn import sweep
 
 TINY = ("--layers", "16,64,64,4", "--rows-per-rank", "8", "--steps", "6")
 

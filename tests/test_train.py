@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from ddp_fnn.train.model import FNN
+from ddp_fnn.model import FNN
 
 QUICK = ("--layers", "8,16,1", "--samples", "512", "--global-batch-size", "32", "--metrics-port", "0",
          "--progress", "none")
@@ -107,7 +107,7 @@ def test_dry_run_validates_without_training(tmp_path):
 def test_profile_writes_torch_profilers_trace_of_exactly_the_asked_steps(tmp_path):
     """--profile A:B: torch.profiler's own view of steps A..B, strict JSON beside the
     timeline (started before step A, stopped after step B)."""
-    from ddp_fnn import fileio
+    from ddp_fnn.core import fileio
     r = run_cli("train", *QUICK, "--max-steps", "6", "--profile", "2:3", "--output", str(tmp_path))
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -146,7 +146,7 @@ def test_the_nan_check_reads_nothing_from_the_device_in_the_micro_steps(tmp_path
     CUDA) inside any forward or backward, where a per-micro-step check of the loss would
     put one each (8); at most one a step in all (the one non-finite check: read a step
     late with stop, before the optimizer with skip)."""
-    from ddp_fnn import fileio
+    from ddp_fnn.core import fileio
     r = run_cli("train", *QUICK, "--max-steps", "6", "--grad-accum", "4", "--global-batch-size", "32",
                 "--on-nan", policy, "--profile", "3:4", "--output", str(tmp_path))
     assert r.returncode == 0, r.stderr

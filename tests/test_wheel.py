@@ -28,7 +28,7 @@ def test_the_wheel_carries_the_cluster_scripts(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for script in ("netns-cluster.sh", "node.sh", "tbf.sh"):
         assert f"ddp_fnn/cluster/{script}" in names
-    assert "ddp_fnn/train/loop.py" in names and "ddp_fnn/perfmodel/sweep.py" in names
+    assert "ddp_fnn/train/loop.py" in names and "ddp_fnn/sweep/grid.py" in names
 
 
 @pytest.mark.slow

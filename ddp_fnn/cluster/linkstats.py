@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 
@@ -114,6 +115,58 @@ def load(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+
+MBIT = 1e6 / 8          # bytes/s in one Mbit/s
+
+
+def link_series(jsonl: str | Path, path: str | Path, *, t_from: float | None = None, t_to: float | None = None,
+                title: str | None = None) -> None:
+    """Each link's TX rate (Mbit/s) between consecutive samples of a cluster's
+    ``linkstats.jsonl`` (ddp_fnn/cluster/linkstats.py), against seconds since the first
+    sample: the nodes' eth0 in one panel, the leaf uplinks (both directions) in the
+    other when there are any. ``t_from``/``t_to`` cut a window (seconds). ValueError
+    when matplotlib is missing, the file has fewer than two samples, or the PNG cannot
+    be written."""
+    from ddp_fnn.core import figures     # only when plotting: the sampler imports nothing of the package
+
+    plt = figures.pyplot(no_plot_option=False)
+    samples = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    if len(samples) < 2:
+        raise ValueError(f"{jsonl}: fewer than two samples")
+    t0 = samples[0]["t"]
+    names = list(samples[0]["tx_bytes"])
+    xs, rates = [], {n: [] for n in names}
+    for a, b in zip(samples, samples[1:]):
+        dt = b["t"] - a["t"]
+        mid = (a["t"] + b["t"]) / 2 - t0
+        if dt <= 0 or (t_from is not None and mid < t_from) or (t_to is not None and mid > t_to):
+            continue
+        xs.append(mid)
+        for n in names:
+            rates[n].append((b["tx_bytes"][n] - a["tx_bytes"][n]) / dt / MBIT)
+    if not xs:
+        raise ValueError(f"{jsonl}: no samples in the window")
+    nodes = [n for n in names if not n.startswith("leaf")]
+    uplinks = [n for n in names if n.startswith("leaf")]
+    panels = [("node links (eth0 TX)", nodes)] + ([("leaf uplinks (up: leaf to spine, down: spine to leaf)",
+                                                   uplinks)] if uplinks else [])
+    period_ms = 1e3 * (samples[-1]["t"] - t0) / (len(samples) - 1)
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(11, 2.6 + 2.4 * len(panels)), squeeze=False)
+    for ax, (label, group) in zip(axes[:, 0], panels):
+        for n in group:
+            ax.step(xs, rates[n], where="mid", lw=0.9, label=n)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel("TX Mbit/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right", ncol=min(4, len(group)))
+    axes[-1, 0].set_xlabel(f"seconds since the first sample (one sample every {period_ms:.0f} ms)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    figures.save(plt, fig, path, 110, str(path))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="linkstats", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -133,10 +186,9 @@ def main(argv=None) -> int:
             print("linkstats.py: error: the period must be > 0 ms", file=sys.stderr)
             return 2
         return sample(a.out, a.period_ms, a.links)
-    from ddp_fnn.perfmodel import plots
 
     try:
-        plots.link_series(a.jsonl, a.png, t_from=a.t_from, t_to=a.t_to, title=a.title)
+        link_series(a.jsonl, a.png, t_from=a.t_from, t_to=a.t_to, title=a.title)
     except ValueError as e:
         print(f"linkstats: error: {e}", file=sys.stderr)
         return 2

@@ -58,8 +58,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ddp_fnn import fileio
-from ddp_fnn.config import ConfigError
+from ddp_fnn.core import fileio
+from ddp_fnn.core.errors import ConfigError
 
 FORMAT = 1                    # bump when the arrays' meaning or layout changes
 HEADER_BYTES = 128            # fixed .npy header: the row count is written after the rows

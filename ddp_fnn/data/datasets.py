@@ -56,7 +56,7 @@ import torch
 from ddp_fnn.data import csvcache
 from ddp_fnn.data import tabular
 from ddp_fnn.config import ConfigError, DataConfig, ModelConfig, micro_batch_range
-from ddp_fnn.train.model import FNN, he_init_
+from ddp_fnn.model import FNN, he_init_
 
 RESIDENT_BUDGET = 64 << 20     # a mapped data set larger than this is not left resident
 DROP_EVERY_ROWS = 64           # rows fetch reads between hand-backs of the mapped pages

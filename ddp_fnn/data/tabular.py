@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ddp_fnn.config import ConfigError
+from ddp_fnn.core.errors import ConfigError
 from ddp_fnn.data.csvcache import Blocks
 
 ARROW_BLOCK_BYTES = 4 << 20        # pyarrow's unit of parallel parsing

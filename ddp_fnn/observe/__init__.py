@@ -41,7 +41,7 @@ as offsets in seconds from the step's start:
 """
 
 # The public surface of measurement; each name has one home in a submodule.
-from ddp_fnn.observe.clock import PHASES, Clock, Stopwatch, now, union_after, union_length, wall  # noqa: F401
+from ddp_fnn.observe.clock import PHASES, Clock, Stopwatch, now, wall  # noqa: F401
 from ddp_fnn.observe.records import (CollectiveRecord, StepRecord, cristian, done_time,  # noqa: F401
                                      make_record, ready_time, split_wait)
 from ddp_fnn.observe.observer import DdpLoggerWitness, Observer  # noqa: F401

@@ -1,5 +1,5 @@
-"""The clock: host marks (perf_counter), CUDA-event marks, stopwatches, and interval
-arithmetic (unions of [start, end] spans). ``PHASES`` names a step's compute phases."""
+"""The clock: host marks (perf_counter), CUDA-event marks and stopwatches. ``PHASES``
+names a step's compute phases. (Interval arithmetic is core/intervals.py.)"""
 
 from __future__ import annotations
 
@@ -102,30 +102,3 @@ class Clock:
             end.synchronize()
             return start.elapsed_time(end) / 1000.0
         return end - start
-
-
-# ---------------------------------------------------------------------------------------
-# interval arithmetic
-# ---------------------------------------------------------------------------------------
-
-def union_length(intervals) -> float:
-    """Length of the union of [start, end] intervals. Example (docs/metrics.md): [0.125,
-    0.375], [0.25, 0.5] and [0.625, 0.75] give 0.5, not the 0.625 their durations sum to."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
-
-
-def union_after(intervals, t: float) -> float:
-    """Length of the part of the intervals' union that lies after ``t``."""
-    return union_length([(max(a, t), b) for a, b in intervals if b > t])
-
-

@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import pickle
 
-from ddp_fnn.perfmodel.netmodel import ring_wire_bytes
+from ddp_fnn.core.wire import ring_wire_bytes
 
 _SIZE_BYTES = 8                     # the int64 size each rank publishes before an object gather
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 
 
 class StepProfiler:

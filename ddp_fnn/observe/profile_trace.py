@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 
-from ddp_fnn.observe.clock import union_length
+from ddp_fnn.core.intervals import union_length
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver", "runtime", "driver")

@@ -1,12 +1,12 @@
 """Rank 0's progress: a bar on a terminal, one JSON line per logging interval otherwise,
-and the end-of-run table (print_table, which trainer.main calls once the prediction is
+and the end-of-run table (print_table, which job.main calls once the prediction is
 in). Other ranks get ``Quiet``, so the loop has no rank checks."""
 
 from __future__ import annotations
 
 import sys
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 
 
 def make_progress(mode: str, total_steps: int):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.exposition import push_to_gateway
 
-from ddp_fnn.config import ConfigError
-from ddp_fnn.perfmodel.netmodel import busbw_factor, ring_wire_bytes
+from ddp_fnn.core.errors import ConfigError
+from ddp_fnn.core.wire import busbw_factor, ring_wire_bytes
 from ddp_fnn.observe import PHASES, StepRecord
 
 # 100 us .. 10 s: an FNN step on CPU is often well under the client's default 5 ms floor.

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ddp_fnn.observe.clock import PHASES, union_after, union_length
+from ddp_fnn.core.intervals import union_after, union_length
+from ddp_fnn.observe.clock import PHASES
 
 # ---------------------------------------------------------------------------------------
 # records

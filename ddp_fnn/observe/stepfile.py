@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.observe import StepRecord
 
 

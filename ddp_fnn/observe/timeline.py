@@ -29,27 +29,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.observe import StepRecord
 from ddp_fnn.observe.control import TRAFFIC
 
 # Thread ids: never equal to a pid (a rank), which Perfetto would show as the main thread.
 COMPUTE_TID = 1_000_001
 COMM_TID = 1_000_010   # comm lanes are COMM_TID, COMM_TID + 1, ...
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """'A:B' -> (A, B), 1-based optimizer steps, both included; ValueError with the reason."""
-    parts = str(text).split(":")
-    if len(parts) != 2:
-        raise ValueError("expected A:B, e.g. 5:8")
-    try:
-        a, b = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise ValueError("A and B must be integers, e.g. 5:8") from None
-    if a < 1 or b < a:
-        raise ValueError("needs 1 <= A <= B")
-    return a, b
 
 
 def _us(seconds: float) -> float:

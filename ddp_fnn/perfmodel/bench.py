@@ -11,7 +11,7 @@ clock around the call, which returns only when Gloo has finished the work; on CU
 pair of CUDA events per call, read after the size's last call. Each rank keeps the
 median of its iterations; the reported time is the mean of the ranks' medians (nccl-tests
 averages over ranks) with the slowest and fastest rank's median beside it, so a
-straggler shows. algbw = S / time, busbw = algbw * 2(N-1)/N (netmodel.algbw, netmodel.busbw).
+straggler shows. algbw = S / time, busbw = algbw * 2(N-1)/N (wire.algbw, wire.busbw).
 
 Defaults scaled for the hardware: with NCCL (GPUs) the sweep is 4 KiB .. 256 MiB doubling,
 20 iterations after 5 warm-up; with Gloo (CPU) it is 4 KiB .. 32 MiB, 10 iterations after
@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ddp_fnn.train import dist as ddist
+from ddp_fnn import dist as ddist
 from ddp_fnn.perfmodel import netmodel, probe
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio, units, wire
 from ddp_fnn.observe import Clock, Stopwatch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -54,7 +54,7 @@ DEFAULTS = {
     "nccl": ("4K:256M", 20, 5),
     "gloo": ("4K:32M", 10, 2),
 }
-COMPARE_BARE_DEFAULT = 8 * netmodel.MIB
+COMPARE_BARE_DEFAULT = 8 * units.MIB
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30}
@@ -138,7 +138,7 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------
 # process group
 # ---------------------------------------------------------------------------------------
-# ddp_fnn.train.dist brings the group up: torchrun's environment, or a group of one in an
+# ddp_fnn.dist brings the group up: torchrun's environment, or a group of one in an
 # in-process store outside torchrun (no port is opened).
 _World = probe.World
 
@@ -250,8 +250,8 @@ def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
     for s in sizes:
         per_rank = _across_ranks(world, _measure_size(world, s, dtype, iters, warmup))
         t = statistics.fmean(per_rank)
-        a = netmodel.algbw(s, t)
-        b = netmodel.busbw(a, n)
+        a = wire.algbw(s, t)
+        b = wire.busbw(a, n)
         results.append({"bytes": s, "count": s // elt, "dtype": cfg.dtype, "time_s": t,
                         "time_min_s": min(per_rank), "time_max_s": max(per_rank),
                         "algbw_bytes_per_second": a, "busbw_bytes_per_second": b, "iters": iters})
@@ -266,7 +266,7 @@ def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
             out(f"# no alpha-beta fit: {e}")
     if fit is not None:
         out(f"# fit t(S) = alpha + S*2(N-1)/N / beta (least squares on relative error): "
-            f"alpha = {fit.alpha_s * 1e6:.1f} us, beta = {netmodel.format_rate(fit.beta_bytes_per_second)} busbw, "
+            f"alpha = {fit.alpha_s * 1e6:.1f} us, beta = {units.format_rate(fit.beta_bytes_per_second)} busbw, "
             f"rms error {fit.rms_error_s * 1e6:.1f} us ({fit.rms_relative_error:.1%} rms, "
             f"{fit.max_relative_error:.1%} max), R^2 {fit.r2:.4f}")
     elif n < 2:
@@ -277,8 +277,8 @@ def _run(cfg: BenchConfig, world: _World, wall: Stopwatch) -> dict:
         compare = _compare_bare(world, cfg.compare_bare, dtype, warmup, cfg.compare_rounds)
         what = "busbw" if n >= 2 else "algbw"
         h_bw, b_bw = (compare["harness_busbw_bytes_per_second"], compare["bare_busbw_bytes_per_second"]) if n >= 2 \
-            else (netmodel.algbw(cfg.compare_bare, compare["harness_time_s"]),
-                  netmodel.algbw(cfg.compare_bare, compare["bare_time_s"]))
+            else (wire.algbw(cfg.compare_bare, compare["harness_time_s"]),
+                  wire.algbw(cfg.compare_bare, compare["bare_time_s"]))
         out(f"# harness vs bare all_reduce loop at {cfg.compare_bare} B, {cfg.compare_rounds} alternating rounds "
             f"of {COMPARE_BLOCK} + {COMPARE_BLOCK} calls: mean {what} {h_bw / 1e9:.3f} vs {b_bw / 1e9:.3f} GB/s, ratio {compare['ratio']:.3f} "
             f"(harness median time {compare['harness_median_s'] * 1e6:.1f} us, mean "
@@ -341,8 +341,8 @@ def _compare_bare(world: _World, nbytes: int, dtype: torch.dtype, warmup: int, r
         "calls_per_round": COMPARE_BLOCK,
         "harness_time_s": h,
         "bare_time_s": b,
-        "harness_busbw_bytes_per_second": netmodel.busbw(netmodel.algbw(nbytes, h), n),
-        "bare_busbw_bytes_per_second": netmodel.busbw(netmodel.algbw(nbytes, b), n),
+        "harness_busbw_bytes_per_second": wire.busbw(wire.algbw(nbytes, h), n),
+        "bare_busbw_bytes_per_second": wire.busbw(wire.algbw(nbytes, b), n),
         # harness busbw / bare busbw; 1.0: timing each call changes nothing.
         "ratio": b / h,
         "harness_median_s": h_median,

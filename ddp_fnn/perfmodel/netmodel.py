@@ -72,15 +72,13 @@ per-rank batch); for strong scaling divide it by N yourself.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-MIB = 1024 * 1024
-DEFAULT_BUCKET_MB = 25.0
-"""DDP's ``bucket_cap_mb`` when none is given (torch.nn.parallel.distributed._DEFAULT_BUCKET_CAP_MB)."""
-DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024
-"""torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: DDP's first-bucket cap when bucket_cap_mb is not given."""
+from ddp_fnn.core.intervals import union_length
+from ddp_fnn.core.units import MIB, format_bytes, format_rate, format_seconds, parse_rate
+from ddp_fnn.core.wire import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_BYTES, busbw_factor, check_world, ring_wire_bytes
+
 
 ALGORITHMS = ("ring", "tree", "halving-doubling")
 COMPRESSION_BYTES = {"none": 4, "fp16": 2, "bf16": 2}
@@ -181,100 +179,13 @@ def bucket_layout(widths: Sequence[int], bucket_mb: float | None = None, *, para
 
 
 # ---------------------------------------------------------------------------------------
-# bandwidths, wire bytes, link rates
-# ---------------------------------------------------------------------------------------
-
-def _check_world(world_size: int) -> int:
-    if int(world_size) != world_size or world_size < 1:
-        raise ValueError(f"world size must be a positive integer, got {world_size}")
-    return int(world_size)
-
-
-def busbw_factor(world_size: int) -> float:
-    """2(N-1)/N: all-reduce's bus-bandwidth factor (nccl-tests doc/PERFORMANCE.md)."""
-    n = _check_world(world_size)
-    return 2 * (n - 1) / n
-
-
-def hierarchical_wire_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
-    """Bytes each rank sends in a hierarchical all-reduce of ``payload_bytes`` over
-    ``nodes`` nodes of ``local_size`` ranks (train/sync.py; topology.hierarchical): a
-    reduce-scatter and an all-gather among the node's G ranks, (G-1)/G x S each as rings
-    send them, and between them an all-reduce of one S/G chunk across the n nodes,
-    2(n-1)/n x S/G, the only bytes that leave the node. (Padding to a multiple of G
-    elements, at most G-1 elements a bucket, is left out.)"""
-    g, n = local_size, nodes
-    if g < 1 or n < 1:
-        raise ValueError(f"local size and nodes must be >= 1, got {local_size}, {nodes}")
-    return 2 * (g - 1) * payload_bytes / g + hierarchical_network_bytes(payload_bytes, local_size, nodes)
-
-
-def hierarchical_network_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
-    """The part of ``hierarchical_wire_bytes`` that leaves the node: 2(n-1)/n x S/G."""
-    return 2 * (nodes - 1) * payload_bytes / (nodes * local_size)
-
-
-def ring_wire_bytes(payload_bytes: float, world_size: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of ``payload_bytes``: 2(N-1)/N * S.
-
-    Reduce-scatter then all-gather, each N-1 steps of one S/N chunk (Patarasuk and Yuan
-    2009). Computed as 2(N-1)*S / N in one division, so it is the correctly rounded value;
-    0 at N = 1.
-    """
-    n = _check_world(world_size)
-    if payload_bytes < 0:
-        raise ValueError(f"payload bytes must be >= 0, got {payload_bytes}")
-    return 2 * (n - 1) * payload_bytes / n
-
-
-def algbw(size_bytes: float, time_s: float) -> float:
-    """Algorithm bandwidth S / t in bytes/s (nccl-tests doc/PERFORMANCE.md)."""
-    if not time_s > 0:
-        raise ValueError(f"time must be > 0, got {time_s}")
-    return size_bytes / time_s
-
-
-def busbw(algbw_bytes_per_second: float, world_size: int) -> float:
-    """Bus bandwidth of an all-reduce: algbw * 2(N-1)/N in bytes/s (nccl-tests
-    doc/PERFORMANCE.md). Comparable with the link's rate whatever N is."""
-    return algbw_bytes_per_second * busbw_factor(world_size)
-
-
-# tc(8)'s rate units: bit/s with SI (k=1000) or IEC (ki=1024) prefixes, "bps" = bytes/s.
-_RATE_UNITS = {"": 1 / 8, "bit": 1 / 8, "bps": 1.0}
-for _p, _m in (("k", 1e3), ("m", 1e6), ("g", 1e9), ("t", 1e12),
-               ("ki", 2.0 ** 10), ("mi", 2.0 ** 20), ("gi", 2.0 ** 30), ("ti", 2.0 ** 40)):
-    _RATE_UNITS[_p + "bit"] = _m / 8
-    _RATE_UNITS[_p + "bps"] = _m
-_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$")
-
-
-def parse_rate(text: str) -> float:
-    """A link rate in tc(8)'s units to bytes/s: ``400gbit`` -> 5e10, ``100mbit`` -> 1.25e7.
-
-    Units (case-insensitive): bit (or none) = bits/s; kbit, mbit, gbit, tbit (x1000 steps);
-    kibit, mibit, gibit, tibit (x1024 steps); bps = bytes/s, kbps, mbps, gbps, tbps (and
-    kibps ...) = bytes/s with those prefixes -- tc's meaning, so ``1gbps`` is 1e9 bytes/s.
-    A bad value raises ValueError naming it.
-    """
-    m = _RATE_RE.match(str(text).lower())
-    if not m or m.group(2) not in _RATE_UNITS:
-        raise ValueError(f"bad link rate {text!r}: expected a number and a tc unit such as "
-                         f"400gbit, 100mbit, 1gbit or 125mbps")
-    value = float(m.group(1)) * _RATE_UNITS[m.group(2)]
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"bad link rate {text!r}: must be a positive finite rate")
-    return value
-
-
-# ---------------------------------------------------------------------------------------
 # all-reduce time
 # ---------------------------------------------------------------------------------------
 
 def latency_steps(world_size: int, algorithm: str = "ring") -> int:
     """How many message steps (each costing alpha) one all-reduce takes; see the module
     docstring. 0 at N = 1 (nothing to send). 2 at N = 2 for every algorithm."""
-    n = _check_world(world_size)
+    n = check_world(world_size)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
     if n == 1:
@@ -298,7 +209,7 @@ def allreduce_time(payload_bytes: float, world_size: int, alpha_s: float, beta_b
     p * 2(p-1)/p * S + 2(N-p) * S = 2(N-1) * S, the ring's, and the mean per rank
     (``StepEstimate.wire_bytes_per_rank_per_step``) stays 2(N-1)/N * S; the busiest rank
     (a partner) sends 2(p-1)/p * S + S (tests/test_netmodel.py counts both)."""
-    n = _check_world(world_size)
+    n = check_world(world_size)
     steps = latency_steps(n, algorithm)
     if n == 1:
         return 0.0
@@ -403,17 +314,6 @@ def queue_allreduces(ready_s: Sequence[float], latency_s: Sequence[float], trans
     return list(zip(start, finish))
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of intervals: observe.union_length's definition, here because
-    observe brings torch with it and this module stays pure arithmetic."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 @dataclass(frozen=True)
 class BucketTiming:
     index: int
@@ -491,7 +391,7 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
     ``BACKEND_CONCURRENCY``): 1 is the one-at-a-time queue. The comm time is the union of
     the all-reduces' intervals, as a run measures it.
     """
-    n = _check_world(world_size)
+    n = check_world(world_size)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
     if compression not in COMPRESSION_BYTES:
@@ -531,7 +431,7 @@ def estimate_step(widths: Sequence[int], *, world_size: int, alpha_s: float, bet
     timings = [BucketTiming(b.index, b.numel, s, r, a, f)
                for b, s, r, (a, f) in zip(layout, payloads, readies, spans)]
     payload_total = total * elt
-    comm = _union([(t.start_s, t.finish_s) for t in timings])
+    comm = union_length([(t.start_s, t.finish_s) for t in timings])
     finish = max((t.finish_s for t in timings), default=0.0)
     exposed = max(0.0, finish - backward) if n > 1 else 0.0
     step = compute_time_s + exposed
@@ -582,7 +482,7 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], world
     Needs N >= 2 (at N = 1 nothing crosses the network) and at least two distinct sizes;
     raises ValueError otherwise or when the times do not grow with the size.
     """
-    n = _check_world(world_size)
+    n = check_world(world_size)
     if n < 2:
         raise ValueError("fit_alpha_beta needs world size >= 2: at 1 nothing crosses the network")
     if len(sizes_bytes) != len(times_s):
@@ -623,40 +523,6 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], world
         max_relative_error=max(abs(r) for r in rel),
         r2=1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
         points=len(ts))
-
-
-# ---------------------------------------------------------------------------------------
-# human-readable units
-# ---------------------------------------------------------------------------------------
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB' (binary prefixes, as DDP's bucket caps are in MiB)."""
-    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_seconds(t: float) -> str:
-    """0.0123 -> '12.3 ms'."""
-    if t == 0:
-        return "0 s"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if abs(t) >= scale:
-            return f"{t / scale:.3g} {unit}"
-    return f"{t / 1e-9:.3g} ns"
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """5e10 -> '400 Gbit/s (50.0 GB/s)': the link engineer's unit and the byte rate."""
-    bits = bytes_per_second * 8
-    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits >= scale:
-            head = f"{bits / scale:.3g} {unit}"
-            break
-    else:
-        head = f"{bits:.3g} bit/s"
-    return f"{head} ({bytes_per_second / 1e9:.3g} GB/s)"
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ def read_bench_json(path: Path) -> dict:
 
 
 def network(cfg: PredictConfig, layers, bucket_mb: float, ctx, bench_data: dict | None) -> dict | None:
-    """The alpha-beta to predict with: the bench file's, or a probe's (None if --no-probe
-    or world size 1). Every rank calls it: the probe is collective. The probe always
+    """The alpha-beta to predict with: the bench file's, or a probe's when --probe asks for
+    one (None otherwise, and at world size 1). Every rank calls it: the probe is collective. The probe always
     fits something; where least squares could not, it says so in one line (rank 0) and
     ``method`` names the fallback."""
     if bench_data is not None:
@@ -75,7 +75,8 @@ def probe_traffic(net: dict | None) -> dict | None:
                                 "method")}
 
 
-def prediction(layers, par: ParallelConfig, world_size: int, net: dict | None, figures: dict) -> dict:
+def prediction(layers, par: ParallelConfig, world_size: int, net: dict | None, figures: dict,
+               cfg: PredictConfig | None = None) -> dict:
     """summary.json's predicted_* keys (None where there is nothing to predict with).
 
     The model replays this run's measured bucket schedule (``bucket_schedule``: when each
@@ -88,12 +89,20 @@ def prediction(layers, par: ParallelConfig, world_size: int, net: dict | None, f
     rank's compute)."""
     keys = ("predicted_comm_time_per_step_s", "predicted_exposed_comm_time_per_step_s", "predicted_step_time_s")
     empty = dict.fromkeys(keys) | {"prediction": None}
-    if net is None or "step_time_mean_s" not in figures or par.compression == "powersgd":
-        return empty
+    if net is None:
+        asked = cfg is None or cfg.probe or cfg.bench_json is not None
+        why = ("world size 1: no network to predict" if world_size < 2 and asked
+               else "not asked for: no --probe or --bench-json (the first step started at once)")
+        return empty | {"prediction_skipped": why}
+    if "step_time_mean_s" not in figures:
+        return empty | {"prediction_skipped": "no step was timed"}
+    if par.compression == "powersgd":
+        return empty | {"prediction_skipped": "--compression powersgd: the model has no PowerSGD"}
     wait = figures.get("wait_for_peers_per_step_s") or 0.0
     est, leads = _estimate(list(layers), par.sync, par.bucket_mb, par.compression, figures.get("backend"),
                            net, figures, world_size)
     return {
+        "prediction_skipped": None,
         "predicted_comm_time_per_step_s": est.comm_time_per_step_s,
         "predicted_exposed_comm_time_per_step_s": wait + est.exposed_comm_time_per_step_s,
         "predicted_step_time_s": est.step_time_s,

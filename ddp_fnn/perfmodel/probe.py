@@ -15,11 +15,12 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from ddp_fnn.train import dist as ddist
+from ddp_fnn.core import wire
+from ddp_fnn import dist as ddist
 from ddp_fnn.perfmodel import netmodel
 from ddp_fnn.observe import Clock
 
-# The group the probe runs in, as ddp_fnn.train.dist.setup returns it (rank, world size,
+# The group the probe runs in, as ddp_fnn.dist.setup returns it (rank, world size,
 # device, backend).
 World = ddist.DistContext
 
@@ -124,7 +125,7 @@ def probe(world: World, largest_bytes: int, points: int = 5, rounds: int = PROBE
                "rounds": rounds, "warmup_rounds": warmup, "calls_per_size": calls_per_size,
                "spread": times[-1] / times[0], "payload_bytes": payload,
                "calls": calls_per_size * sum(len(a) for a in attempts),
-               "wire_bytes": netmodel.ring_wire_bytes(payload, n)}
+               "wire_bytes": wire.ring_wire_bytes(payload, n)}
     return {**fit, **traffic}
 
 
@@ -180,7 +181,7 @@ def interquartile_mean(values: list[float]) -> float:
 def fit_probe(sizes: list[int], times: list[float], n: int) -> dict:
     """alpha and beta from the probe's (size, time) points, always: least squares,
     else the two-point or the largest-size fallback (see ``probe``)."""
-    factor = netmodel.busbw_factor(n)
+    factor = wire.busbw_factor(n)
     try:
         fit = netmodel.fit_alpha_beta(sizes, times, n, relative=False)
         return {"alpha_s": fit.alpha_s, "beta_bytes_per_second": fit.beta_bytes_per_second,

@@ -77,6 +77,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddp_fnn.core import units, wire
 from ddp_fnn.perfmodel import netmodel
 
 if sys.version_info >= (3, 11):
@@ -150,24 +151,12 @@ def _fail(key: str, message: str, value) -> ValueError:
     return ValueError(f"topology: {key} {message}, got {value!r}")
 
 
-_UNITS_HINT = "a rate such as 400gbit, 400Gbit/s, 450GB/s or 100mbit"
-
-
 def parse_rate(key: str, text) -> float:
-    """A rate in bytes/s: anything ``netmodel.parse_rate`` takes (tc's units: ``400gbit``,
-    ``450gbps`` = bytes/s), plus the ``.../s`` spellings on data sheets, where the case of
-    the b matters as it does there: ``450GB/s`` is bytes, ``400Gb/s`` and ``400Gbit/s`` bits."""
-    s = str(text).strip()
-    if s.endswith("bit/s"):
-        s = s[:-2]
-    elif s.endswith("B/s"):
-        s = s[:-3] + "bps"
-    elif s.endswith("b/s"):
-        s = s[:-3] + "bit"
+    """A rate in bytes/s (core.units.parse_rate), its error naming the file's key."""
     try:
-        return netmodel.parse_rate(s)
+        return units.parse_rate(text)
     except ValueError:
-        raise _fail(key, f"must be {_UNITS_HINT}", text) from None
+        raise _fail(key, f"must be a rate such as {units.RATE_EXAMPLES}", text) from None
 
 
 _SCHEMA = {
@@ -552,12 +541,12 @@ def collective(topo: Topology, algorithm: str = "ring", channels: int | None = N
 
 def busbw(topo: Topology, size_bytes: float, algorithm: str = "ring", channels: int | None = None) -> float:
     """The bus bandwidth nccl-tests' all_reduce_perf would print for this size, bytes/s:
-    algbw * 2(N-1)/N with algbw = S / t(S) (nccl-tests doc/PERFORMANCE.md; netmodel.busbw).
+    algbw * 2(N-1)/N with algbw = S / t(S) (nccl-tests doc/PERFORMANCE.md; wire.busbw).
     0 at N = 1, as nccl-tests prints it."""
     coll = collective(topo, algorithm, channels)
     if topo.world_size == 1:
         return 0.0
-    return netmodel.busbw(netmodel.algbw(size_bytes, coll.time_s(size_bytes)), topo.world_size)
+    return wire.busbw(wire.algbw(size_bytes, coll.time_s(size_bytes)), topo.world_size)
 
 
 def gloo_broadcast_sends(world: int, root: int = 0) -> list[tuple[int, int]]:
@@ -766,7 +755,7 @@ def estimate(topo: Topology, widths: Sequence[int], *, compute_s: float, bucket_
 def format_estimate(est: TopologyEstimate) -> list[str]:
     """The human-readable report, a line per item, units on every figure."""
     topo, step = est.topology, est.step
-    fb, fs, fr = netmodel.format_bytes, netmodel.format_seconds, netmodel.format_rate
+    fb, fs, fr = units.format_bytes, units.format_seconds, units.format_rate
     leaf = (f"{topo.leaves} leaf switch(es) ({'rail-optimized, ' if topo.rail_optimized else ''}"
             f"{topo.servers_per_leaf} server(s) each, uplinks {fr(topo.uplink_bytes_per_second)} "
             f"= {topo.oversubscription:.3g}:1)") if topo.servers > 1 else "no switch traffic (one server)"

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ddp_fnn import fileio
-from ddp_fnn.config import CheckpointConfig, ConfigError
+from ddp_fnn.core import fileio
+from ddp_fnn.config import CheckpointConfig, ConfigError, math_defaults
 from ddp_fnn.observe.control import TRAFFIC
 
 FORMAT = "ddp-fnn-checkpoint"
@@ -94,7 +94,13 @@ def _show(value) -> str:
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """``['--lr 0.01 → 0.02', ...]`` for each setting that differs, in a stable order."""
+    """``['--lr 0.01 → 0.02', ...]`` for each setting that differs, in a stable order.
+
+    A setting the old fingerprint lacks (a math field added since that checkpoint was
+    written) counts as its default there: the run that wrote it computed what the default
+    computes, so a checkpoint resumes while the new field is left at its default."""
+    defaults = math_defaults()
+    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
     names = list(new) + [k for k in old if k not in new]
     return [f"{_option(k)} {_show(old.get(k, '(unset)'))} → {_show(new.get(k, '(unset)'))}"
             for k in names if old.get(k) != new.get(k)]

@@ -14,7 +14,7 @@ at start (train/setup.py)
                       (world size >= 2, without --bench-json); counted apart
                       (ddp_fnn_probe_wire_bytes)
     node groups       --all-reduce hierarchical only: every rank's (node, G, local rank),
-                      all_gather_object (train/dist.py node_groups), then one new_group a
+                      all_gather_object (ddp_fnn/dist.py node_groups), then one new_group a
                       node and one a local rank, on every rank in the same order
     DDP's wrap        broadcast of rank 0's parameters and buffers: (N-1) x their bytes
                       from rank 0 (ddp_fnn_setup_wire_bytes)

@@ -14,7 +14,7 @@ Every rank holds the same FNN (same seed), takes its shard of each global batch
 ranks (sync.py) before every rank takes the same optimizer step. Rank 0 alone logs
 and writes; every rank serves its own /metrics.
 
-``main`` plans (setup.plan: checks, data, resume point), joins the group, builds the run
+job.py plans (setup.plan: checks, data, resume point), joins the group, builds the run
 (setup.build) and calls ``train``: ``run_step`` (the micro-steps and the NaN policy),
 ``after_step`` (records, the loss, logging, evaluation, checkpoints) and ``finish``.
 The collectives outside the gradient sync, in the order every rank makes them, are
@@ -31,20 +31,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddp_fnn import fileio
-from ddp_fnn.config import TrainConfig
 from ddp_fnn.data.datasets import Dataset, eval_shard
 from ddp_fnn.observe import Stopwatch, peers
-from ddp_fnn.observe.progress import print_table
-from ddp_fnn.observe.prometheus import NullMetrics
-from ddp_fnn.perfmodel import predict
 from ddp_fnn.train import checkpoint as ckpt
-from ddp_fnn.train import dist as ddist
-from ddp_fnn.train import setup
 from ddp_fnn.train.collectives import global_mean, ranks_with, sum_over_ranks
 from ddp_fnn.train.health import StepCheck, nonfinite_gradients
-from ddp_fnn.train.outputs import result_dict, write_outputs
-from ddp_fnn.train.setup import Run, note, say
+from ddp_fnn.train.outputs import result_dict
+from ddp_fnn.train.setup import Run, note
 
 
 class TrainingError(RuntimeError):
@@ -246,73 +239,3 @@ def evaluate_split(task: str, model: torch.nn.Module, ds: Dataset, rank: int, wo
     if count == 0:
         return float("nan"), None
     return loss_sum / count, (correct / count if task == "classification" else None)
-
-
-def main(cfg: TrainConfig, dry_run: bool = False) -> int:
-    """Plan, join the group, train, write, leave. Returns the exit status."""
-    rank, _, world = ddist.worker_identity()
-    plan = setup.plan(cfg, rank, world)
-    if plan.resume is not None and rank == 0:
-        for path, why in plan.resume.skipped:
-            note(f"checkpoint {path} is unreadable ({why}); using {plan.resume.path.name} instead", "warning")
-    if dry_run:
-        if rank == 0:
-            print(fileio.dumps({"ok": True, "world_size": world, "data": plan.ds.identity,
-                                "train_rows": len(plan.ds.train_idx), "eval_rows": len(plan.ds.eval_idx),
-                                "micro_batch_per_rank": plan.micro_batch}))
-        return 0
-    par = cfg.parallel
-    ctx = ddist.setup(par.backend, par.device, par.timeout_s)
-    metrics = NullMetrics()
-    try:
-        plan = setup.agree_resume(plan, ctx)     # collective: one resume step for every rank
-        # A finished run's command run again: nothing to train, every output left as it is.
-        # Decided on the agreed step, so inside the group: a rank whose own newest checkpoint
-        # is the last step must not leave while a rank that lacks it resumes and trains.
-        done = ckpt.finished(plan.resume, plan.total_steps, cfg.stop.target_loss) if plan.resume is not None else None
-        if done:
-            if rank == 0:
-                note(f"this run already finished ({plan.resume.path} is {done}); nothing to train, outputs left "
-                     f"as they are (--resume never trains afresh)")
-            return 0
-        metrics = setup.make_metrics(cfg, ctx)
-        net = predict.network(cfg.predict, cfg.model.layers, par.bucket_mb, ctx, plan.bench)  # bench file or probe
-        metrics.count_probe(predict.probe_traffic(net))  # its bytes, apart from the gradients'
-        result, model = train(setup.build(cfg, plan, ctx, metrics))
-        result.update(predict.prediction(cfg.model.layers, par, ctx.world_size, net, result))
-        result["probe"] = predict.probe_traffic(net)
-        if ctx.is_master and cfg.output.progress != "none":
-            print_table(result)
-        if ctx.is_master and cfg.output.output is not None:
-            write_outputs(cfg.output.output, result, cfg.to_dict(), model)
-        if cfg.metrics.pushgateway:
-            metrics.push(cfg.metrics.pushgateway)
-        if cfg.metrics.metrics_linger > 0 and metrics.registry is not None:
-            time.sleep(cfg.metrics.metrics_linger)     # a feature: keeps /metrics up for a last scrape
-        return 0
-    except (TrainingError, ckpt.NonFiniteError, ckpt.ReplicaMismatchError) as e:
-        say(f"ddp-fnn: error: {e}")
-        return 1
-    except RuntimeError as e:                  # DistBackendError and Gloo's plain RuntimeErrors
-        message = _collective_failure(e, ctx.rank, par.timeout_s)
-        if message is None:
-            raise
-        say(f"ddp-fnn: error: {message}")
-        return 1
-    finally:
-        metrics.close()
-        ddist.teardown()
-
-
-def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> str | None:
-    """The one-line message for a collective that failed because a peer died or froze,
-    or None for any other error (which then propagates with its traceback)."""
-    text = str(e).lower()
-    if "timed out" in text or "timeout" in text:
-        return (f"rank {rank}: a collective did not complete within --timeout-s {timeout_s:g} "
-                f"(a peer died or froze?)")
-    lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
-    for s in lost:
-        if s in text:
-            return f"rank {rank}: a peer left the job during a collective ({s})"
-    return None

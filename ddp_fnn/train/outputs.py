@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.observe import tcpstats
 from ddp_fnn.observe.control import TRAFFIC
 from ddp_fnn.train import checkpoint as ckpt

@@ -2,12 +2,12 @@
 
 ``plan`` runs before the process group exists (every rank alone): the settings checks
 that need the world size, the data, the global batches, the step count, this rank's
-resume point and the bench file. ``agree_resume`` runs once the group is joined: the
+resume point. ``agree_resume`` runs once the group is joined: the
 ranks settle on one resume step. ``build`` runs after: model, synchroniser, optimizer,
 checkpoints, the clock offset and the consumers of step records. The loop (loop.py)
 gets both and computes none of it again.
 
-This module and loop.py are the run's composition root: the only places outside
+This module, loop.py and job.py are the run's composition root: the only places outside
 config.py and cli.py that hold the whole ``TrainConfig``; each part they build gets
 only its section.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_fnn import fileio
+from ddp_fnn.core import fileio
 from ddp_fnn.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from ddp_fnn.data.datasets import Dataset, GlobalBatches, epochs_to_steps, load_dataset
 from ddp_fnn.observe import Clock, DdpLoggerWitness, Observer, mfu, peers, tcpstats
@@ -30,11 +30,10 @@ from ddp_fnn.observe.progress import make_progress
 from ddp_fnn.observe.prometheus import Metrics, NullMetrics, Summary
 from ddp_fnn.observe.stepfile import JsonLines, StepFile
 from ddp_fnn.observe.timeline import Timeline
-from ddp_fnn.perfmodel import predict
 from ddp_fnn.train import checkpoint as ckpt
-from ddp_fnn.train import dist as ddist
+from ddp_fnn import dist as ddist
 from ddp_fnn.train.collectives import resume_steps_of_ranks
-from ddp_fnn.train.model import build_fnn
+from ddp_fnn.model import build_fnn
 from ddp_fnn.train.sync import Synchroniser, gradient_bytes
 
 
@@ -46,7 +45,6 @@ class Plan:
     batches: GlobalBatches               # this rank's shard of every global batch
     total_steps: int
     resume: ckpt.Resume | None
-    bench: dict | None                   # --bench-json's alpha and beta
     micro_batch: tuple[int, int]         # the smallest and largest per-rank micro-batch
     # (step, path) this rank can resume from, newest first, for agree_resume; None: nothing
     # to agree on (world size 1, --resume never, or no --checkpoint-dir / --resume PATH)
@@ -63,7 +61,6 @@ def plan(cfg: TrainConfig, rank: int, world: int) -> Plan:
         fileio.check_writable_dir(cfg.output.output, "--output")
     if cfg.checkpoint.checkpoint_dir is not None:
         fileio.check_writable_dir(cfg.checkpoint.checkpoint_dir, "--checkpoint-dir")
-    bench = predict.read_bench_json(cfg.predict.bench_json) if cfg.predict.bench_json is not None else None
     # Every rank reads the checkpoint itself (weights-only), before it joins the group; with
     # several ranks, each also lists every step it could resume from, since its storage may
     # not be the others' (node-local, or a shared file system that lags): agree_resume.
@@ -72,7 +69,7 @@ def plan(cfg: TrainConfig, rank: int, world: int) -> Plan:
     steps = (tuple(ckpt.readable_steps(cfg.checkpoint, fp, resume))
              if world > 1 and ckpt.needs_agreement(cfg.checkpoint) else None)
     total_steps = epochs_to_steps(batches.steps_per_epoch, cfg.stop.epochs, cfg.stop.max_steps)
-    return Plan(ds, batches, total_steps, resume, bench, micro, steps)
+    return Plan(ds, batches, total_steps, resume, micro, steps)
 
 
 def agree_resume(plan: Plan, ctx: ddist.DistContext) -> Plan:

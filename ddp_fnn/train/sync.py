@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn.train.checkpoint import np_state, np_tuple
 from ddp_fnn.observe import Observer
-from ddp_fnn.perfmodel.netmodel import hierarchical_wire_bytes, ring_wire_bytes
+from ddp_fnn.core.wire import DEFAULT_BUCKET_MB, hierarchical_wire_bytes, ring_wire_bytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Synchroniser:
     """
 
     def __init__(self, model: nn.Module, mode: str, world_size: int, observer: Observer,
-                 bucket_mb: float = 25.0, compression: str = "none", powersgd_rank: int = 2,
+                 bucket_mb: float = DEFAULT_BUCKET_MB, compression: str = "none", powersgd_rank: int = 2,
                  device: torch.device | None = None, detail_every: int = 1, hierarchy=None):
         self.module = model          # the unwrapped FNN: what gets saved
         self.mode = mode
@@ -238,7 +238,7 @@ class Synchroniser:
 
     def wire_bytes(self, payload_bytes: float) -> float:
         """Bytes this rank sends to all-reduce ``payload_bytes`` of gradients: a ring's
-        2(N-1)/N x S, or the hierarchical phases' sum (netmodel.hierarchical_wire_bytes)."""
+        2(N-1)/N x S, or the hierarchical phases' sum (wire.hierarchical_wire_bytes)."""
         if self.hierarchy is not None:
             return hierarchical_wire_bytes(payload_bytes, self.hierarchy.local_size, self.hierarchy.nodes)
         return ring_wire_bytes(payload_bytes, self.world_size)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ddp_fnn import config
+from ddp_fnn.core.errors import ConfigError
 
 
 def clean(value: Any) -> Any:
@@ -92,6 +92,6 @@ def check_writable_dir(path: Path | str, option: str) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise config.ConfigError(f"{option} {path}: not a directory ({probe} is a file)")
+        raise ConfigError(f"{option} {path}: not a directory ({probe} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise config.ConfigError(f"{option} {path}: not writable")
+        raise ConfigError(f"{option} {path}: not writable")

@@ -24,8 +24,7 @@ import torch.distributed as dist
 # without an active exception"). docs/shutdown.md has the measurements.
 import torch.distributed.nn  # noqa: F401
 
-from ddp_fnn.config import ConfigError
-from ddp_fnn.observe import Stopwatch
+from ddp_fnn.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -171,9 +170,9 @@ def teardown() -> None:
     group = dist.group.WORLD
     gc.collect()
     dist.destroy_process_group()
-    waited = Stopwatch()
+    t0 = time.monotonic()
     # sys.getrefcount counts `group` here and its own argument: 2 when no one else holds it.
-    while sys.getrefcount(group) > 2 and waited.seconds() < release_timeout_s:
+    while sys.getrefcount(group) > 2 and time.monotonic() - t0 < release_timeout_s:
         time.sleep(0.001)
     del group        # the last reference, on this thread: ~ProcessGroupGloo joins its workers
 

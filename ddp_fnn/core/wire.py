@@ -1,0 +1,69 @@
+"""The byte formulas of collectives: what each rank sends, and the bus-bandwidth factor
+that makes a measured rate comparable with a link's (nccl-tests doc/PERFORMANCE.md).
+Everything that reports or predicts wire bytes (the observer's records, Prometheus,
+the cost models, the sweep) computes them here.
+"""
+
+from __future__ import annotations
+
+DEFAULT_BUCKET_MB = 25.0
+"""DDP's ``bucket_cap_mb`` when none is given (torch.nn.parallel.distributed._DEFAULT_BUCKET_CAP_MB):
+train's --bucket-mb default, and estimate's and sweep's, which are train's option."""
+DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024
+"""torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: DDP's first-bucket cap when bucket_cap_mb is not given."""
+
+
+def check_world(world_size: int) -> int:
+    if int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world size must be a positive integer, got {world_size}")
+    return int(world_size)
+
+
+def busbw_factor(world_size: int) -> float:
+    """2(N-1)/N: all-reduce's bus-bandwidth factor (nccl-tests doc/PERFORMANCE.md)."""
+    n = check_world(world_size)
+    return 2 * (n - 1) / n
+
+
+def hierarchical_wire_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
+    """Bytes each rank sends in a hierarchical all-reduce of ``payload_bytes`` over
+    ``nodes`` nodes of ``local_size`` ranks (train/sync.py; topology.hierarchical): a
+    reduce-scatter and an all-gather among the node's G ranks, (G-1)/G x S each as rings
+    send them, and between them an all-reduce of one S/G chunk across the n nodes,
+    2(n-1)/n x S/G, the only bytes that leave the node. (Padding to a multiple of G
+    elements, at most G-1 elements a bucket, is left out.)"""
+    g, n = local_size, nodes
+    if g < 1 or n < 1:
+        raise ValueError(f"local size and nodes must be >= 1, got {local_size}, {nodes}")
+    return 2 * (g - 1) * payload_bytes / g + hierarchical_network_bytes(payload_bytes, local_size, nodes)
+
+
+def hierarchical_network_bytes(payload_bytes: float, local_size: int, nodes: int) -> float:
+    """The part of ``hierarchical_wire_bytes`` that leaves the node: 2(n-1)/n x S/G."""
+    return 2 * (nodes - 1) * payload_bytes / (nodes * local_size)
+
+
+def ring_wire_bytes(payload_bytes: float, world_size: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``payload_bytes``: 2(N-1)/N * S.
+
+    Reduce-scatter then all-gather, each N-1 steps of one S/N chunk (Patarasuk and Yuan
+    2009). Computed as 2(N-1)*S / N in one division, so it is the correctly rounded value;
+    0 at N = 1.
+    """
+    n = check_world(world_size)
+    if payload_bytes < 0:
+        raise ValueError(f"payload bytes must be >= 0, got {payload_bytes}")
+    return 2 * (n - 1) * payload_bytes / n
+
+
+def algbw(size_bytes: float, time_s: float) -> float:
+    """Algorithm bandwidth S / t in bytes/s (nccl-tests doc/PERFORMANCE.md)."""
+    if not time_s > 0:
+        raise ValueError(f"time must be > 0, got {time_s}")
+    return size_bytes / time_s
+
+
+def busbw(algbw_bytes_per_second: float, world_size: int) -> float:
+    """Bus bandwidth of an all-reduce: algbw * 2(N-1)/N in bytes/s (nccl-tests
+    doc/PERFORMANCE.md). Comparable with the link's rate whatever N is."""
+    return algbw_bytes_per_second * busbw_factor(world_size)
