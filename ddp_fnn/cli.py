@@ -16,6 +16,7 @@ else:                               # Python 3.10: the same parser, from PyPI (p
 
 import click
 
+from ddp_fnn.core import wire
 from ddp_fnn.config import ConfigError, TrainConfig, fields_for_cli
 
 
@@ -205,7 +206,7 @@ def example(spec_file: str | None, as_json: bool, steps: int | None):
                    "all-reduces can overlap (0..1).")
 @train_option("bucket_mb")
 @train_option("compression")
-@click.option("--algorithm", type=click.Choice(["ring", "tree", "halving-doubling", "hierarchical"]),
+@click.option("--algorithm", type=click.Choice(wire.ALGORITHMS),
               default="ring", show_default=True,
               help="All-reduce algorithm; see docs/netmodel.md for each formula. hierarchical "
                    "(reduce-scatter in the server, all-reduce across, all-gather) needs --topology; "

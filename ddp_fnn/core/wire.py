@@ -6,6 +6,12 @@ the cost models, the sweep) computes them here.
 
 from __future__ import annotations
 
+ALGORITHMS = ("ring", "tree", "halving-doubling", "hierarchical")
+"""Every all-reduce algorithm ddp-fnn names: the one vocabulary of --algorithm. ring,
+tree and halving-doubling as the alpha-beta model prices them (perfmodel/netmodel.py);
+hierarchical (reduce-scatter in the server, all-reduce across, all-gather) as the fabric
+model maps it and train's --all-reduce hierarchical runs it. Each model takes its subset."""
+
 DEFAULT_BUCKET_MB = 25.0
 """DDP's ``bucket_cap_mb`` when none is given (torch.nn.parallel.distributed._DEFAULT_BUCKET_CAP_MB):
 train's --bucket-mb default, and estimate's and sweep's, which are train's option."""

@@ -77,10 +77,12 @@ from dataclasses import dataclass, field
 
 from ddp_fnn.core.intervals import union_length
 from ddp_fnn.core.units import MIB, format_bytes, format_rate, format_seconds, parse_rate
+from ddp_fnn.core import wire
 from ddp_fnn.core.wire import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_BYTES, busbw_factor, check_world, ring_wire_bytes
 
 
-ALGORITHMS = ("ring", "tree", "halving-doubling")
+ALGORITHMS = tuple(a for a in wire.ALGORITHMS if a != "hierarchical")
+"""The all-reduces the alpha-beta model prices (hierarchical is defined by servers: topology.py)."""
 COMPRESSION_BYTES = {"none": 4, "fp16": 2, "bf16": 2}
 """Bytes per gradient element on the wire: fp32 as is, or cast by DDP's fp16/bf16 compress hooks."""
 

@@ -77,7 +77,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddp_fnn.core import units, wire
+from ddp_fnn.core import fileio, units, wire
 from ddp_fnn.perfmodel import netmodel
 
 if sys.version_info >= (3, 11):
@@ -85,7 +85,8 @@ if sys.version_info >= (3, 11):
 else:                               # Python 3.10: the same parser, from PyPI (as cli.py does)
     import tomli as tomllib
 
-ALGORITHMS = ("ring", "tree", "hierarchical")
+ALGORITHMS = tuple(a for a in wire.ALGORITHMS if a != "halving-doubling")
+"""The all-reduces the fabric model maps link by link (halving-doubling has no mapping here)."""
 INTRA_KINDS = ("nvlink", "pcie", "loopback")
 
 
@@ -700,18 +701,7 @@ class TopologyEstimate:
             "link_bytes_per_step": dict(self.link_bytes_per_step),
             "step": self.step.to_dict(),
         }
-        return _finite(out)
-
-
-def _finite(x):
-    """NaN and infinities to None, recursively, so json.dumps(allow_nan=False) holds."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+        return fileio.clean(out)
 
 
 def estimate(topo: Topology, widths: Sequence[int], *, compute_s: float, bucket_mb: float | None = None,
