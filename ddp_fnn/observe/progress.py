@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from ddp_fnn.core import fileio
+from ddp_fnn.core import fileio, units
 
 
 def make_progress(mode: str, total_steps: int):
@@ -50,16 +50,12 @@ class Bar(Quiet):
 
 
 def _fmt(value, unit: str = "") -> str:
+    """A figure in the table, through the one set of formatters (core/units.py)."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        if unit == "s":
-            return f"{value * 1e3:.3f} ms"
-        if unit == "B":
-            return f"{value:,.0f} B"
-        if unit == "B/s":
-            return f"{value / 1e6:,.1f} MB/s"
-        return f"{value:.6g}"
+        fmt = {"s": units.format_seconds, "B": units.format_bytes, "B/s": units.format_rate}.get(unit)
+        return fmt(value) if fmt is not None else f"{value:.6g}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
