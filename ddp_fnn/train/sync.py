@@ -104,6 +104,15 @@ def _observed_hook(state, bucket):
     return fut.then(completed)
 
 
+# The single-tensor collectives of the hierarchical all-reduce. torch 2.13 renamed them
+# (reduce_scatter_tensor -> reduce_scatter_single, all_gather_into_tensor ->
+# all_gather_single) and made the old names deprecated wrappers of the new ones, with a
+# FutureWarning each call; releases before 2.13 (pyproject.toml's floor is older) have only
+# the old names. The same collective either way.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _hierarchical_all_reduce(buf: torch.Tensor, h) -> None:
     """Sum ``buf`` over every rank in three phases (topology.hierarchical's mapping):
     reduce-scatter among this node's G ranks (each keeps the sum of one 1/G chunk), an
@@ -121,10 +130,10 @@ def _hierarchical_all_reduce(buf: torch.Tensor, h) -> None:
     chunk = -(-buf.numel() // g)
     flat = buf if chunk * g == buf.numel() else torch.cat([buf, buf.new_zeros(chunk * g - buf.numel())])
     part = flat.new_empty(chunk)
-    dist.reduce_scatter_single(part, flat, group=h.local)
+    _reduce_scatter(part, flat, group=h.local)
     if h.rail is not None:
         dist.all_reduce(part, group=h.rail)
-    dist.all_gather_single(flat, part, group=h.local)
+    _all_gather(flat, part, group=h.local)
     if flat is not buf:
         buf.copy_(flat[:buf.numel()])
 
