@@ -54,6 +54,80 @@ def test_ring_wire_bytes_per_rank_is_what_the_ring_steps_send():
     assert wire.ring_wire_bytes(s, n) == 2 * (n - 1) * chunk
 
 
+def _gloo_broadcast_simulated(n: int, root: int = 0) -> tuple[list[int], list[int]]:
+    """Gloo's broadcast (gloo/broadcast.cc) run round by round as its code reads: a mask of
+    dim = ceil(log2 n) ones loses bit i in round i; a rank whose virtual rank has no bit
+    left under the mask sends to its peer with bit i flipped when its own bit i is 0 (and
+    the peer exists), else receives. Returns the copies each rank sent and, as a check
+    that the tree is one, the round in which each rank first held the data."""
+    dim = (n - 1).bit_length()
+    mask = (1 << dim) - 1
+    sent, has = [0] * n, [0 if r == root else None for r in range(n)]
+    for i in range(dim):
+        mask ^= 1 << i
+        for rank in range(n):
+            v = (rank - root) % n
+            peer = v ^ (1 << i)
+            if v & mask or peer >= n or v & (1 << i):
+                continue
+            assert has[rank] is not None and has[rank] <= i       # forwards only what it holds
+            dst = (peer + root) % n
+            assert has[dst] is None                                # each rank receives once
+            has[dst] = i + 1
+            sent[rank] += 1
+    assert None not in has
+    return sent, has
+
+
+@pytest.mark.parametrize("n, copies", [
+    (1, [0]), (2, [1, 0]), (3, [2, 0, 0]), (4, [2, 1, 0, 0]), (5, [3, 1, 0, 0, 0]),
+    (6, [3, 2, 0, 0, 0, 0]), (8, [3, 2, 1, 1, 0, 0, 0, 0]),
+])
+def test_broadcast_wire_bytes_per_rank_is_gloos_binomial_tree(n, copies):
+    """Rank 0 sends ceil(log2 N) copies, the ranks it reached first forward them; the
+    copies add up to N-1 (each other rank receives one). At 4 ranks 2, 1, 0, 0: not the
+    (N-1) x P from rank 0 alone of a root that sends to every rank."""
+    p = 297_988
+    per_rank = [wire.broadcast_wire_bytes(p, n, r) for r in range(n)]
+    assert per_rank == [c * p for c in copies]
+    assert sum(per_rank) == (n - 1) * p
+    assert _gloo_broadcast_simulated(n)[0] == copies
+    assert per_rank[0] == (n - 1).bit_length() * p            # ceil(log2 N) copies from the root
+
+
+@pytest.mark.parametrize("n", range(1, 34))
+def test_broadcast_peers_are_gloos_sends_for_every_root(n):
+    for root in sorted({0, 1 % n, n // 2, n - 1}):
+        sent, _ = _gloo_broadcast_simulated(n, root)
+        assert [len(wire.broadcast_peers(n, r, root)) for r in range(n)] == sent
+        receivers = sorted(d for r in range(n) for d in wire.broadcast_peers(n, r, root))
+        assert receivers == sorted(set(range(n)) - {root})
+    assert [wire.broadcast_wire_bytes(10, n, r) for r in range(n)] == \
+        [10 * c for c in _gloo_broadcast_simulated(n)[0]]
+
+
+def test_broadcast_wire_bytes_refuses_what_is_not_a_rank():
+    with pytest.raises(ValueError, match="rank and root must be in 0..3"):
+        wire.broadcast_wire_bytes(1, 4, 4)
+    with pytest.raises(ValueError, match="payload bytes must be >= 0"):
+        wire.broadcast_wire_bytes(-1, 4, 0)
+    with pytest.raises(ValueError, match="world size must be a positive integer"):
+        wire.broadcast_wire_bytes(1, 0, 0)
+
+
+def test_module_state_broadcast_bytes_is_the_tree_over_parameters_and_buffers():
+    from torch import nn
+
+    from ddp_fnn.train.sync import module_state_broadcast_bytes
+    model = build_fnn([32, 256, 256, 1], seed=0)
+    p = sum(t.numel() * 4 for t in model.parameters())
+    assert [module_state_broadcast_bytes(model, 4, r) for r in range(4)] == [2 * p, p, 0, 0]
+    assert [module_state_broadcast_bytes(model, 5, r) for r in range(5)] == [3 * p, p, 0, 0, 0]
+    norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))      # buffers are broadcast too
+    state = sum(t.numel() * t.element_size() for t in [*norm.parameters(), *norm.buffers()])
+    assert module_state_broadcast_bytes(norm, 2, 0) == state and module_state_broadcast_bytes(norm, 2, 1) == 0
+
+
 def test_busbw_is_algbw_times_two_n_minus_one_over_n():
     a = wire.algbw(8e6, 2e-3)
     assert a == 4e9

@@ -73,3 +73,35 @@ def busbw(algbw_bytes_per_second: float, world_size: int) -> float:
     """Bus bandwidth of an all-reduce: algbw * 2(N-1)/N in bytes/s (nccl-tests
     doc/PERFORMANCE.md). Comparable with the link's rate whatever N is."""
     return algbw_bytes_per_second * busbw_factor(world_size)
+
+
+def broadcast_peers(world_size: int, rank: int, root: int = 0) -> list[int]:
+    """The ranks ``rank`` sends the whole buffer to in Gloo's broadcast from ``root``, in
+    the order it sends (gloo/broadcast.cc, the algorithm ProcessGroupGloo's broadcast runs).
+
+    A binomial tree over virtual ranks v = (rank - root) mod N: in round i (i = 0 ..
+    ceil(log2 N) - 1) every v < 2^i sends to v + 2^i, if that is < N. So v sends to
+    v + 2^i for every i from the bit length of v up while v + 2^i < N: the root
+    ceil(log2 N) copies, every v >= N/2 none. At 8 ranks 0 -> 1; 0 -> 2, 1 -> 3; 0 -> 4,
+    1 -> 5, 2 -> 6, 3 -> 7; at 5 ranks 0 -> 1, 2, 4 and 1 -> 3."""
+    n = check_world(world_size)
+    if not (0 <= rank < n and 0 <= root < n):
+        raise ValueError(f"rank and root must be in 0..{n - 1}, got rank {rank}, root {root}")
+    v = (rank - root) % n
+    peers, step = [], 1 << v.bit_length()
+    while v + step < n:
+        peers.append((v + step + root) % n)
+        step <<= 1
+    return peers
+
+
+def broadcast_wire_bytes(payload_bytes: float, world_size: int, rank: int) -> float:
+    """Bytes ``rank`` sends in a Gloo broadcast of ``payload_bytes`` from rank 0: one copy
+    to each of its ``broadcast_peers`` (rank 0: ceil(log2 N) copies; every rank's copies
+    add up to (N-1) x the payload, one for each receiver). DDP's start-up broadcast of
+    rank 0's parameters and buffers (``_sync_module_states``) is this, in buckets of at
+    most 250 MiB each broadcast alike, so the buckets change nothing but the message count.
+    0 at N = 1."""
+    if payload_bytes < 0:
+        raise ValueError(f"payload bytes must be >= 0, got {payload_bytes}")
+    return len(broadcast_peers(world_size, rank)) * payload_bytes

@@ -170,8 +170,9 @@ class Metrics:
                                      "Bytes the pre-training probe handed to all-reduce.", r, registry=reg)
         self.setup_wire = Counter("ddp_fnn_setup_wire_bytes",
                                   "Bytes this rank sent to set the replicas up: DDP's broadcast of rank 0's "
-                                  "parameters and buffers when it wraps the model (Gloo: (N-1) x their bytes "
-                                  "from rank 0, 0 elsewhere).", r, registry=reg)
+                                  "parameters and buffers when it wraps the model (Gloo's binomial tree: "
+                                  "ceil(log2 N) copies from rank 0, the copies a rank forwards elsewhere; "
+                                  "2, 1, 0, 0 at 4 ranks).", r, registry=reg)
         self.control_wire = Counter("ddp_fnn_control_wire_bytes",
                                     "Bytes this rank sent in the job's own collectives beside the gradients and "
                                     "the probe (loss, NaN vote, ready times, clock ping-pongs, checks, gathers; "

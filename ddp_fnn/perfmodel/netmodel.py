@@ -19,6 +19,9 @@ Wire bytes: every all-reduce algorithm below moves, summed over ranks, 2(N-1) * 
 once), so the mean per rank is 2(N-1)/N * S; for the ring it is exactly what each rank
 sends (Patarasuk and Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
 workstations", J. Parallel Distrib. Comput. 69(2), 2009, who also prove it the minimum).
+A broadcast of S bytes (DDP's start-up copy of rank 0's parameters) sends (N-1) * S in
+all, but not evenly: Gloo's is a binomial tree, rank 0 sending ceil(log2 N) copies and
+every other rank the copies it forwards (``broadcast_wire_bytes``; at 4 ranks 2, 1, 0, 0).
 
 Time of one all-reduce of S bytes, alpha = latency of one message step between two
 ranks (s), beta = bus bandwidth (bytes/s), Hockney's alpha-beta model (Parallel

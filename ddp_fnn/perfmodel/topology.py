@@ -551,19 +551,14 @@ def busbw(topo: Topology, size_bytes: float, algorithm: str = "ring", channels: 
 
 
 def gloo_broadcast_sends(world: int, root: int = 0) -> list[tuple[int, int]]:
-    """(sender, receiver) of every message of Gloo's broadcast (gloo/broadcast.cc): a
-    binomial tree over virtual ranks (root = 0): in round i every rank below 2^i that has
-    one sends to its peer with bit i set. At 8 ranks: 0->1; 0->2, 1->3; 0->4, 1->5, 2->6,
-    3->7 -- rank 0 sends 3 copies, not N-1. DDP's start-up broadcast of rank 0's
-    parameters (``_sync_module_states``) is one such broadcast."""
-    sends = []
-    bit = 1
-    while bit < world:
-        for v in range(bit):
-            if v + bit < world:
-                sends.append(((v + root) % world, (v + bit + root) % world))
-        bit <<= 1
-    return sends
+    """(sender, receiver) of every message of Gloo's broadcast, round by round: each rank's
+    ``wire.broadcast_peers`` (the binomial tree of gloo/broadcast.cc, whose per-rank
+    bytes are ``wire.broadcast_wire_bytes``). At 8 ranks: 0->1; 0->2, 1->3; 0->4,
+    1->5, 2->6, 3->7 -- rank 0 sends 3 copies, not N-1. DDP's start-up broadcast of rank
+    0's parameters (``_sync_module_states``) is one such broadcast."""
+    sends = [(a, b) for a in range(world) for b in wire.broadcast_peers(world, a, root)]
+    # round i sends across a virtual distance of 2^i; within a round, by virtual sender
+    return sorted(sends, key=lambda ab: ((ab[1] - ab[0]) % world, (ab[0] - root) % world))
 
 
 def broadcast_bytes_leaving(group_of, world: int, nbytes: int) -> dict:

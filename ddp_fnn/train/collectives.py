@@ -16,8 +16,12 @@ at start (train/setup.py)
     node groups       --all-reduce hierarchical only: every rank's (node, G, local rank),
                       all_gather_object (ddp_fnn/dist.py node_groups), then one new_group a
                       node and one a local rank, on every rank in the same order
-    DDP's wrap        broadcast of rank 0's parameters and buffers: (N-1) x their bytes
-                      from rank 0 (ddp_fnn_setup_wire_bytes)
+    DDP's wrap        broadcast of rank 0's parameters and buffers along Gloo's binomial
+                      tree: ceil(log2 N) copies from rank 0, the copies it forwards from
+                      each other rank, (N-1) in all (wire.broadcast_wire_bytes;
+                      ddp_fnn_setup_wire_bytes); before it DDP's shape check, an
+                      all_gather of one int64 and a broadcast of 16 B per parameter
+                      dimension (not counted: some hundred bytes)
     clock offset      observe/peers.py estimate_offset, control: 16 ping-pongs of 8 B with
                       rank 0 per rank (rank 0: 16 x 8 B to each)
 each step (train/loop.py)

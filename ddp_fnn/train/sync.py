@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_fnn.train.checkpoint import np_state, np_tuple
 from ddp_fnn.observe import Observer
-from ddp_fnn.core.wire import DEFAULT_BUCKET_MB, hierarchical_wire_bytes, ring_wire_bytes
+from ddp_fnn.core.wire import DEFAULT_BUCKET_MB, broadcast_wire_bytes, hierarchical_wire_bytes, ring_wire_bytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,12 +392,10 @@ def gradient_bytes(model: nn.Module) -> int:
 
 def module_state_broadcast_bytes(model: nn.Module, world_size: int, rank: int) -> int:
     """Bytes this rank sends when DDP wraps the model: DDP broadcasts rank 0's parameters
-    and buffers to every rank (``_sync_module_states``), and Gloo's broadcast sends the
-    root's tensor to each other rank directly, so rank 0 sends (N-1) x their bytes and
-    the others nothing. (NCCL pipelines a broadcast along a ring, where every rank but
-    the last forwards it once; not measured here.) Checked against the namespace nodes'
-    kernel TX counters in tests/test_launch_netns.py."""
-    if rank != 0:
-        return 0
+    and buffers to every rank (``_sync_module_states``), along Gloo's binomial tree
+    (``wire.broadcast_wire_bytes``: at 4 ranks rank 0 sends 2 copies, rank 1 one).
+    (NCCL pipelines a broadcast along a ring, where every rank but the last forwards it
+    once; not measured here.) Checked against the namespace nodes' kernel TX counters in
+    tests/test_launch_netns.py."""
     state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return (world_size - 1) * state
+    return int(broadcast_wire_bytes(state, world_size, rank))
