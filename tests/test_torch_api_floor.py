@@ -135,12 +135,12 @@ def test_the_static_reading_agrees_with_the_installed_torch(tmp_path):
 
 @pytest.fixture
 def group_of_one():
-    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.train.dist.teardown
+    """A Gloo group of one in this (pytest's) process, left through ddp_fnn.dist.teardown
     (docs/shutdown.md, "Groups inside pytest")."""
     import torch.distributed as dist
     from conftest import gloo_threads_left
 
-    from ddp_fnn.train import dist as ddist
+    from ddp_fnn import dist as ddist
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     ddist.teardown()
@@ -156,7 +156,7 @@ def test_the_hierarchical_all_reduce_uses_the_collectives_this_torch_names_curre
     import torch
     import torch.distributed as dist
 
-    from ddp_fnn.train import dist as ddist
+    from ddp_fnn import dist as ddist
     from ddp_fnn.train import sync
     assert sync._reduce_scatter is getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     assert sync._all_gather is getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
