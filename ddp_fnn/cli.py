@@ -257,6 +257,40 @@ def estimate(layers, world_size, link_rate, latency_us, bench_json, compute_ms, 
 
 
 @cli.command()
+@click.option("--topology", "topology_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Topology file (TOML/JSON, docs/topology.md): the servers, GPUs, NVLink, PCIe and NICs.")
+@click.option("--algorithm", type=click.Choice(("auto", "ring", "tree", "nvls", "nvlstree")), default="auto",
+              show_default=True, envvar="NCCL_ALGO",
+              help="NCCL's algorithm: auto = the tuner's choice per size (as NCCL_ALGO unset).")
+@click.option("--protocol", type=click.Choice(("auto", "LL", "LL128", "Simple")), default="auto",
+              show_default=True, help="NCCL's protocol: auto = the tuner's choice per size (as NCCL_PROTO unset).")
+@click.option("--sizes", default="8:8G", show_default=True,
+              help="Bytes per rank: FIRST:LAST doubling (all_reduce_perf -b -e -f 2), or a list 1M,25M,100M.")
+@click.option("--compare", "compare_file", type=click.Path(dir_okay=False), default=None,
+              help="An all_reduce_perf output: print the model beside each measured row, with the error.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes, microseconds, GB/s) instead of text.")
+def busbw(topology_file, algorithm, protocol, sizes, compare_file, as_json):
+    """NCCL's all-reduce on a topology, as all_reduce_perf prints it (NCCL backend).
+
+    Per size: time, algbw, busbw, and the algorithm, protocol and channels NCCL's tuner
+    would use (its cost model, perfmodel/nccl.py, cited to NCCL's source). Gloo keeps
+    the measured alpha-beta model (ddp-fnn bench). docs/nccl.md.
+
+    \b
+    ddp-fnn busbw --topology deploy/topologies/h100-2x8-400g.toml --sizes 1M:1G
+    ddp-fnn busbw --topology deploy/topologies/dgx-h100.toml --compare all_reduce_perf.txt
+    """
+    from ddp_fnn.perfmodel import busbw as model
+
+    try:
+        lines = model.run(topology_file=topology_file, algorithm=algorithm, protocol=protocol, sizes=sizes,
+                          compare_file=compare_file, as_json=as_json)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    click.echo("\n".join(lines))
+
+
+@cli.command()
 @click.option("--sizes", default=None, metavar="LO:HI|LIST",
               help="Message sizes in bytes per rank: a range LO:HI doubling (4K:64M), LO:HI:FACTOR, or a "
                    "list 4K,1M,8M; K, M, G are KiB, MiB, GiB.  [default: 4K:256M with NCCL, 4K:32M with Gloo]")

@@ -15,7 +15,7 @@ import json
 from ddp_fnn.config import parse_layers
 from ddp_fnn.core import fileio, units
 from ddp_fnn.core.errors import ConfigError
-from ddp_fnn.perfmodel import netmodel, plots, predict, topology
+from ddp_fnn.perfmodel import nccl, netmodel, plots, predict, topology
 
 
 def run(*, layers, world_size, link_rate, latency_us, bench_json, compute_ms, summary_file, backward_fraction,
@@ -145,7 +145,25 @@ def on_topology(path, widths, algorithm, channels, compute_ms, summary_file, bac
                                 algorithm=algorithm, channels=channels, backward_fraction=backward_fraction)
     except ValueError as e:
         raise ConfigError(_option_message(str(e))) from None
-    return [fileio.dumps(est.to_dict(), indent=2)] if as_json else topology.format_estimate(est)
+    if as_json:
+        return [fileio.dumps(est.to_dict(), indent=2)]
+    lines = topology.format_estimate(est)
+    if topo.intra_kind != "loopback" and topo.world_size > 1:
+        lines += nccl_buckets(topo, widths, bucket_mb)
+    return lines
+
+
+def nccl_buckets(topo, widths, bucket_mb) -> list[str]:
+    """Per DDP bucket, what NCCL's tuner would run (perfmodel/nccl.py: the NCCL backend's
+    model; the fabric lines above are the link-by-link map, Gloo keeps its alpha-beta)."""
+    hw = nccl.hardware(topo)
+    out = [f"nccl         per bucket, NCCL's choice ({nccl.RELEASE}; NCCL backend):"]
+    sizes = sorted({b.nbytes for b in netmodel.bucket_layout(widths, bucket_mb)})
+    for size in sizes:
+        c = nccl.call(hw, size)
+        out.append(f"             {units.format_bytes(size)}: {c.nccl_name}, {c.channels} channel(s), "
+                   f"{units.format_seconds(c.time_s)}, busbw {units.format_rate(c.bus_bw)}, {c.bound}-bound")
+    return out
 
 
 def _option_message(message: str) -> str:

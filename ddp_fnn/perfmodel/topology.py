@@ -113,6 +113,20 @@ class Topology:
     """All of one leaf's uplinks together, per direction."""
     rail_optimized: bool = False
     switch_latency_s: float = 0.0
+    # Hardware NCCL's cost model reads (perfmodel/nccl.py); none of it is a tuning constant.
+    gpu_arch: str = "hopper"
+    """ampere (A100) or hopper (H100): which of NCCL's per-architecture tables apply."""
+    nvswitch: bool = True
+    """The GPUs of a server meet in an NVSwitch (NVLS needs one)."""
+    pcie_gen: int = 5
+    pcie_lanes: int = 16
+    pcie_switches: int = 0
+    """PCIe switches per server (0: one per GPU or per NIC, whichever is more); GPU g sits on
+    switch g*S/G, NIC r on r*S/R, and a GPU's local NICs are those on its switch."""
+    nic_attach: str = "switch"
+    """switch: NICs sit on the GPUs' PCIe switches; cpu: on the CPU, off every GPU's switch."""
+    intra_line_bytes_per_second: float = 0.0
+    nic_line_bytes_per_second: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -161,9 +175,11 @@ def parse_rate(key: str, text) -> float:
 
 
 _SCHEMA = {
-    "": {"name", "servers", "gpus_per_server", "intra", "nic", "switch"},
-    "intra": {"kind", "rate", "efficiency", "latency_us"},
-    "nic": {"count", "rate", "efficiency", "latency_us"},
+    "": {"name", "servers", "gpus_per_server", "intra", "nic", "switch", "gpu", "pcie"},
+    "intra": {"kind", "rate", "efficiency", "latency_us", "nvswitch"},
+    "nic": {"count", "rate", "efficiency", "latency_us", "attach"},
+    "gpu": {"arch"},
+    "pcie": {"gen", "lanes", "switches"},
     "switch": {"servers_per_leaf", "oversubscription", "uplink_rate", "rail_optimized", "latency_us"},
 }
 
@@ -242,6 +258,23 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
         nic_rate = intra_rate               # unused: nothing leaves a lone server
     nic_lat = _latency_s(nic, "nic", 2.0)
 
+    gpu = _section(raw, "gpu", required=False)
+    arch = gpu.get("arch", "hopper")
+    if arch not in ("ampere", "hopper"):
+        raise _fail("gpu.arch", "must be ampere (A100) or hopper (H100)", arch)
+    pcie = _section(raw, "pcie", required=False)
+    gen = pcie.get("gen", 5 if arch == "hopper" else 4)
+    if gen not in (3, 4, 5, 6):
+        raise _fail("pcie.gen", "must be 3, 4, 5 or 6", gen)
+    lanes = _int(pcie, "lanes", "pcie.lanes", minimum=1, default=16)
+    switches = _int(pcie, "switches", "pcie.switches", minimum=0, default=0)
+    nvswitch = intra.get("nvswitch", kind == "nvlink" and gpus > 2)
+    if not isinstance(nvswitch, bool):
+        raise _fail("intra.nvswitch", "must be true or false", nvswitch)
+    attach = nic.get("attach", "switch")
+    if attach not in ("switch", "cpu"):
+        raise _fail("nic.attach", "must be switch (on the GPUs' PCIe switches) or cpu", attach)
+
     switch = _section(raw, "switch", required=False)
     per_leaf = _int(switch, "servers_per_leaf", "switch.servers_per_leaf", minimum=1, default=servers)
     if servers % per_leaf:
@@ -264,7 +297,11 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
                     intra_bytes_per_second=intra_rate, intra_latency_s=intra_lat,
                     nics_per_server=nics, nic_bytes_per_second=nic_rate, nic_latency_s=nic_lat,
                     servers_per_leaf=per_leaf, uplink_bytes_per_second=uplink, rail_optimized=rail,
-                    switch_latency_s=_latency_s(switch, "switch", 0.0))
+                    switch_latency_s=_latency_s(switch, "switch", 0.0), gpu_arch=arch, nvswitch=nvswitch,
+                    pcie_gen=gen, pcie_lanes=lanes, pcie_switches=switches, nic_attach=attach,
+                    intra_line_bytes_per_second=parse_rate("intra.rate", intra["rate"]),
+                    nic_line_bytes_per_second=(parse_rate("nic.rate", nic["rate"]) if "rate" in nic
+                                               else parse_rate("intra.rate", intra["rate"])))
 
 
 def load(path: str | Path) -> Topology:
