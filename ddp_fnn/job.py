@@ -10,6 +10,9 @@ peer lost), 2 for bad settings (ConfigError, printed by cli.py).
 
 from __future__ import annotations
 
+import re
+import socket
+import threading
 import time
 
 from ddp_fnn import dist as ddist
@@ -93,5 +96,29 @@ def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> str | 
     lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
     for s in lost:
         if s in text:
-            return f"rank {rank}: a peer left the job during a collective ({s})"
+            return f"rank {rank}: a peer left the job during a collective ({s}{_peer_named_in(str(e))})"
     return None
+
+
+def _peer_named_in(text: str) -> str:
+    """' from 10.0.0.3 (node2)': the peer Gloo's message names by its address
+    (``[10.0.0.3]:41234``), with the host name the resolver gives it (the container or
+    namespace node), or '' when the message names none. The lookup gets 2 s: a resolver
+    that does not answer must not hold up the exit."""
+    m = re.search(r"\[([0-9a-fA-F:.]+)\]:\d+", text)
+    if m is None:
+        return ""
+    address = m.group(1)
+    found: list[str] = []
+    lookup = threading.Thread(target=lambda: found.append(_host_name(address)), daemon=True)
+    lookup.start()
+    lookup.join(2.0)
+    name = found[0] if found else ""
+    return f" from {address}" + (f" ({name})" if name and name != address else "")
+
+
+def _host_name(address: str) -> str:
+    try:
+        return socket.gethostbyaddr(address)[0]
+    except OSError:
+        return ""

@@ -78,6 +78,9 @@ case $cmd in
             for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; echo "$prog: dockerd did not stop in 30 s; killed" >&2; }
         fi
+        # What the daemon mounted under its exec root and left (its network namespace
+        # handles, /run/docker/netns/default among them).
+        findmnt -rn -o TARGET | grep -F "$dir/exec/" | sort -r | while read -r m; do umount -l "$m" || true; done
         restore_host
         rm -f "$sock" "$dir/dockerd.pid"
         ;;

@@ -301,3 +301,16 @@ def test_resume_at_three_ranks_is_bitwise_and_elastic_resume_is_announced(tmp_pa
     e = _model(tmp_path / "elastic" / "out")
     for k in e:                                  # the same math, summed in another order
         assert torch.allclose(e[k], b[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_a_lost_peer_is_named_by_the_address_in_gloos_message():
+    """Gloo names the peer whose connection broke as [address]:port; the error line says
+    which host that is (the container or namespace node), and nothing when it names none."""
+    from ddp_fnn.job import _collective_failure
+
+    line = _collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                                            "[127.0.0.1]:45678"), 3, 20)
+    assert line.startswith("rank 3: a peer left the job during a collective (connection closed by peer from 127.0.0.1")
+    assert "(localhost)" in line or line.endswith("127.0.0.1)")
+    assert _collective_failure(RuntimeError("Connection reset by peer"), 1, 20) == \
+        "rank 1: a peer left the job during a collective (connection reset by peer)"
