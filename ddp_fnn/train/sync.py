@@ -129,20 +129,6 @@ def _hierarchical_all_reduce(buf: torch.Tensor, h) -> None:
         buf.copy_(flat[:buf.numel()])
 
 
-class MicroStep:
-    """What one micro-step calls: the replica as wrapped for this step (``model``) and the
-    backward that multiplies the loss by the scale that wrapper's sync expects."""
-    __slots__ = ("model", "loss_scale")
-
-    def __init__(self, model, loss_scale: float = 1.0):
-        self.model, self.loss_scale = model, loss_scale
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, times ``loss_scale`` when that is not 1: a product of its
-        own after the loss, so that every value in backward is exactly scaled."""
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
-
-
 class Synchroniser:
     """Owns the replica as the loop sees it (``self.model``) and how its gradients sync.
 
@@ -384,6 +370,20 @@ class Synchroniser:
             hs.compression = compression
         self.module.zero_grad(set_to_none=True)
         self.observer.discard_stray()
+
+
+class MicroStep:
+    """What one micro-step calls: the replica as wrapped for this step (``model``) and the
+    backward that multiplies the loss by the scale that wrapper's sync expects."""
+    __slots__ = ("model", "loss_scale")
+
+    def __init__(self, model, loss_scale: float = 1.0):
+        self.model, self.loss_scale = model, loss_scale
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, times ``loss_scale`` when that is not 1: a product of its
+        own after the loss, so that every value in backward is exactly scaled."""
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
 
 def _default_group():
