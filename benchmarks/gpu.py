@@ -13,16 +13,26 @@ ran, whatever its checks say; 1 otherwise. The parts:
 env      device, torch, CUDA, NCCL, nvidia-smi.
 a        world size 1, NCCL, torchrun, fp32: exit 0, a step line a step, phases > 0, data +
          forward + backward + sync wait + optimizer = step within 5 %, /metrics after the last
-         step, summary.json's clock offsets (world size 1: no Gloo control group; 0).
-profile  --grad-accum 4 --profile A:B: each kernel is credited to the ddp_fnn.<phase> range
-         its launch call fell in (any thread); the trainer's CUDA-event phases / kernel time
-         over the same steps within 10 % for forward, backward (the call; compute before the
-         last all-reduce) and optimizer (CPU: top-level ops stand in; >= 0.9). Host syncs
-         (cuda*Synchronize, device-tensor reads) <= 1 an optimizer step, none in forward or
-         backward: the NaN check costs no sync per micro-step.
+         step, summary.json's clock offsets (world size 1: no Gloo control group; 0), and each
+         step's loss (copied to the host without waiting, read at log steps once an event
+         behind the copy completed) averaging to the loss logged at each log step (1e-6).
+profile  --grad-accum 4 --profile A:B, a log step every 5: each kernel is credited to the
+         ddp_fnn.<phase> range its launch call fell in (any thread); the trainer's CUDA-event
+         phases / kernel time over the same steps within 10 % for forward, backward (the call;
+         compute before the last all-reduce) and optimizer (CPU: top-level ops stand in;
+         >= 0.9). Host waits (profile_trace.host_syncs: cudaEventSynchronize and every other
+         synchronise, copies to pageable memory, device-tensor reads): none in a step between
+         log steps (records and the NaN check wait for the log step), none in forward or
+         backward, and (CUDA) some at the log steps, where the host does wait.
 bf16     wide FNN, --precision bf16, torchrun: MFU (summary.json; median step) >= 60 %.
-runahead DDP_FNN_RUN_AHEAD=0:0.02 beside a plain run: step_s and phases unchanged within the
-         plain run's noise (the one-clock rule); the host's step interval up by ~20 ms.
+runahead DDP_FNN_RUN_AHEAD=0:0.02 beside a plain run (the one-clock rule): every step starts
+         >= 20 ms after its queue time; CPU: those 20 ms lie between steps, in none; CUDA:
+         median step_s up by < 10 ms (step and phase figures plain -> run-ahead are shown,
+         not checked on CPU: a timing comparison on a busy host). DDP_FNN_SLOW_STREAM=0:0.05
+         (a spin kernel of 50 ms in every forward; CPU: an emulated stream): the host >= 4
+         steps ahead of its device within a log interval of 10 (the step file's queued_s
+         against earlier steps' ends; a host that waited for anything a step late would
+         stay within 2), and caught up right after each log step, where it waits.
 nan      --on-nan skip on data with a NaN row completes, skipping; --target-loss stops.
 detail   --bucket-detail-every 1 and 10 run; on CUDA every step stays detailed.
 plain    not the trainer: an N^3 bf16 matmul (the ceiling), the bf16 model in a plain loop
@@ -52,9 +62,11 @@ sys.path.insert(0, str(REPO))
 from ddp_fnn.core import fileio  # noqa: E402
 from ddp_fnn.observe import mfu as mfu_table  # noqa: E402  (a table, no torch)
 from ddp_fnn.observe.profile_trace import attribute, host_syncs, trace_steps  # noqa: E402
+from ddp_fnn.observe.stepfile import steps_ahead  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
-TARGET_SUM, TARGET_PROFILER, TARGET_MFU, AHEAD_S, ACCUM = 0.05, 0.10, 0.60, 0.02, 4
+TARGET_SUM, TARGET_PROFILER, TARGET_MFU, AHEAD_S, STREAM_S, ACCUM = 0.05, 0.10, 0.60, 0.02, 0.05, 4
+PROFILE_LOG_EVERY = 5          # a log step inside the profiled window: where the host may wait
 SIZES = {
     "full": {"mid_layers": "1024,4096,4096,4096,1024", "mid_batch": 4096, "mid_samples": 65536, "mid_lr": 1e-6,
              "a_steps": 100, "prof_steps": 30, "prof_window": "19:28", "lead": 2, "ra_steps": 60, "skip": 5,
@@ -147,6 +159,26 @@ def step_figures(recs: list[dict], skip: int) -> dict:
     for k, xs in series.items():
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [0.0] * 3
         out[k] = {"median": median(xs), "iqr": q[2] - q[0]}
+    return out
+
+
+def logged_loss_errors(recs: list[dict], progress_log: Path) -> list[float | None]:
+    """Per log step of a world-size-1 run: the relative difference between the loss it
+    logged (--progress json: one host read of the interval's sum) and the mean of the step
+    file's per-step losses over the same steps, weighted by their samples. The per-step
+    losses are copied to the host without waiting; one read before its copy landed would
+    show here. None where a step of the interval has no loss."""
+    lines = [fileio.loads(ln) for ln in progress_log.read_text().splitlines()
+             if ln.startswith("{") and '"train_loss"' in ln] if progress_log.exists() else []
+    by_step, out, prev = {x["step"]: x for x in recs}, [], 0
+    for ln in lines:
+        steps = [by_step.get(k) for k in range(prev + 1, ln["step"] + 1)]
+        prev = ln["step"]
+        if not steps or any(x is None or x.get("loss") is None for x in steps):
+            out.append(None)                    # a step without its loss: fails the check
+            continue
+        mean = sum(x["loss"] * x["samples"] for x in steps) / sum(x["samples"] for x in steps)
+        out.append(abs(mean - ln["train_loss"]) / max(abs(ln["train_loss"]), 1e-30))
     return out
 
 
@@ -255,16 +287,20 @@ class Driver:
         f["min_s"]["comm"] = min((x["comm_s"] for x in recs if x["calls"]), default=None)
         mean = [v for k, v in sorted(metrics.items()) if k.startswith("ddp_fnn_step_duration_seconds_")]
         offs = summ.get("clock_offsets") or []
+        f["loss_vs_logged"] = logged_loss_errors(recs, self.logs / "a.out")
         checks = {"exit_0": run["ok"], "summary_json": bool(summ), "metrics_scraped": bool(metrics),
                   "one_line_a_step": [x["step"] for x in recs] == list(range(1, self.s["a_steps"] + 1)),
                   "phases_positive": all(v is not None and v > 0 for v in f["min_s"].values()),
                   "phase_sum_within_5pct": all(v is not None and abs(v - 1) <= TARGET_SUM for v in (
                       f["steps"]["phase_sum_over_step"], f["steps"]["phase_sum_over_step_median"])),
                   "clock_offsets_ok": len(offs) == 1 and all(o.get(k) is not None and abs(o[k]) <= (
-                      o.get("bound_start_s") or 0) + 1e-6 for o in offs for k in ("offset_start_s", "offset_end_s"))}
+                      o.get("bound_start_s") or 0) + 1e-6 for o in offs for k in ("offset_start_s", "offset_end_s")),
+                  "step_losses_average_to_the_logged_loss": bool(f["loss_vs_logged"]) and all(
+                      e is not None and e <= 1e-6 for e in f["loss_vs_logged"])}
         show = {"step_s median": f["steps"]["step_s"]["median"], "phases / step": f["steps"]["phase_sum_over_step"],
                 "/metrics step mean s": ratio(*reversed(mean)) if len(mean) == 2 else None,
-                "MFU (summary.json)": summ.get("mfu"), "clock offsets": offs}
+                "MFU (summary.json)": summ.get("mfu"), "clock offsets": offs,
+                "step losses vs logged (rel. errors)": f["loss_vs_logged"]}
         return {"run": run, "ran": run["ok"], "checks": checks, "figures": f, "show": show,
                 "artifacts": [self.keep(out / "summary.json", "a_summary.json"),
                               self.keep(out / "steps-rank0.jsonl", "a_steps-rank0.jsonl")]}
@@ -272,7 +308,7 @@ class Driver:
     def part_profile(self, timeout):
         s, cpu = self.s, not self.cuda
         a, b = (int(x) for x in s["prof_window"].split(":"))
-        run, out = self.train("profile", self.model("mid", s["prof_steps"], 1000) + [
+        run, out = self.train("profile", self.model("mid", s["prof_steps"], PROFILE_LOG_EVERY) + [
             "--grad-accum", str(ACCUM), "--profile", s["prof_window"], "--timeline", s["prof_window"]], timeout)
         r = {"run": run, "ran": run["ok"], "checks": {"trace_written": (out / "profile-rank0.json").exists()},
              "artifacts": [self.keep(out / "profile-rank0.json", "profile-rank0.json", gz=True),
@@ -298,17 +334,28 @@ class Driver:
             q = comp[k]["ratio"]
             r["checks"][f"{k}_{'at_least_0.9' if cpu else 'within_10pct'}"] = q is not None and (
                 q >= 1 - TARGET_PROFILER if cpu else abs(q - 1) <= TARGET_PROFILER)
+        # Trace step i is step a + i. A log step's own trace step holds its waits (records,
+        # the loss, the NaN flags, the next step's re-anchor); the last one runs to the
+        # trace's end, where the profiler stops: left out of both counts.
         per = host_syncs(events, use)
-        worst = max((max(x["syncs"], x["device_reads"]) for x in per), default=None)
+        step_of = {i: a + i for i in sorted(use)}
+        logs = {i for i, st in step_of.items() if st % PROFILE_LOG_EVERY == 0 or st == s["prof_steps"]}
+        judged = [i for i in sorted(use) if i != nseg - 1]
+        between = [per[j]["blocking"] for j, i in enumerate(sorted(use)) if i in judged and i not in logs]
+        at_logs = [per[j]["blocking"] for j, i in enumerate(sorted(use)) if i in judged and i in logs]
         r["checks"] |= {"trace_steps_match": nseg == b - a + 1 and n == len(use),
-                        "at_most_one_host_sync_per_step": worst is not None and worst <= 1,
+                        "no_host_sync_between_log_steps": bool(between) and max(between) == 0,
                         "no_host_sync_in_forward_backward": bool(per) and not any(
                             w in ("forward", "backward") for x in per for w in x["where"])}
+        if not cpu:     # the counter sees the waits that are there (on CPU there is no device)
+            r["checks"]["host_syncs_seen_at_log_steps"] = bool(at_logs) and min(at_logs) >= 1
         r["figures"] = {"compared_steps": [x["step"] for x in recs], "grad_accum": ACCUM, "compare": comp,
-                        "attribution": att, "host_syncs_per_step": per,
+                        "attribution": att, "host_syncs_per_step": per, "log_every": PROFILE_LOG_EVERY,
+                        "trace_step_numbers": [step_of[i] for i in sorted(use)],
                         "device_side": "top-level CPU ops (stand-in)" if cpu else "CUDA kernels, memcpys, memsets"}
         r["show"] = {f"{k} ours/profiler": v["ratio"] for k, v in comp.items()} | {
-            "max host syncs / step": worst, "aten::item / step": median([x["aten::item"] for x in per]),
+            "host waits / step between log steps (max)": max(between, default=None),
+            "host waits at log steps": at_logs, "aten::item / step": median([x["aten::item"] for x in per]),
             "_local_scalar_dense / step": median([x["aten::_local_scalar_dense"] for x in per])}
         return r
 
@@ -328,21 +375,39 @@ class Driver:
                          "TFLOP/s (median step)": ratio(flops / 1e12, med), "step shares": shares}}
 
     def part_runahead(self, timeout):
-        args = self.model("mid", self.s["ra_steps"])
-        base, out0 = self.train("ra_base", args, timeout / 2)
-        ahead, out1 = self.train("ra_ahead", args, timeout / 2, env={"DDP_FNN_RUN_AHEAD": f"0:{AHEAD_S}"})
-        f0, f1 = (step_figures(read_steps(o / "steps-rank0.jsonl"), self.s["skip"]) for o in (out0, out1))
-        r = {"runs": [base, ahead], "ran": base["ok"] and ahead["ok"], "checks": {}, "show": {}}
+        log_every = 10
+        args = self.model("mid", self.s["ra_steps"], log_every)
+        base, out0 = self.train("ra_base", args, timeout / 3)
+        ahead, out1 = self.train("ra_ahead", args, timeout / 3, env={"DDP_FNN_RUN_AHEAD": f"0:{AHEAD_S}"})
+        slow, out2 = self.train("ra_stream", args, timeout / 3, env={"DDP_FNN_SLOW_STREAM": f"0:{STREAM_S}"})
+        r = {"runs": [base, ahead, slow], "ran": base["ok"] and ahead["ok"] and slow["ok"], "checks": {}, "show": {}}
         if not r["ran"]:
             return r
+        (l0, l1, l2), skip = (read_steps(o / "steps-rank0.jsonl") for o in (out0, out1, out2)), self.s["skip"]
+        f0, f1 = step_figures(l0, skip), step_figures(l1, skip)
+        # The one-clock rule: a step starts at its first mark, after the injected wait, never
+        # at the queue time before it.
+        lead = [x["start_s"] - x["queued_s"] for x in l1]
+        gaps = [q["start_s"] - (p["start_s"] + p["step_s"]) for p, q in zip(l1, l1[1:])]
+        r["checks"]["every_step_starts_after_the_injected_wait"] = bool(lead) and min(lead) >= 0.9 * AHEAD_S
+        if self.cuda:   # the device may still be busy with the last step: the gap can be shorter
+            r["checks"]["step_s_not_up_by_the_injected_wait"] = (
+                f1["step_s"]["median"] - f0["step_s"]["median"] < 0.5 * AHEAD_S)
+        else:           # one host, one thread: the wait lies between steps, whatever the load
+            r["checks"]["the_injected_wait_lies_between_steps"] = bool(gaps) and min(gaps) >= 0.9 * AHEAD_S
         for k in ("step_s", *(f"{p}_s" for p in PHASES)):
-            x, y = f0[k]["median"], f1[k]["median"]
-            tol = max(0.05 * x, f0[k]["iqr"], 0.1 * AHEAD_S)     # noise: the plain run's own spread
-            r["checks"][f"{k}_unchanged"] = abs(y - x) <= tol
-            r["show"][f"{k} plain -> run-ahead"] = f"{x:.4g} -> {y:.4g} (tolerance {tol:.2g})"
-        gap = r["show"]["host interval increase s"] = f1["host_interval_s"]["median"] - f0["host_interval_s"]["median"]
-        r["checks"]["injection_seen_in_host_interval"] = gap >= 0.5 * AHEAD_S
-        r["figures"] = {"plain": f0, "run_ahead": f1, "run_ahead_s": AHEAD_S}
+            r["show"][f"{k} plain -> run-ahead"] = f"{f0[k]['median']:.4g} -> {f1[k]['median']:.4g}"
+        r["show"]["host interval increase s"] = f1["host_interval_s"]["median"] - f0["host_interval_s"]["median"]
+        # A slow device stream: the host runs ahead of it between log steps and waits at them.
+        ahead_steps = steps_ahead(l2)
+        after_log = [n for x, n in zip(l2[1:], ahead_steps[1:]) if (x["step"] - 1) % log_every == 0]
+        r["checks"] |= {"host_at_least_4_steps_ahead_of_a_slow_stream": max(ahead_steps, default=0) >= 4,
+                        "host_caught_up_after_each_log_step": bool(after_log) and max(after_log) == 0}
+        r["show"] |= {"steps ahead of a slow stream (max, median)": [max(ahead_steps, default=None),
+                                                                      median(ahead_steps)],
+                      "steps ahead right after log steps": after_log}
+        r["figures"] = {"plain": f0, "run_ahead": f1, "run_ahead_s": AHEAD_S, "start_after_queue_s": lead,
+                        "gap_between_steps_s": gaps, "slow_stream_s": STREAM_S, "steps_ahead": ahead_steps}
         return r
 
     def part_nan(self, timeout):

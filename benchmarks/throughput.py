@@ -26,7 +26,7 @@ made; --hook-only: comparisons 2 and 3.)
        torch hook       torch's own Python all-reduce hook (default_hooks.allreduce_hook),
                         observing nothing: what leaving DDP's C++ path costs by itself
        observed hook    a Synchroniser with an Observer (the hook ddp-fnn registers);
-                        begin_step / end_step / finished every step, as in training
+                        begin_step / end_step every step, finished every 10, as in training
        detail every K   the same with --bucket-detail-every K (--detail-every, default
                         10): buckets observed every K steps, DDP's C++ path between
 
@@ -125,19 +125,19 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
         rows = torch.from_numpy(batches.rank_micro_batches(epoch, pos)[0])
         if syncer is not None:
             observer.begin_step(step + 1)
-            syncer.select(step + 1)
-            ddp = syncer.model
-        loss = F.mse_loss(ddp(x_all[rows]), y_all[rows])
-        if syncer is not None:
-            syncer.backward(loss)              # with its loss_scale, as in training
-            syncer.after_backward()
+            with syncer.micro_step(step + 1, last=True) as micro:    # as in training
+                micro.backward(F.mse_loss(micro.model(x_all[rows]), y_all[rows]))
+            syncer.finish()
         else:
-            loss.backward()
+            F.mse_loss(ddp(x_all[rows]), y_all[rows]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if syncer is not None:
             observer.end_step(len(rows))
-            records += observer.finished()
+            if (step + 1) % 10 == 0:           # read at log steps, as in training (--log-every 10)
+                records += observer.finished()
+    if syncer is not None:
+        records += observer.finished()
     return Timed(records, began) if clock_from is not None else records
 
 

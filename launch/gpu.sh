@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One GPU, one run of benchmarks/gpu.py: the trainer driven through its CLI only (phases vs
-# torch.profiler's kernels, host syncs per step, bf16 MFU, the run-ahead clock rule, --on-nan
-# skip, --target-loss, bucket detail, a matmul ceiling), sized to finish in under 7 minutes
-# on an H100/H200; ddp-fnn need not be installed (PYTHONPATH is the checkout).
+# torch.profiler's kernels; the host's waits for the device in the --profile trace, every
+# synchronise call counted, none between log steps; each step's loss, read without a sync,
+# against the logged loss; bf16 MFU; the run-ahead clock rule; the host >= 4 steps ahead
+# of a stream slowed by a spin kernel; --on-nan skip, --target-loss, bucket detail, a
+# matmul ceiling), sized to finish in under 7 minutes on an H100/H200; ddp-fnn need not be
+# installed (PYTHONPATH is the checkout).
 #
 #   launch/gpu.sh OUT_DIR [EXTRA gpu.py OPTIONS...]     e.g. --parts a,profile  --no-compile
 #                                                       or --device cpu --quick (smoke test)

@@ -29,6 +29,8 @@ def test_cpu_smoke_mode_passes(tmp_path):
     for name, part in res["parts"].items():
         assert part["ran"], (name, part.get("error"))
         assert part["passed"] in (True, None), (name, part["checks"])
-    assert res["parts"]["profile"]["checks"]["at_most_one_host_sync_per_step"]
+    assert res["parts"]["profile"]["checks"]["no_host_sync_between_log_steps"]
+    assert res["parts"]["runahead"]["checks"]["host_at_least_4_steps_ahead_of_a_slow_stream"]
+    assert res["parts"]["a"]["checks"]["step_losses_average_to_the_logged_loss"]
     assert res["parts"]["nan"]["figures"]["on_nan_skip"]["skipped_steps"] >= 1
     assert "| part | item | value |" in p.stdout and (tmp_path / "artifacts" / "profile-rank0.json.gz").exists()

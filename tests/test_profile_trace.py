@@ -52,11 +52,38 @@ def test_attribute_credits_kernels_to_the_launching_phase():
 
 
 def test_host_syncs_counts_waits_and_device_reads_per_step():
+    """A read of a device tensor (_local_scalar_dense around a copy and a synchronise) is
+    one wait; a read of a host tensor is none."""
     per = host_syncs(made_up_trace(), {0, 1})
     assert per[0]["syncs"] == 1 and per[0]["device_reads"] == 0 and per[0]["where"] == ["optimizer"]
+    assert per[0]["blocking"] == 1
     assert per[0]["aten::item"] == 1 and per[0]["aten::_local_scalar_dense"] == 1
-    assert per[1]["syncs"] == 2 and per[1]["device_reads"] == 1
-    assert sorted(per[1]["where"]) == ["forward", "optimizer", "optimizer"]
+    assert per[1]["syncs"] == 2 and per[1]["device_reads"] == 1 and per[1]["blocking"] == 2
+    assert sorted(per[1]["where"]) == ["forward", "optimizer"]
+
+
+def test_every_host_wait_is_counted_event_synchronise_and_pageable_copies_too():
+    """The waits of a loop that reads its step records and its NaN flag every step, hand-
+    made: step 1 synchronises the NaN flag's event in the optimizer and the previous step's
+    record events after it (cudaEventSynchronize, which a host that runs ahead never
+    calls between log steps); step 2 copies to pageable host memory (cudaMemcpyAsync,
+    "Device -> Pageable": the host waits for it) and once synchronously (cudaMemcpy).
+    Copies into pinned memory (the loss, the flag) and cudaEventQuery do not wait."""
+    ev = step_events(0, 1) + step_events(400, 100)
+    ev += [X("cuda_runtime", "cudaMemcpyAsync", 340, 2, correlation=900),     # into pinned memory
+           X("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 341, 1, 0, correlation=900),
+           X("cuda_runtime", "cudaEventSynchronize", 345, 3),                  # the NaN flag's event
+           X("cuda_runtime", "cudaEventQuery", 348, 1),                        # asks; does not wait
+           X("cuda_runtime", "cudaEventSynchronize", 355, 3),                  # the records' events
+           X("cuda_runtime", "cudaMemcpyAsync", 760, 2, correlation=901),     # into pageable memory
+           X("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 761, 1, 0, correlation=901),
+           X("cuda_runtime", "cudaMemcpy", 770, 2)]
+    per = host_syncs(ev, {0, 1})
+    assert per[0]["blocking"] == per[0]["syncs"] == 2
+    assert per[0]["calls"] == {"cudaEventSynchronize": 2}
+    assert sorted(per[0]["where"]) == ["between phases", "optimizer"]
+    assert per[1]["blocking"] == 2 and per[1]["syncs"] == 0 and per[1]["device_reads"] == 0
+    assert per[1]["calls"] == {"cudaMemcpyAsync": 1, "cudaMemcpy": 1}
 
 
 def test_a_real_cpu_trace_has_its_steps_phases_and_no_host_syncs(tmp_path):
@@ -77,5 +104,5 @@ def test_a_real_cpu_trace_has_its_steps_phases_and_no_host_syncs(tmp_path):
     span_s = (wins[-1][1] - wins[0][0]) / 1e6
     assert 0 < att["device_busy_s"] <= span_s + 1e-3        # the union of the ops lies inside the steps
     steps = host_syncs(events, {0, 1, 2})
-    assert [s["syncs"] for s in steps] == [0, 0, 0] and [s["device_reads"] for s in steps] == [0, 0, 0]
+    assert [s["blocking"] for s in steps] == [0, 0, 0] and [s["device_reads"] for s in steps] == [0, 0, 0]
     json.dumps(att, allow_nan=False)                        # what gpu.json stores is strict

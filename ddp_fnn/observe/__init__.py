@@ -13,15 +13,18 @@ The loop marks phases; the gradient hooks mark collectives::
     with obs.phase("sync"): ...              # --sync allreduce: the flat all-reduce
     with obs.phase("optimizer"): ...
     obs.end_step(samples, loss)
-    for rec in obs.finished(): ...           # CPU: this step; CUDA: the previous one
+    for rec in obs.finished(): ...           # at log steps: every step closed since the last
 
 Clocks. On CPU a mark is ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux, one clock for
 every process of a host, network namespaces included), taken after the work before it
 really finished (CPU ops are synchronous, and DDP's backward returns only after every
 bucket's all-reduce completed). On CUDA a mark is a recorded CUDA event: recording is
 asynchronous, so phases are never synchronised one by one (that would destroy the
-compute/communication overlap being measured); a step's events are read one step later,
-when they have long completed.
+compute/communication overlap being measured); the steps' events are read at log steps
+(``finished``), so between them the host runs ahead of its GPU as under plain DDP and
+the records lag by up to ``--log-every`` steps. The step's loss goes to host memory
+without waiting and is read behind the step's last mark. (``emulated.EmulatedStream``
+makes both rules checkable on CPU.)
 
 Definitions (docs/metrics.md has them with a worked example), per step and per rank,
 as offsets in seconds from the step's start:

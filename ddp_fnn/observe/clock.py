@@ -3,36 +3,28 @@ names a step's compute phases. (Interval arithmetic is core/intervals.py.)"""
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
-
-def _rank_seconds(name: str) -> float:
-    """Fault injection from ``NAME=R:SECONDS``: SECONDS on rank R, 0 elsewhere or unset."""
-    spec = os.environ.get(name)
-    if not spec:
-        return 0.0
-    rank, _, seconds = spec.partition(":")
-    return float(seconds) if rank.strip() == os.environ.get("RANK", "0") else 0.0
+# DDP_FNN_CLOCK_SHIFT (train/faults.py, set once at set-up, never read from the environment
+# here): this process's clock moved by so many seconds, as another host's clock would be.
+_shift_s = 0.0
 
 
-# Tests of clock alignment: DDP_FNN_CLOCK_SHIFT=R:SECONDS moves rank R's clock by SECONDS,
-# as another host's clock would be (docs/metrics.md).
-_SHIFT_S = _rank_seconds("DDP_FNN_CLOCK_SHIFT")
-# Tests of the one-clock rule: DDP_FNN_RUN_AHEAD=R:SECONDS makes rank R's host take a
-# step's queue time SECONDS before its work starts, as a CUDA host that runs ahead of its
-# GPU does (docs/metrics.md). Nothing may time a step from that queue time.
-RUN_AHEAD_S = _rank_seconds("DDP_FNN_RUN_AHEAD")
+def shift(seconds: float) -> None:
+    """Move ``now`` by ``seconds`` from here on: fault injection for the clock-offset tests
+    (train/faults.py), before any time is taken that the ranks compare."""
+    global _shift_s
+    _shift_s = seconds
 
 
 def now() -> float:
     """This host's monotonic clock in seconds: the time base of marks, step records and
     timelines (shared by every process on one host)."""
-    return time.perf_counter() + _SHIFT_S
+    return time.perf_counter() + _shift_s
 
 
 def wall() -> float:
@@ -61,7 +53,8 @@ def _cuda_mark():
 
 
 class Clock:
-    """Marks on the device's timeline: floats on CPU, CUDA events on GPU.
+    """Marks on the device's timeline: floats on CPU, CUDA events on GPU (or the events of
+    an emulated stream on CPU, ``stream``: observe/emulated.py).
 
     ``host_time`` puts a mark on the host's clock (``now``), the one clock ready times are
     compared on across ranks. On CPU a mark is that clock. On CUDA a mark's host time is
@@ -70,27 +63,47 @@ class Clock:
     completed, to within the wake-up of ``synchronize`` (microseconds), and the GPU's
     clock drifts from the host's by parts per million over the interval. A host that
     queues work ahead of its GPU does so by a different amount on every rank; a step's
-    host queue time is therefore never used as its start."""
+    host queue time is therefore never used as its start.
 
-    def __init__(self, device: torch.device):
+    ``deferred``: marks are events the device completes later (CUDA, or the emulation);
+    reading one waits for it, so the Observer reads them only at log steps."""
+
+    def __init__(self, device: torch.device, stream=None):
         self.cuda = device.type == "cuda"
+        self.stream = stream
+        self.deferred = self.cuda or stream is not None
         # ``mark`` is the function itself, chosen once: DDP's hook takes two marks per
         # bucket, and on CPU that is a bare perf_counter() call.
-        self.mark = _cuda_mark if self.cuda else now
+        self.mark = _cuda_mark if self.cuda else stream.record if stream is not None else now
         self.anchor = None
         self.reanchor()
 
     def reanchor(self) -> None:
         """A new anchor for marks taken from now on (CUDA: waits for the device)."""
-        if self.cuda:
-            ev = _cuda_mark()
+        if self.deferred:
+            ev = self.mark()
             ev.synchronize()
             self.anchor = (ev, now())
+
+    def wait(self, mark) -> None:
+        """Block until ``mark`` is complete, and with it everything queued before it."""
+        if self.deferred:
+            mark.synchronize()
+
+    def to_host(self, tensor: torch.Tensor):
+        """``tensor`` on its way to host memory without waiting: on CUDA an asynchronous
+        copy into pinned memory, readable once a mark taken after this call is complete
+        (``wait``); on CPU the tensor itself."""
+        if self.cuda:
+            return tensor.detach().to("cpu", non_blocking=True)
+        if self.stream is not None:
+            return self.stream.to_host(tensor)
+        return tensor
 
     def host_time(self, mark, anchor) -> float:
         """``mark``'s instant on the host clock; ``anchor`` is ``self.anchor`` as it was
         when the mark was taken (so the mark is after it). Waits for ``mark`` on CUDA."""
-        if not self.cuda:
+        if not self.deferred:
             return mark
         ev, host = anchor
         mark.synchronize()
@@ -98,7 +111,7 @@ class Clock:
 
     def seconds(self, start, end) -> float:
         """Elapsed seconds between two marks (waits for ``end`` on CUDA, if needed)."""
-        if self.cuda:
+        if self.deferred:
             end.synchronize()
             return start.elapsed_time(end) / 1000.0
         return end - start

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ddp_fnn.observe.clock import RUN_AHEAD_S, Clock, wall
+from ddp_fnn.observe.clock import Clock, now, wall
 from ddp_fnn.observe.records import CollectiveRecord, StepRecord, make_record
 
 # ---------------------------------------------------------------------------------------
@@ -30,13 +29,14 @@ class _Collective:
 class _Step:
     step: int
     time_unix_s: float
+    queued_s: float                                     # the host began queueing it (monotonic)
     start: object
     anchor: object                                      # the clock's anchor when the step began
     marks: list = field(default_factory=list)          # (phase, start mark, end mark)
     collectives: list = field(default_factory=list)    # _Collective
     end: object = None
     samples: int = 0
-    loss: object = None                                 # a tensor, read when the record is made
+    loss: object = None                                 # on its way to the host; read with the record
     detailed: bool = True                               # False: synced on DDP's C++ path
 
 
@@ -46,7 +46,11 @@ class Observer:
     ``launch``/``complete`` are called from DDP's communication hook (the autograd thread)
     and from the backend's completion callbacks (its own thread); list.append is atomic in
     CPython, and a step's record is made only after backward returned, when every
-    callback has run."""
+    callback has run.
+
+    Records are made by ``finished``, which the loop calls at log steps: on CUDA reading a
+    mark waits for it, so the closed steps' marks wait there, queued, and between log
+    steps the host runs ahead of its device as it does under plain DDP."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
@@ -57,14 +61,15 @@ class Observer:
         self._reanchor = False
 
     # ---- the loop's side ------------------------------------------------------------
-    def begin_step(self, step: int) -> None:
-        queued = wall()
-        if RUN_AHEAD_S:
-            time.sleep(RUN_AHEAD_S)      # DDP_FNN_RUN_AHEAD: the work starts after it was queued
+    def begin_step(self, step: int, queued: tuple[float, float] | None = None) -> None:
+        """Open step ``step``. ``queued``: (Unix, monotonic) time the host began queueing it,
+        if not now (train/faults.py's late start)."""
         if self._reanchor:
             self.clock.reanchor()
             self._reanchor = False
-        self._cur = _Step(step=step, time_unix_s=queued, start=self.clock.mark(), anchor=self.clock.anchor)
+        unix_s, queued_s = queued if queued is not None else (wall(), now())
+        self._cur = _Step(step=step, time_unix_s=unix_s, queued_s=queued_s, start=self.clock.mark(),
+                          anchor=self.clock.anchor)
 
     def reanchor(self) -> None:
         """Anchor the clock afresh at the next step's start (once per log interval: on
@@ -86,25 +91,19 @@ class Observer:
 
     def end_step(self, samples: int, loss: torch.Tensor | None = None) -> None:
         """Close the current step. ``loss``: this rank's mean loss over its rows, as a
-        tensor (read without a host sync: on CUDA, one step later)."""
+        tensor, read with the record (no host sync here)."""
         cur = self._cur
-        if loss is not None and self.clock.cuda:
-            loss = loss.detach().to("cpu", non_blocking=True)    # ready once ``end`` is
-        cur.loss, cur.samples, cur.end = loss, samples, self.clock.mark()
+        if loss is not None:
+            cur.loss = self.clock.to_host(loss)     # CUDA: a copy queued, not landed
+        # The step's last mark, queued after the loss's copy: once it is complete, so is
+        # the copy (``_record`` waits for it before it reads the loss).
+        cur.samples, cur.end = samples, self.clock.mark()
         self._pending.append(cur)
         self._cur = None
 
     def finished(self) -> list[StepRecord]:
-        """Records of the closed steps whose marks can be read now: on CPU every one; on
-        CUDA all but the newest (read one step late: no synchronisation in the loop)."""
-        keep = 1 if self.clock.cuda else 0
-        out = []
-        while len(self._pending) > keep:
-            out.append(self._record(self._pending.pop(0)))
-        return out
-
-    def flush(self) -> list[StepRecord]:
-        """Every remaining record (the end of the run)."""
+        """The records of every closed step. On CUDA this waits for their marks: the loop
+        calls it at log steps and at the end, never in between."""
         out = [self._record(s) for s in self._pending]
         self._pending = []
         return out
@@ -131,6 +130,8 @@ class Observer:
 
     # ---- marks to seconds -----------------------------------------------------------
     def _record(self, s: _Step) -> StepRecord:
+        self.clock.wait(s.end)          # first: the only mark queued after the loss's copy
+        loss = float(s.loss) if s.loss is not None else None
         sec = self.clock.seconds
         intervals = [(name, sec(s.start, a), sec(s.start, b)) for name, a, b in s.marks]
         if s.detailed:
@@ -140,12 +141,10 @@ class Observer:
         else:
             colls = [CollectiveRecord(c.bucket, c.payload_bytes, c.calls, sec(s.start, c.launched), math.nan,
                                       math.nan) for c in s.collectives]
-        loss = None
-        if s.loss is not None:
-            loss = float(s.loss)
-        return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s, start_s=self.clock.host_time(s.start, s.anchor),
-                           step_s=sec(s.start, s.end), intervals=intervals, collectives=colls, loss=loss,
-                           detailed=s.detailed)
+        return make_record(step=s.step, samples=s.samples, time_unix_s=s.time_unix_s,
+                           start_s=self.clock.host_time(s.start, s.anchor), step_s=sec(s.start, s.end),
+                           intervals=intervals, collectives=colls, loss=loss, detailed=s.detailed,
+                           queued_s=s.queued_s)
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ two questions the step records cannot answer about themselves:
   memset) is credited to the phase range its launch call (matched by correlation id) fell
   in, on any thread; on CPU, top-level operators stand in for kernels. Backward is split at
   its last all-reduce call: what comes after it is DDP's copy-back into the gradients.
-* ``host_syncs``: per step, how often the host waited for the device: cuda*Synchronize
-  calls, and reads of a device tensor (``aten::_local_scalar_dense`` around a memcpy
-  call), with the phase each was in. The trainer's claim is at most one per optimizer
-  step and none in forward or backward (train/health.py's NaN check is read one step late).
+* ``host_syncs``: per step, every time the host waited for the device: synchronise calls
+  (events, streams, the device), synchronous copies and copies to pageable host memory,
+  and reads of a device tensor (``aten::_local_scalar_dense`` around such a call), with
+  the phase each was in. The trainer's claim: none between log steps (step records and
+  the NaN check are read at log steps, so the host can run ahead of its device), and
+  none in forward or backward.
 
 A step runs from its first phase range to the next step's first (the last: to the end of
 the trace). benchmarks/gpu.py applies both to its CUDA runs; tests/test_gpu_bench.py
@@ -27,7 +29,12 @@ from ddp_fnn.core.intervals import union_length
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver", "runtime", "driver")
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cuStreamSynchronize", "cuCtxSynchronize")
+# Host calls that wait for the device: the synchronise calls (cudaFree and cudaFreeHost
+# synchronise the device implicitly), and the copies that return only once done.
+SYNC_CALLS = ("cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cuEventSynchronize",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cudaFree", "cudaFreeHost", "cuMemFree", "cuMemFreeHost",
+              "cuMemFree_v2", "cuMemFreeHost_v2")
+SYNC_COPIES = ("cudaMemcpy", "cudaMemcpy2D", "cudaMemcpy3D", "cuMemcpy", "cuMemcpyDtoH", "cuMemcpyDtoH_v2")
 
 
 def trace_steps(events: list[dict]):
@@ -98,28 +105,70 @@ def attribute(events: list[dict], use: set[int], cpu: bool) -> dict:
 
 
 def host_syncs(events: list[dict], use: set[int]) -> list[dict]:
-    """Per step ``use``: host waits for the device (cuda*Synchronize calls), reads of a device
-    tensor (_local_scalar_dense around a memcpy call), where they were, and aten::item counts."""
+    """Per step ``use``: every time the host waited for the device (``blocking``), and where.
+
+    What waits: the synchronise calls (``SYNC_CALLS``: cudaEventSynchronize,
+    cudaStreamSynchronize, cudaDeviceSynchronize and the driver's, cudaFree), the
+    synchronous copies (``SYNC_COPIES``: cudaMemcpy), and a cudaMemcpyAsync whose copy
+    (matched by correlation id) goes to pageable host memory ("DtoH (Device -> Pageable)"),
+    which returns only once it is done. The calls inside one ``aten::_local_scalar_dense``
+    of the same thread (``.item()``, ``float()``, ``bool()`` of a device tensor: a copy and
+    a synchronise) are one wait, a ``device_read`` (one also where the trace shows only its
+    copy). ``syncs``: the synchronise calls alone; ``calls``: the waiting calls by name;
+    ``aten::item`` and ``aten::_local_scalar_dense``: every such op, host tensors' too."""
     wins, segs = trace_steps(events)
-    copies = {}
+    to_pageable = {(e.get("args") or {}).get("correlation") for e in events
+                   if e.get("ph") == "X" and e.get("cat") == "gpu_memcpy" and _pageable_dtoh(str(e.get("name", "")))}
+    waits, copies, reads = [], {}, {}       # waiting calls (ts, tid, name); copy calls and reads by thread
     for e in events:
-        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS and "Memcpy" in str(e.get("name", "")):
-            copies.setdefault(e.get("tid"), []).append(float(e["ts"]))
-    per = {k: {"syncs": 0, "device_reads": 0, "where": [], "aten::item": 0, "aten::_local_scalar_dense": 0}
-           for k in sorted(use)}
-    for e in events:
-        name, t = str(e.get("name", "")), float(e.get("ts", 0))
-        k = locate(segs, t) if e.get("ph") == "X" else None
-        if k not in per:
+        if e.get("ph") != "X":
             continue
-        kind = "syncs" if e.get("cat") in LAUNCH_CATS and name in SYNC_CALLS else None
-        if e.get("cat") == "cpu_op" and name in ("aten::item", "aten::_local_scalar_dense"):
-            per[k][name] += 1
-            end = t + float(e.get("dur", 0))
-            if name == "aten::_local_scalar_dense" and any(t <= c <= end for c in copies.get(e.get("tid"), ())):
-                kind = "device_reads"
-        if kind:
-            per[k][kind] += 1
+        name, cat, t = str(e.get("name", "")), e.get("cat"), float(e.get("ts", 0))
+        if cat in LAUNCH_CATS:
+            copy = "memcpy" in name.lower()
+            if copy:
+                copies.setdefault(e.get("tid"), []).append(t)
+            if name in SYNC_CALLS or name in SYNC_COPIES or (copy and (e.get("args") or {}).get("correlation")
+                                                               in to_pageable):
+                waits.append((t, e.get("tid"), name))
+        elif cat == "cpu_op" and name == "aten::_local_scalar_dense":
+            reads.setdefault(e.get("tid"), []).append((t, t + float(e.get("dur", 0))))
+    per = {k: {"blocking": 0, "device_reads": 0, "syncs": 0, "where": [], "calls": {},
+               "aten::item": 0, "aten::_local_scalar_dense": 0} for k in sorted(use)}
+
+    def wait_at(t: float, device_read: bool = False) -> None:
+        k = locate(segs, t)
+        if k in per:
             w = locate(wins, t)
+            per[k]["blocking"] += 1
+            per[k]["device_reads"] += device_read
             per[k]["where"].append(wins[w][2] if w is not None else "between phases")
+
+    def inside(spans: list[tuple[float, float]], t: float) -> bool:
+        return any(a <= t <= b for a, b in spans)
+
+    for t, tid, name in waits:
+        k = locate(segs, t)
+        if k in per:
+            per[k]["calls"][name] = per[k]["calls"].get(name, 0) + 1
+            per[k]["syncs"] += name in SYNC_CALLS
+        if not inside(reads.get(tid, []), t):
+            wait_at(t)
+    for tid, spans in reads.items():
+        calls = sorted([t for t, wt, _ in waits if wt == tid] + copies.get(tid, []))
+        for a, b in spans:
+            i = bisect.bisect_left(calls, a)
+            if i < len(calls) and calls[i] <= b:
+                wait_at(a, device_read=True)
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op" and name in ("aten::item", "aten::_local_scalar_dense"):
+            k = locate(segs, float(e.get("ts", 0)))
+            if k in per:
+                per[k][name] += 1
     return list(per.values())
+
+
+def _pageable_dtoh(name: str) -> bool:
+    n = name.lower()
+    return "dtoh" in n and "pageable" in n

@@ -60,6 +60,9 @@ class StepRecord:
     # False: synced on DDP's C++ path (--bucket-detail-every): hand-overs but no completions,
     # comm_s = comm_span_s = first hand-over to sync end, exposed_s = the whole sync wait
     detailed: bool = True
+    # When the host began queueing the step, on start_s's clock: start_s less how far the
+    # host ran ahead of its device (CUDA; about start_s on CPU). None: not known.
+    queued_s: float | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -76,7 +79,7 @@ class StepRecord:
     def to_json(self) -> dict:
         """One line of the step file (strict JSON: finite numbers or null)."""
         return {
-            "step": self.step, "time_unix_s": self.time_unix_s, "start_s": self.start_s,
+            "step": self.step, "time_unix_s": self.time_unix_s, "start_s": self.start_s, "queued_s": self.queued_s,
             "step_s": self.step_s, "samples": self.samples,
             **{f"{p}_s": self.phases[p] for p in PHASES},
             "comm_s": self.comm_s, "comm_span_s": self.comm_span_s, "exposed_s": self.exposed_s,
@@ -100,7 +103,8 @@ def _finite_or_none(x):
 
 def make_record(step: int, samples: int, time_unix_s: float, start_s: float, step_s: float,
                 intervals: list[tuple[str, float, float]], collectives: list[CollectiveRecord],
-                sync_end_s: float | None = None, loss: float | None = None, detailed: bool = True) -> StepRecord:
+                sync_end_s: float | None = None, loss: float | None = None, detailed: bool = True,
+                queued_s: float | None = None) -> StepRecord:
     """A step's figures from its phase intervals and collectives (all offsets in seconds).
 
     ``sync_end_s`` is when the averaged gradients were usable: the end of the ``sync``
@@ -137,7 +141,7 @@ def make_record(step: int, samples: int, time_unix_s: float, start_s: float, ste
         return StepRecord(step=step, samples=samples, time_unix_s=time_unix_s, start_s=start_s, step_s=step_s,
                           phases=phases, intervals=clipped, collectives=list(collectives), ready_s=ready,
                           sync_start_s=wait_from, sync_end_s=sync_end_s, comm_s=comm, comm_span_s=comm,
-                          exposed_s=exposed, tail_s=0.0, loss=loss, detailed=False)
+                          exposed_s=exposed, tail_s=0.0, loss=loss, detailed=False, queued_s=queued_s)
     if ready is not None:
         # Built directly: dataclasses.replace is several times slower, and this runs for
         # every bucket of every step, in the training loop.
@@ -156,7 +160,7 @@ def make_record(step: int, samples: int, time_unix_s: float, start_s: float, ste
     return StepRecord(step=step, samples=samples, time_unix_s=time_unix_s, start_s=start_s, step_s=step_s,
                       phases=phases, intervals=clipped, collectives=list(collectives), ready_s=ready,
                       sync_start_s=wait_from, sync_end_s=sync_end_s, comm_s=comm, comm_span_s=span, exposed_s=min(exposed, comm),
-                      tail_s=tail, loss=loss)
+                      tail_s=tail, loss=loss, queued_s=queued_s)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Load it with pandas::
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 
@@ -74,3 +75,16 @@ def read(path: Path) -> list[dict]:
         raise ValueError(f"{path}: non-standard JSON constant {name}")
 
     return [json.loads(line, parse_constant=no_constants) for line in Path(path).read_text().splitlines()]
+
+
+def steps_ahead(lines: list[dict]) -> list[int]:
+    """For each step of one rank's step file, how many earlier steps its device had not
+    finished when the host began queueing it (``queued_s`` against each earlier step's
+    ``start_s + step_s``): 0 on a host that waits for its device every step, about the
+    steps queued since the last wait on a host that runs ahead (CUDA). The ends increase
+    with the step (one device stream), so the earlier steps past ``queued_s`` are a tail."""
+    ends, out = [], []
+    for d in lines:
+        out.append(len(ends) - bisect.bisect_right(ends, d["queued_s"]) if d.get("queued_s") is not None else 0)
+        ends.append(d["start_s"] + d["step_s"])
+    return out

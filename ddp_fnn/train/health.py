@@ -9,11 +9,13 @@ bitwise unchanged) into a one-element device tensor; nothing waits for it here.
 
 What reads it, by policy (``--on-nan``):
 
-- ``stop``: the flag is read one step late (``StepCheck.settle`` of the previous step,
-  after the next step was queued), so on CUDA the host never waits for it in the loop;
-  it is read at once before a checkpoint is written and at the end, so that no
-  non-finite parameters are ever saved. The optimizer step of the bad step has then
-  been taken: the job stops with exit status 1 either way.
+- ``stop``: the flag is read where reading it costs no wait. On CPU that is at once. On
+  CUDA it is read at the next log step or checkpoint step and at the end (loop.settle),
+  so the host never waits for it between them and runs ahead of its device as under
+  plain DDP; every rank reads it at the same step, so every rank stops there. No
+  non-finite parameters are ever logged or saved; the optimizer steps taken after the bad
+  one (on CUDA up to the log interval's rest) have been taken: the job stops with exit
+  status 1 either way.
 - ``skip``: the flag is read before the optimizer step, one host read per step (as
   ``GradScaler.step`` does), and a bad step is skipped on every rank alike. Only then
   do the ranks compare their own losses (one small all-reduce, on bad steps alone) to
@@ -44,19 +46,17 @@ def nonfinite_gradients(module: torch.nn.Module) -> torch.Tensor:
 class StepCheck:
     """One step's queued check, and this rank's loss over the step (a tensor, also not read).
 
-    On CUDA the flag is copied to host memory asynchronously as soon as it is queued, with
-    an event behind the copy: reading it a step later waits for that event alone, not for
-    the work queued since (``.item()`` on the device tensor would wait for all of it)."""
+    ``queue`` starts the flag's copy to host memory at once and takes a mark behind it:
+    reading the flag later waits for that mark alone, not for the work queued since
+    (``.item()`` on the device tensor would wait for all of it)."""
     step: int
-    found: torch.Tensor
+    found: object                 # the flag on its way to host memory (observe.Clock.to_host)
     loss: torch.Tensor
-    done: object = None
+    done: object = None           # a mark after the copy (None: nothing to wait for, CPU)
 
-    def __post_init__(self):
-        if self.found.is_cuda:
-            self.found = self.found.to("cpu", non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
+    @classmethod
+    def queue(cls, step: int, found: torch.Tensor, loss: torch.Tensor, clock) -> StepCheck:
+        return cls(step, clock.to_host(found), loss, clock.mark() if clock.deferred else None)
 
     def bad(self) -> bool:
         """Read the flag (on CUDA: once its copy has landed)."""

@@ -14,6 +14,10 @@ Every rank holds the same FNN (same seed), takes its shard of each global batch
 ranks (sync.py) before every rank takes the same optimizer step. Rank 0 alone logs
 and writes; every rank serves its own /metrics.
 
+Nothing between two log steps waits for the device: step records and the --on-nan stop
+check are read at log steps (and checkpoint steps, and the end), so on CUDA the host runs
+ahead of its GPU as it does under plain DDP.
+
 job.py plans (setup.plan: checks, data, resume point), joins the group, builds the run
 (setup.build) and calls ``train``: ``run_step`` (the micro-steps and the NaN policy),
 ``after_step`` (records, the loss, logging, evaluation, checkpoints) and ``finish``.
@@ -23,10 +27,8 @@ listed in collectives.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +60,7 @@ class LoopState:
     loss_sum: float = 0.0                # local, since the last global reduction
     loss_count: int = 0
     skipped_steps: int = 0               # --on-nan skip
-    pending: StepCheck | None = None     # --on-nan stop: the last step's check, read one step late
+    pending: list[StepCheck] = field(default_factory=list)   # --on-nan stop: queued, not yet read
 
 
 def train(run: Run) -> tuple[dict, torch.nn.Module]:
@@ -82,33 +84,32 @@ def run_step(run: Run, state: LoopState) -> None:
     """One optimizer step: K micro-steps, gradients synced on the last, one non-finite
     check of the synced gradients (health.py), and the optimizer step unless --on-nan
     skip skips it on every rank."""
-    cfg, obs, syncer = run.cfg, run.obs, run.syncer
-    accum = cfg.optim.grad_accum
+    cfg, obs, sync = run.cfg, run.obs, run.syncer
+    step, accum = state.step + 1, cfg.optim.grad_accum
     epoch, pos = divmod(state.step, run.batches.steps_per_epoch)
-    obs.begin_step(state.step + 1)
-    syncer.select(state.step + 1)              # --bucket-detail-every: which DDP wrapper
+    obs.begin_step(step)
     step_loss, step_rows = 0.0, 0
     for k, rows in enumerate(run.batches.rank_micro_batches(epoch, pos)):
-        sync_now = k == accum - 1
         with obs.phase("data"):
             x, y = run.ds.fetch(rows, run.ctx.device)
-        with syncer.no_sync() if not sync_now else contextlib.nullcontext():
+        # The sync's micro-step: this step's DDP wrapper (--bucket-detail-every), its
+        # buckets held back (no_sync) on all but the last micro-step, and the loss scale
+        # its hook expects applied in backward.
+        with sync.micro_step(step, last=k == accum - 1) as micro:
             with obs.phase("forward"):
                 with run.autocast:
-                    loss = loss_fn(cfg.model.task, syncer.model(x), y)
-                if run.slow_s:
-                    time.sleep(run.slow_s)         # --slow-rank: a straggler, injected
+                    loss = loss_fn(cfg.model.task, micro.model(x), y)
             with obs.phase("backward"):
                 # Each micro-batch's mean loss, weighted by its share of the global batch
                 # (1/K when the shards are equal): the ranks' gradients averaged are then
                 # the gradient of the mean over all B rows (data.GlobalBatches.weighted).
-                syncer.backward(run.batches.weighted(loss, len(rows)))
+                micro.backward(run.batches.weighted(loss, len(rows)))
         step_loss = step_loss + loss.detach().double() * len(rows)   # a tensor: no sync here
         step_rows += len(rows)
     with obs.phase("sync"):
-        syncer.after_backward()                # allreduce mode: the flat all-reduce
+        sync.finish()                          # allreduce mode: the flat all-reduce
     with obs.phase("optimizer"):
-        check = StepCheck(state.step + 1, nonfinite_gradients(syncer.module), step_loss / step_rows)
+        check = StepCheck.queue(step, nonfinite_gradients(sync.module), step_loss / step_rows, obs.clock)
         skip = cfg.faults.on_nan == "skip" and check.bad()     # skip: one host read a step
         if not skip:
             run.optimizer.step()
@@ -119,8 +120,9 @@ def run_step(run: Run, state: LoopState) -> None:
         state.loss_sum = state.loss_sum + step_loss
         state.loss_count += step_rows
         if cfg.faults.on_nan == "stop":
-            settle(run, state.pending)         # the previous step's check: long done by now
-            state.pending = check
+            state.pending.append(check)
+            if not obs.clock.deferred:
+                settle(run, state)             # CPU: nothing to wait for; CUDA: at log steps
     obs.end_step(step_rows, step_loss / step_rows)
 
 
@@ -138,9 +140,13 @@ def skip_step(run: Run, state: LoopState, check: StepCheck) -> None:
         note(f"step {check.step}: {whose}; skipped on every rank (--on-nan skip)")
 
 
-def settle(run: Run, check: StepCheck | None) -> None:
-    """--on-nan stop: read a queued check; a bad step stops the job on every rank."""
-    if check is None or not check.bad():
+def settle(run: Run, state: LoopState) -> None:
+    """--on-nan stop: read the queued checks, oldest first (on CUDA: waits for their flags
+    to land); a bad step stops the job. Every rank reads them at the same steps and
+    finds the same flags, so every rank stops alike."""
+    pending, state.pending = state.pending, []
+    check = next((c for c in pending if c.bad()), None)
+    if check is None:
         return
     rank, loss = run.ctx.rank, check.local_loss()
     if not math.isfinite(loss):
@@ -154,17 +160,18 @@ def after_step(run: Run, state: LoopState) -> bool:
     """Records, the global loss, logging, evaluation, replica checks and checkpoints after
     step ``state.step``. Returns True when --target-loss is met (every rank alike)."""
     cfg, out, step, device = run.cfg, run.cfg.output, state.step, run.ctx.device
-    run.acct.add(run.obs.finished())               # CPU: this step; CUDA: the previous one
     run.acct.witness_step(step)                    # --ddp-logger: DDP's own view of the previous step
     if run.profiler is not None:
         run.profiler.after_step(step)
     log_now = step % out.log_every == 0 or step == run.total_steps
     if log_now or (run.saver is not None and run.saver.due(step)):
-        settle(run, state.pending)                 # no step's non-finite values get logged or saved
-        state.pending = None
-    # The global loss at log steps (one all-reduce and one host read); --target-loss is
-    # decided there, on the mean over the steps since the last log step.
+        settle(run, state)                         # no step's non-finite values get logged or saved
+    # At log steps the host may wait for the device: the interval's step records are read
+    # (on CUDA their events: the records lag by up to --log-every steps), and the global
+    # loss (one all-reduce and one host read), on which --target-loss is decided: the
+    # mean over the steps since the last log step.
     if log_now:
+        run.acct.add(run.obs.finished())
         state.train_loss = global_mean(float(state.loss_sum), state.loss_count, device)
         state.loss_sum, state.loss_count = 0.0, 0
         if not math.isfinite(state.train_loss):
@@ -191,14 +198,14 @@ def finish(run: Run, state: LoopState, elapsed: float) -> tuple[dict, torch.nn.M
     """The end: last checkpoint, last records, the clock's drift, the held-out
     evaluation, the timeline, and the result."""
     ctx, step = run.ctx, state.step
-    settle(run, state.pending)
+    settle(run, state)
     if run.saver is not None and run.saver.last_saved != step and step > run.start_step:
         stop = ({"reason": state.stop_reason, "train_loss": state.train_loss}
                 if state.stop_reason == "target-loss" else None)
         run.saver.save(step, run.syncer.module, run.optimizer, run.syncer, stop=stop)
     if run.profiler is not None:
         run.profiler.close()                       # a run that ended inside the window
-    run.acct.add(run.obs.flush())
+    run.acct.add(run.obs.finished())
     run.acct.flush()
     clock_end = peers.estimate_offset(ctx.rank, ctx.world_size, ctx.control)   # again: the drift over the run
     eval_loss, eval_acc = evaluate(run)

@@ -23,7 +23,7 @@ import torch
 from ddp_fnn.core import fileio
 from ddp_fnn.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from ddp_fnn.data.datasets import Dataset, GlobalBatches, epochs_to_steps, load_dataset
-from ddp_fnn.observe import Clock, DdpLoggerWitness, Observer, mfu, peers, tcpstats
+from ddp_fnn.observe import DdpLoggerWitness, Observer, mfu, peers, tcpstats
 from ddp_fnn.observe.accounting import Accounting, peak_flops
 from ddp_fnn.observe.profile import StepProfiler
 from ddp_fnn.observe.progress import make_progress
@@ -34,6 +34,7 @@ from ddp_fnn.train import checkpoint as ckpt
 from ddp_fnn import dist as ddist
 from ddp_fnn.train.collectives import resume_steps_of_ranks
 from ddp_fnn.model import build_fnn
+from ddp_fnn.train.faults import Faults
 from ddp_fnn.train.sync import Synchroniser, gradient_bytes
 
 
@@ -137,7 +138,7 @@ class Run:
     plan: Plan
     ctx: ddist.DistContext
     metrics: Metrics | NullMetrics
-    syncer: Synchroniser                # .model: what the loop calls; .module: the plain FNN
+    syncer: Synchroniser                # micro_step() and finish(); .module: the plain FNN
     optimizer: torch.optim.Optimizer
     obs: Observer
     acct: Accounting
@@ -147,7 +148,6 @@ class Run:
     autocast: object
     start_step: int                     # the next step to run (0-based)
     clock: peers.ClockOffset            # this rank's clock - rank 0's, at the start
-    slow_s: float                       # --slow-rank: this rank idles so long in each forward
 
     @property
     def ds(self) -> Dataset:
@@ -176,7 +176,10 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
         # Before DDP wraps the model: DDP broadcasts rank 0's parameters when it wraps, and
         # every rank loaded the same file, so the replicas start equal either way.
         ckpt.restore(resume, model, device, rank, world)
-    obs = Observer(Clock(device))
+    # Injected faults (tests, benchmarks): the clock's shift first, before any time the ranks
+    # compare; the rest wrap the observer and the sync object only where asked.
+    faults = Faults.read(cfg.faults, rank)
+    obs = faults.observer(faults.clock(device))
     # collective: a group per node and per local rank, before DDP's wrap
     hierarchy = ddist.node_groups(ctx, par.timeout_s) if par.all_reduce == "hierarchical" else None
     syncer = Synchroniser(model, par.sync, world, obs, bucket_mb=par.bucket_mb,
@@ -210,9 +213,8 @@ def build(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, metrics: Metrics
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.optim.precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
     progress = make_progress(out.progress if ctx.is_master else "none", plan.total_steps)
-    slow_s = cfg.faults.slow_ms / 1000 if cfg.faults.slow_rank == rank else 0.0
-    return Run(cfg, plan, ctx, metrics, syncer, optimizer, obs, acct, progress, saver, profiler, autocast,
-               start_step, clock, slow_s)
+    return Run(cfg, plan, ctx, metrics, faults.sync(syncer, obs.clock), optimizer, obs, acct, progress, saver,
+               profiler, autocast, start_step, clock)
 
 
 def _restore_after_wrap(cfg: TrainConfig, plan: Plan, ctx: ddist.DistContext, optimizer, syncer) -> int:

@@ -144,7 +144,7 @@ class Synchroniser:
     Every hook averages its buckets itself (``--compression none``: times 1/N, then the
     sum, as DDP does without a hook); the flat mode divides after its all-reduce, as the
     textbook does. One exception, for speed: with ``--compression none`` and N a power of
-    two, ``backward(loss)`` multiplies each micro-step's loss by ``loss_scale`` = 1/N on
+    two, ``MicroStep.backward`` multiplies each micro-step's loss by ``loss_scale`` = 1/N on
     the steps the observing hook syncs, and the hook adds the buckets unscaled. Multiplying by a
     power of two is exact in floating point (every product and sum of backward is scaled
     exactly, barring subnormals below 1.2e-38), so the gradients are the same bits as the
@@ -164,10 +164,12 @@ class Synchroniser:
     bucket's completion only on the detailed ones (docs/metrics.md, "Bucket detail").
     ``select(step)`` picks the wrapper before a step's first forward.
 
-    ``backward(loss)`` is the loop's backward (it applies ``loss_scale``); ``no_sync()`` is
-    the context for micro-steps whose gradients only accumulate;
-    ``after_backward()`` runs the flat all-reduce in ``allreduce`` mode and hands the
-    C++ path's ready times to the observer in ``ddp`` mode.
+    The loop sees two calls. ``micro_step(step, last)`` is the context of one micro-step:
+    it picks the step's wrapper (``select``), holds DDP's sync back with ``no_sync`` on
+    all but the last micro-step (gradients only accumulate), and yields the ``MicroStep``
+    whose ``model`` the loop calls and whose ``backward`` applies ``loss_scale``.
+    ``finish()`` ends the step's sync: the flat all-reduce in ``allreduce`` mode, the C++
+    path's ready times handed to the observer in ``ddp`` mode.
     """
 
     def __init__(self, model: nn.Module, mode: str, world_size: int, observer: Observer,
@@ -183,8 +185,7 @@ class Synchroniser:
         self.detail_every = 1
         self.detailed = True                    # this step syncs through the observing hook
         self.hierarchy = None                   # dist.NodeGroups with --all-reduce hierarchical
-        self.loss_scale = 1.0                   # what the loop multiplies each micro-step's loss by
-        self._hook_loss_scale = 1.0             # loss_scale on the observing hook's steps
+        self.loss_scale = 1.0                   # what this step's micro-steps multiply their loss by
         if mode == "ddp":
             if compression == "powersgd" and dist.get_backend() == "gloo":
                 # PowerSGD's hook waits on an all-reduce inside another's completion callback;
@@ -209,21 +210,25 @@ class Synchroniser:
             self.hook_state = _HookState(observer, compression, ps, world_size, _default_group(),
                                          scale_in_hook=not exact, hierarchy=hierarchy)
             self.hierarchy = hierarchy
-            self._hook_loss_scale = self.loss_scale = 1.0 / world_size if exact else 1.0
+            self.loss_scale = 1.0 / world_size if exact else 1.0
             self.observed.register_comm_hook(self.hook_state, _observed_hook)
+            self._micro = self._observed_micro = MicroStep(self.observed, self.loss_scale)
             # On CUDA the Reducer's times are when the host queued each gradient, not when
-            # the GPU made it (the run-ahead hazard, docs/metrics.md): every step detailed.
-            if detail_every > 1 and compression == "none" and (device is None or device.type != "cuda"):
+            # the GPU made it (the run-ahead hazard, docs/metrics.md): every step detailed
+            # wherever marks are device events (CUDA, or observe/emulated.py's stream).
+            if detail_every > 1 and compression == "none" and not observer.clock.deferred:
                 self.detail_every = detail_every
                 # init_sync=False: the replicas are equal already (the first wrapper's broadcast).
                 self.plain = DDP(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb, init_sync=False,
                                  gradient_as_bucket_view=True)
                 self.plain.register_forward_hook(self._forward_returned)
+                self._plain_micro = MicroStep(self.plain)        # the C++ path scales by 1/N itself
                 self._forward_mark = None
                 self._layout: list[tuple[list[int], int]] | None = None   # (param indices, bytes) per bucket
                 self._plain_steps = 0
         elif mode == "allreduce":
             self.model = model
+            self._micro = MicroStep(model)
             self.setup_wire_bytes = 0           # same seed, same replica: nothing to broadcast
         else:
             raise ValueError(f"unknown sync mode {mode!r}")
@@ -234,8 +239,8 @@ class Synchroniser:
         if self.plain is None:
             return
         self.detailed = (step - 1) % self.detail_every == 0
-        self.model = self.observed if self.detailed else self.plain
-        self.loss_scale = self._hook_loss_scale if self.detailed else 1.0   # the C++ path scales itself
+        self._micro = self._observed_micro if self.detailed else self._plain_micro
+        self.model, self.loss_scale = self._micro.model, self._micro.loss_scale
 
     def _forward_returned(self, module, args, output) -> None:
         # DDP's forward ends with Reducer.prepare_for_backward, the zero of its ready
@@ -252,15 +257,23 @@ class Synchroniser:
             return hierarchical_wire_bytes(payload_bytes, self.hierarchy.local_size, self.hierarchy.nodes)
         return ring_wire_bytes(payload_bytes, self.world_size)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, times ``loss_scale`` when that is not 1: a product of its
-        own after the loss, so that every value in backward is exactly scaled."""
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+    @contextlib.contextmanager
+    def micro_step(self, step: int, last: bool):
+        """One micro-step of optimizer step ``step`` (1-based); ``last``: its gradients
+        sync (the step's last micro-step). Yields the ``MicroStep`` to call."""
+        self.select(step)
+        micro = self._micro
+        if last or self.mode != "ddp":
+            yield micro
+        else:
+            # Only the wrapper whose forward runs expects gradients, so it is that one's
+            # no_sync that holds its buckets back.
+            with micro.model.no_sync():
+                yield micro
 
-    def no_sync(self):
-        return self.model.no_sync() if self.mode == "ddp" else contextlib.nullcontext()
-
-    def after_backward(self) -> None:
+    def finish(self) -> None:
+        """After the step's last backward: the flat all-reduce (``allreduce``), or the C++
+        path's hand-over times (``ddp`` without bucket detail this step)."""
         if self.mode == "ddp":
             if not self.detailed:
                 self._hand_over_times()
@@ -366,6 +379,20 @@ class Synchroniser:
             hs.compression = compression
         self.module.zero_grad(set_to_none=True)
         self.observer.discard_stray()
+
+
+class MicroStep:
+    """What one micro-step calls: the replica as wrapped for this step (``model``) and the
+    backward that multiplies the loss by the scale that wrapper's sync expects."""
+    __slots__ = ("model", "loss_scale")
+
+    def __init__(self, model, loss_scale: float = 1.0):
+        self.model, self.loss_scale = model, loss_scale
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, times ``loss_scale`` when that is not 1: a product of its
+        own after the loss, so that every value in backward is exactly scaled."""
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
 
 def _default_group():
