@@ -606,7 +606,13 @@ def compose_config(**env: str) -> dict:
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return compose_config()
+    """Every service, Grafana's profile included."""
+    return compose_config(COMPOSE_PROFILES="grafana")
+
+
+def test_compose_runs_the_workers_and_prometheus_without_grafana():
+    """Grafana has no Debian package (no image offline): a profile, off by default."""
+    assert set(compose_config()["services"]) == {"node0", "node1", "node2", "node3", "prometheus"}
 
 
 def workers(compose: dict) -> dict[str, dict]:
@@ -739,7 +745,9 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_builds_the_cpu_image_from_repo_files():
     ins = dockerfile_instructions()
-    assert ins[0] == ("FROM", "python:3.11-slim")
+    # The base is a build argument (deploy/build-images.sh passes an image made from
+    # Debian's packages); online, python:3.11-slim as before.
+    assert ins[0] == ("ARG", "BASE=python:3.11-slim") and ins[1] == ("FROM", "${BASE}")
     runs = " ".join(arg for op, arg in ins if op == "RUN")
     assert "iproute2" in runs
     assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu\b.*\btorch==2\.13\.0\b", runs)
