@@ -68,6 +68,9 @@ BASE_MODULES = (
 # in the floor release; each says why the package needs it. A private attribute the
 # package reads that is not here fails the test.
 RELIED_ON = {
+    "torch.cuda._sleep":
+        "train/faults.py (DDP_FNN_SLOW_STREAM, a test's fault): a kernel that spins the GPU for "
+        "N cycles, the one way to make the device slower than the host without other work",
     "torch.distributed.distributed_c10d._get_default_group":
         "train/sync.py: the default group's own allreduce() in the DDP hook; dist.all_reduce's "
         "Python wrapper costs about as much as the rest of the hook at 24 buckets",
