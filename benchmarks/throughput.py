@@ -32,17 +32,19 @@ made; --hook-only: comparisons 2 and 3.)
 
 3. The same at one bucket (--bucket-mb 1024): no hook, observed hook, detail every K.
 
-Comparisons 2 and 3 time each run from step --hook-warmup + 1 (after a barrier): the
-steady steps, without the model build, DDP's wrap and bucket rebuild, or the second
-wrapper's settling, which a run of thousands of steps pays once.
+Every comparison times each run from step --hook-warmup + 1 (after a barrier) to its
+last step: the steady steps, without the model build, DDP's wrap and bucket rebuild, the
+second wrapper's settling, or (``train``) the clock offset's ping-pongs, the final
+evaluation and the gathers, which a run of thousands of steps pays once. ``train`` is
+timed through the loop's profiler seam (``SteadySteps``), the bare loop by its own
+``clock_from``. --bucket-mb sets the train comparison's buckets (one by default; the
+README's 24-bucket row: --layers 256,512x24,10 --bucket-mb 0.25 --global-batch-size 64).
 
 Method: every variant runs in the same process group, on the same data, global batch and
 world size; within each comparison they take turns round after round, the first one
 rotating (A, B, C, D, then B, C, D, A, ...), so that a noisy machine (here: 2 cores
 shared with other jobs) slows them alike. A variant's figure is its median samples/s
-over the rounds, from the wall time of a whole run of steps (model build and DDP wrap
-included, for every variant; ``train``'s held-out evaluation is left out:
---eval-fraction 0). Beside it, rank 0's CPU seconds a step (process time, every thread):
+over the rounds, from the wall time of its timed steps (--eval-fraction 0 as well). Beside it, rank 0's CPU seconds a step (process time, every thread):
 less disturbed by other jobs than wall time, though not immune (caches, memory
 bandwidth). Rank 0 prints the tables and the ratios of medians (and, as a check on them,
 the median of the per-round ratios; for CPU time, the inverse ratio, so that below 1
@@ -89,9 +91,43 @@ from ddp_fnn.train.sync import Synchroniser
 
 
 class Timed(NamedTuple):
-    """A run's records and when (wall, CPU) its timed steps began (bare_loop's ``clock_from``)."""
+    """A run's records and when (wall, CPU) its timed steps began (bare_loop's ``clock_from``)
+    and, where it is not the run's return, when its last step ended."""
     records: list
     began: tuple[float, float]
+    ended: tuple[float, float] | None = None
+
+
+class SteadySteps:
+    """A stopwatch on ``train``'s steady steps, through the loop's profiler seam (what
+    --profile plugs in: ``before_step``, ``after_step``, ``close``): a barrier and a mark
+    before step ``first``, a mark after step ``last``. The same window bare_loop's
+    ``clock_from`` times, so that neither side pays the model build, DDP's wrap, the
+    clock offset's ping-pongs or the final evaluation and gathers inside the figure."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.began, self.ended = first, last, None, None
+
+    def before_step(self, step: int) -> None:
+        if step == self.first:
+            dist.barrier()
+            self.began = (time.perf_counter(), time.process_time())
+
+    def after_step(self, step: int) -> None:
+        if step == self.last:
+            self.ended = (time.perf_counter(), time.process_time())
+
+    def close(self) -> None:
+        pass
+
+
+def steady_train(cfg: TrainConfig, plan, ctx, metrics, first: int) -> Timed:
+    """``train`` on the built run, timed over steps ``first``..max_steps (SteadySteps)."""
+    run = setup.build(cfg, plan, ctx, metrics)
+    clock = SteadySteps(first, cfg.stop.max_steps)
+    run.profiler = clock
+    trainer.train(run)
+    return Timed([], clock.began, clock.ended)
 
 
 def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer | None = None,
@@ -136,9 +172,10 @@ def bare_loop(cfg: TrainConfig, ctx: ddist.DistContext, ds, observer: Observer |
             observer.end_step(len(rows))
             if (step + 1) % 10 == 0:           # read at log steps, as in training (--log-every 10)
                 records += observer.finished()
+    ended = (time.perf_counter(), time.process_time())
     if syncer is not None:
         records += observer.finished()
-    return Timed(records, began) if clock_from is not None else records
+    return Timed(records, began, ended) if clock_from is not None else records
 
 
 def per_step_cost_us(world_size: int, buckets: int = 1, n: int = 5000) -> dict[str, float]:
@@ -173,9 +210,12 @@ def one_round(variants: dict, r: int, samples_per_run: int, rates: dict, cpu: di
         res = variants[name]()
         c1 = time.process_time()
         dist.barrier()
+        t1 = time.perf_counter()
         if isinstance(res, Timed):
             t0, c0 = res.began
-        rates.setdefault(name, []).append(samples_per_run / (time.perf_counter() - t0))
+            if res.ended is not None:
+                t1, c1 = res.ended
+        rates.setdefault(name, []).append(samples_per_run / (t1 - t0))
         cpu.setdefault(name, []).append(c1 - c0)
 
 
@@ -214,6 +254,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", default="256,1024,1024,1")
     p.add_argument("--global-batch-size", type=int, default=512)
+    p.add_argument("--bucket-mb", type=float, default=None,
+                   help="train comparison's DDP bucket cap (default train's: one bucket for the default layers)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--hook-layers", default=",".join(["256"] + ["512"] * 24 + ["10"]))
     p.add_argument("--hook-bucket-mb", type=float, default=0.25)
@@ -238,6 +280,8 @@ def main() -> None:
     settings = dict(layers=args.layers, samples=args.global_batch_size * (args.steps + 1),
                     global_batch_size=args.global_batch_size, max_steps=args.steps, progress="none",
                     metrics_port=0, log_every=10, eval_fraction=0.0)
+    if args.bucket_mb is not None:
+        settings["bucket_mb"] = args.bucket_mb
     cfg = TrainConfig.of(**settings)
     files_on = TrainConfig.of(**settings, output=out, timeline=f"1:{args.steps}")
     files_off = TrainConfig.of(**settings, output=out, no_steps_file=True)
@@ -247,11 +291,12 @@ def main() -> None:
                 "layers": args.layers, "device": "cpu"}
     metrics = Metrics(ctx.rank, ctx.world_size, run_info)
     metrics.serve(args.metrics_port + ctx.local_rank, "127.0.0.1")   # scraped or not, it serves
+    tw = args.hook_warmup + 1       # every variant timed from this step to its last
     train_variants = {
-        "files on": lambda: trainer.train(setup.build(files_on, plan, ctx, metrics)),
-        "files off": lambda: trainer.train(setup.build(files_off, plan, ctx, metrics)),
-        "metrics off": lambda: trainer.train(setup.build(cfg, plan, ctx, NullMetrics())),
-        "bare DDP loop": lambda: bare_loop(cfg, ctx, ds),
+        "files on": lambda: steady_train(files_on, plan, ctx, metrics, tw),
+        "files off": lambda: steady_train(files_off, plan, ctx, metrics, tw),
+        "metrics off": lambda: steady_train(cfg, plan, ctx, NullMetrics(), tw),
+        "bare DDP loop": lambda: bare_loop(cfg, ctx, ds, clock_from=tw),
     }
 
     # ---- 2. hook: DDP's C++ all-reduce against the observing hook, at many buckets and one
@@ -298,7 +343,7 @@ def main() -> None:
     hook_samples = (args.hook_steps - args.hook_warmup) * args.hook_global_batch_size
     for r in range(args.rounds):                          # the comparisons interleaved, a round each
         if not args.hook_only:
-            one_round(train_variants, r, args.steps * args.global_batch_size, train_rates, train_cpu)
+            one_round(train_variants, r, (args.steps - tw + 1) * args.global_batch_size, train_rates, train_cpu)
         if not args.train_only:
             one_round(hook_variants, r, hook_samples, hook_rates, hook_cpu)
             one_round(one_variants, r, hook_samples, one_rates, one_cpu)
@@ -318,7 +363,7 @@ def main() -> None:
         if not args.hook_only:
             figures["train"] = table(
                 f"1. train: layers {args.layers}, global batch {args.global_batch_size}, {args.steps} steps a run",
-                train_rates, train_cpu, args.steps,
+                train_rates, train_cpu, args.steps - args.hook_warmup,
                 [("files on", "files off"), ("files off", "metrics off"), ("files off", "bare DDP loop")])
             print(f"  files on wrote {lines} step-file lines a run (rank 0's last run) and "
                   f"{'a' if timeline_ok else 'NO'} timeline.json")
