@@ -163,3 +163,27 @@ def test_cli_busbw_table_and_compare():
     assert "median" in res.output
     res = CliRunner().invoke(cli, ["busbw", "--topology", str(TOPO / "h100-2x8-400g.toml"), "--algorithm", "nvls"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_estimate_topology_json_names_nccl_choice_per_bucket():
+    """estimate --topology --json: per DDP bucket the algorithm, protocol, channels, time and
+    bound; at 1,024 GPUs a forced ring is latency-bound (2046 ring steps), NCCL's choice is not."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ddp_fnn.cli import cli
+
+    res = CliRunner().invoke(cli, ["estimate", "--topology", str(TOPO / "h100-2x8-400g.toml"), "--layers",
+                                   "4096,4096,4096,10", "--compute-ms", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    buckets = doc["nccl"]["buckets"]
+    assert buckets and doc["nccl"]["backend"] == "nccl"
+    for b in buckets:
+        assert {"algorithm", "protocol", "channels", "bound", "time_s", "bytes"} <= set(b)
+        assert b["algorithm"] in ("Ring", "Tree", "NVLS", "NVLSTree") and b["protocol"] in N.PROTOCOLS
+        assert b["bound"] in ("latency", "bandwidth", "nvlink", "nic", "pcie")
+    h = hw(TOPO / "h100-128x8-400g-2to1.toml")
+    assert N.call(h, 25 * 2 ** 20, algorithm="ring").bound == "latency"
+    assert N.call(h, 25 * 2 ** 20).bound != "latency"

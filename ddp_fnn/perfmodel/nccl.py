@@ -337,6 +337,12 @@ def tune(hw: Hardware) -> list[Tuned]:
                 cap = NCCL["perChMaxNVLSTreeBws"][arch][i2] if a == "nvlstree" else math.inf
                 bw = min(intra_bw, inter_bw, cap)
             bus = raw = g.channels * bw
+            link = g.bound
+            if a in ("nvls", "nvlstree"):
+                if bw == cap:
+                    raw = math.inf                   # the per-channel cap, not a link, set it
+                elif bw == inter_bw and nodes > 1:
+                    link = "nic"
             if a == "ring" and p == "LL":
                 bus = min(ll_max, bus * NCCL["ringLLFactor"])
             if a == "ring" and p == "LL128":
@@ -367,7 +373,7 @@ def tune(hw: Hardware) -> list[Tuned]:
                 lat = intra_lat + (inter_lat if nodes > 1 else 0)
             elif a == "nvlstree":
                 lat += intra_lat + 2 * _log2i(nodes) * inter_lat
-            out.append(Tuned(a, p, bus, alg, lat, g.channels, g.bound, run_channels(hw, a, g.channels),
+            out.append(Tuned(a, p, bus, alg, lat, g.channels, link, run_channels(hw, a, g.channels),
                              bus < raw * (1 - 1e-9)))
     return out
 
