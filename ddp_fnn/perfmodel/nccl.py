@@ -20,9 +20,14 @@ named beside each constant in ``NCCL``), and nothing fitted to a measurement:
    with the tree correction factors and the ring's plateau factor). ``--algorithm
    auto`` takes the cheapest pair per size, as NCCL does; a forced algorithm or
    protocol (NCCL_ALGO / NCCL_PROTO) restricts the choice.
-3. **Channels per call** (``src/enqueue.cc``): small messages run on fewer channels
-   (``while nBytes < nc * nThreads * threadThreshold: nc--``), each at the per-channel
-   speed, so bandwidth falls with the size before latency takes over.
+3. **Channels per call** (``src/graph/connect.cc``, ``src/transport/nvls.cc``,
+   ``src/enqueue.cc``): ring/tree graphs doubled at run time, NVLS on its own 16; small
+   messages run on fewer ring/tree channels (``while nBytes < nc * nThreads *
+   threadThreshold: nc--``), each at the per-channel speed.
+4. **What the chosen call takes** (``predict``): the tuner picks, the pipeline times. Ring
+   Simple's chunks (ALLREDUCE_CHUNKSTEPS x buffSize / NCCL_STEPS) in slices through 2(N-1)
+   steps, the longest path at each hop's hwLat; NVLS/NVLSTree's calcCollChunking chunks
+   through the kernel's warp-group stages; LL, LL128 and Tree as the tuner's lat + S/bw.
 
 What it leaves out: CollNet/SHARP (not validated), PAT (one GPU per node only), the
 network plugins' own tuners (AWS OFI, GCP TCPXO), congestion and adaptive routing.
