@@ -8,7 +8,8 @@ For each all-reduce algorithm (ring, tree, hierarchical) it runs
 H100, 8 rails of 400 Gbit/s, 2:1 oversubscribed rail leaves) and prints the bytes per
 step on each tier, the bottleneck link and its utilisation, the step, comm and exposed
 times, and the wall-clock seconds the estimate took (load + link mapping + max-min
-sharing + the bucket time line). The brief's target is under 5 s each on this host.
+sharing + the bucket time line), then per DDP bucket NCCL's algorithm, protocol, channels,
+time and bound (perfmodel/nccl.py). The brief's target is under 5 s each on this host.
 
 With matplotlib installed it draws every link's utilisation (busy time / step time),
 one panel per algorithm, links grouped by tier, into --png (docs/topology-1024.png).
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from ddp_fnn.core import units
+from ddp_fnn.perfmodel import estimate as estimator
 from ddp_fnn.perfmodel import topology
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,20 @@ def report(results) -> None:
         print(f"   step {fs(est.step_time_s)}, comm {fs(est.comm_time_s)}, exposed {fs(est.exposed_s)}; "
               f"busbw at 8 GiB {topology.busbw(est.topology, 8 * 2 ** 30, est.algorithm) / 1e9:.1f} GB/s")
         print(f"   elapsed {elapsed:.3f} s")
+
+
+def nccl_report(path: Path, widths: list[int], bucket_mb: float) -> None:
+    """Per DDP bucket, NCCL's choice and its bound (perfmodel/nccl.py), and how long that took."""
+    t0 = time.perf_counter()
+    rows = estimator.nccl_bucket_rows(topology.load(path), widths, bucket_mb)
+    elapsed = time.perf_counter() - t0
+    print("== nccl (NCCL backend: the tuner's choice per bucket, the pipeline's time)")
+    for r in rows:
+        print(f"   {units.format_bytes(r['bytes'])} x{r['buckets']}: {r['algorithm']}/{r['protocol']}, "
+              f"{r['channels']} channels, {units.format_seconds(r['time_s'])} (latency + fill "
+              f"{units.format_seconds(r['latency_s'])}), busbw {units.format_rate(r['busbw_bytes_per_second'])}, "
+              f"{r['bound']}-bound")
+    print(f"   elapsed {elapsed:.3f} s")
 
 
 def plot(results, png: Path) -> bool:
@@ -94,6 +110,7 @@ def main() -> None:
     widths = [int(w) for w in args.layers.split(",")]
     results = run(args.topology, widths, args.compute_ms / 1e3, args.bucket_mb)
     report(results)
+    nccl_report(args.topology, widths, args.bucket_mb)
     plot(results, args.png)
 
 

@@ -80,29 +80,73 @@ def test_nics_off_the_gpus_switch_are_bounded_by_the_pcie_path():
 
 
 PUBLISHED = [
-    ("dgx-h100.toml", "h100-1x8-voltagepark.txt"),
-    ("dgx-h100.toml", "h100-1x8-azure-ndv5.txt"),
-    ("h100-4x8-400g.toml", "h100-4x8-voltagepark.txt"),
-    ("h100-2x8-200g.toml", "h100-2x8-gcp-a3mega.txt"),
+    ("dgx-h100.toml", "h100-1x8-voltagepark.txt", "auto"),
+    ("dgx-h100.toml", "h100-1x8-azure-ndv5.txt", "nvls"),       # the page: "NCCL AllReduce (NVLS algorithm)"
+    ("h100-4x8-400g.toml", "h100-4x8-voltagepark.txt", "auto"),
+    ("h100-2x8-200g.toml", "h100-2x8-gcp-a3mega.txt", "auto"),
+    ("h100-2x1-4nic.toml", "h100-2x1-4nic-tree.txt", "tree"),   # NCCL_ALGO=Tree
 ]
 
 
-@pytest.mark.parametrize("topo, table", PUBLISHED, ids=[t for _, t in PUBLISHED])
-def test_busbw_compare_reads_each_published_table(topo, table):
+def compare(topo, table, algorithm):
     path = TOPO / topo if (TOPO / topo).exists() else DATA / topo
-    rows = B.compare(hw(path), B.read_perf(DATA / table), "auto", "auto")
-    assert len(rows) >= 20
+    return B.compare(hw(path), B.read_perf(DATA / table), algorithm, "auto")
+
+
+@pytest.mark.parametrize("topo, table, algorithm", PUBLISHED, ids=[t for _, t, _ in PUBLISHED])
+def test_busbw_compare_reads_each_published_table(topo, table, algorithm):
+    rows = compare(topo, table, algorithm)
+    assert len(rows) >= 5
     assert all(r["busbw"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("table", ["h100-1x8-voltagepark.txt", "h100-1x8-azure-ndv5.txt"])
-def test_peak_nvls_busbw_of_one_h100_server_within_2_percent(table):
-    """At 1-8 GiB the model's NVLS busbw (476 GB/s busBw, the latency spread over GiBs) is
-    within 2 % of both published 8 x H100 tables (479.7 and 478.9 GB/s at 8 GiB)."""
-    rows = B.compare(hw(TOPO / "dgx-h100.toml"), B.read_perf(DATA / table), "auto", "auto")
+def test_peak_nvls_busbw_of_one_h100_server_within_2_5_percent(table):
+    """At 1-8 GiB the model's NVLS busbw (476 GB/s busBw less one pipeline fill of 2 x 16 channels
+    x 8 heads x 128 KiB) is within 2.5 % of both published 8 x H100 tables (479.7 and 478.9 GB/s
+    at 8 GiB)."""
+    rows = compare("dgx-h100.toml", table, "auto")
     big = [r for r in rows if r["size"] >= 2 ** 30]
-    assert big and all(abs(r["error"]) < 0.02 for r in big)
+    assert big and all(abs(r["error"]) < 0.025 for r in big)
     assert all(r["algorithm"] == "NVLS" for r in big)
+
+
+@pytest.mark.parametrize("table, algorithm, lo", [("h100-1x8-azure-ndv5.txt", "nvls", 2 ** 20),
+                                                  ("h100-1x8-voltagepark.txt", "auto", 2 ** 21)])
+def test_mid_size_nvls_busbw_within_15_percent_median_8(table, algorithm, lo):
+    """DDP's buckets: NVLS's chunk pipeline (calcCollChunking's 16/32/64/128 KiB chunks over
+    16 channels x 8 heads, three warp-group stages) puts every size from ``lo`` to 1 GiB within
+    15 % and the median within 8 %. (The 1 MiB row of the default run: the tuner picks Ring/LL,
+    the run's 38.7 us looks like NVLS; docs/nccl.md.)"""
+    rows = [r for r in compare("dgx-h100.toml", table, algorithm) if lo <= r["size"] <= 2 ** 30]
+    errors = sorted(abs(r["error"]) for r in rows)
+    assert len(rows) >= 10 and errors[-1] < 0.15 and errors[len(errors) // 2] <= 0.08
+
+
+def test_ring_simple_pipeline_fill_two_h100_servers():
+    """2 x 8 H100, ring Simple at 1 MiB: 16 channels, 4 KiB chunks a ring step; the longest path
+    through the 30 steps crosses 4 network hops (hwLat[NET] 14 us + one 2 KiB slice at 24 GB/s)
+    and 26 NVLink hops (3.4 us + a slice), plus baseLat 8.4 and the last slice: about 155 us."""
+    h = hw(TOPO / "h100-2x8-400g.toml")
+    c = N.call(h, 2 ** 20, algorithm="ring", protocol="Simple")
+    assert c.channels == 16 and c.chunk_bytes == 4096
+    slice_us = 2048 / 24e3                       # 24 GB/s = 384 GB/s busBw / 16 channels
+    path = 8.4 + 4 * (14 + slice_us) + 26 * (3.4 + slice_us) + slice_us
+    assert c.time_s * 1e6 == pytest.approx(path, rel=1e-6)
+    assert c.latency_s * 1e6 == pytest.approx(path - 2 ** 20 / 204.8e3, rel=1e-6)   # less the bytes at algbw
+    assert c.bound == "latency"
+    assert 12.0e9 < c.bus_bw < 13.5e9
+
+
+def test_one_gpu_with_four_nics_is_bounded_by_its_pcie_path():
+    """nccl-tests#232: 2 nodes x 1 H100, 4 x 400G NICs, NCCL_ALGO=Tree; the reporter expected 200
+    GB/s. The GPU's own path is min(PCIe Gen5 x16 = 48 GB/s, its one local NIC = 50) = 48 GB/s:
+    measured 41.3 at 32 MiB, and the model stays under 48 too."""
+    rows = compare("h100-2x1-4nic.toml", "h100-2x1-4nic-tree.txt", "tree")
+    assert all(r["measured_busbw"] <= 48.0 for r in rows)
+    assert all(r["busbw"] <= 48.0 for r in rows)
+    h = hw(DATA / "h100-2x1-4nic.toml")
+    assert h.local_nics == ((0,),) and h.gpu_path_bw == (48.0,)
 
 
 def test_cli_busbw_table_and_compare():
@@ -119,3 +163,27 @@ def test_cli_busbw_table_and_compare():
     assert "median" in res.output
     res = CliRunner().invoke(cli, ["busbw", "--topology", str(TOPO / "h100-2x8-400g.toml"), "--algorithm", "nvls"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_estimate_topology_json_names_nccl_choice_per_bucket():
+    """estimate --topology --json: per DDP bucket the algorithm, protocol, channels, time and
+    bound; at 1,024 GPUs a forced ring is latency-bound (2046 ring steps), NCCL's choice is not."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ddp_fnn.cli import cli
+
+    res = CliRunner().invoke(cli, ["estimate", "--topology", str(TOPO / "h100-2x8-400g.toml"), "--layers",
+                                   "4096,4096,4096,10", "--compute-ms", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    buckets = doc["nccl"]["buckets"]
+    assert buckets and doc["nccl"]["backend"] == "nccl"
+    for b in buckets:
+        assert {"algorithm", "protocol", "channels", "bound", "time_s", "bytes"} <= set(b)
+        assert b["algorithm"] in ("Ring", "Tree", "NVLS", "NVLSTree") and b["protocol"] in N.PROTOCOLS
+        assert b["bound"] in ("latency", "bandwidth", "nvlink", "nic", "pcie")
+    h = hw(TOPO / "h100-128x8-400g-2to1.toml")
+    assert N.call(h, 25 * 2 ** 20, algorithm="ring").bound == "latency"
+    assert N.call(h, 25 * 2 ** 20).bound != "latency"

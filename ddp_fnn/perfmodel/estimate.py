@@ -145,24 +145,44 @@ def on_topology(path, widths, algorithm, channels, compute_ms, summary_file, bac
                                 algorithm=algorithm, channels=channels, backward_fraction=backward_fraction)
     except ValueError as e:
         raise ConfigError(_option_message(str(e))) from None
+    with_nccl = topo.intra_kind != "loopback" and topo.world_size > 1
     if as_json:
-        return [fileio.dumps(est.to_dict(), indent=2)]
+        doc = est.to_dict()
+        if with_nccl:
+            doc["nccl"] = {"release": nccl.RELEASE, "backend": "nccl",
+                           "buckets": nccl_bucket_rows(topo, widths, bucket_mb)}
+        return [fileio.dumps(fileio.clean(doc), indent=2)]
     lines = topology.format_estimate(est)
-    if topo.intra_kind != "loopback" and topo.world_size > 1:
+    if with_nccl:
         lines += nccl_buckets(topo, widths, bucket_mb)
     return lines
 
 
-def nccl_buckets(topo, widths, bucket_mb) -> list[str]:
-    """Per DDP bucket, what NCCL's tuner would run (perfmodel/nccl.py: the NCCL backend's
-    model; the fabric lines above are the link-by-link map, Gloo keeps its alpha-beta)."""
+def nccl_bucket_rows(topo, widths, bucket_mb) -> list[dict]:
+    """Per distinct DDP bucket size, what NCCL would run (perfmodel/nccl.py: NCCL's tuner picks
+    the algorithm and protocol, its channel rule the channels; the pipeline model the time) and
+    what bounds it: latency (latency and pipeline fill are at least half the time), bandwidth
+    (a protocol's cap, not a link) or the link (nvlink, nic, pcie)."""
     hw = nccl.hardware(topo)
-    out = [f"nccl         per bucket, NCCL's choice ({nccl.RELEASE}; NCCL backend):"]
-    sizes = sorted({b.nbytes for b in netmodel.bucket_layout(widths, bucket_mb)})
-    for size in sizes:
+    layout = netmodel.bucket_layout(widths, bucket_mb)
+    rows = []
+    for size in sorted({b.nbytes for b in layout}):
         c = nccl.call(hw, size)
-        out.append(f"             {units.format_bytes(size)}: {c.nccl_name}, {c.channels} channel(s), "
-                   f"{units.format_seconds(c.time_s)}, busbw {units.format_rate(c.bus_bw)}, {c.bound}-bound")
+        rows.append({"bytes": size, "buckets": sum(1 for b in layout if b.nbytes == size),
+                     "algorithm": nccl.NCCL_NAMES[c.algorithm], "protocol": c.protocol, "channels": c.channels,
+                     "chunk_bytes": c.chunk_bytes, "time_s": c.time_s, "latency_s": c.latency_s,
+                     "busbw_bytes_per_second": c.bus_bw, "bound": c.bound})
+    return rows
+
+
+def nccl_buckets(topo, widths, bucket_mb) -> list[str]:
+    """Per DDP bucket, what NCCL would run (``nccl_bucket_rows``: the NCCL backend's model; the
+    fabric lines above are the link-by-link map, Gloo keeps its alpha-beta)."""
+    out = [f"nccl         per bucket, NCCL's choice ({nccl.RELEASE}; NCCL backend):"]
+    for r in nccl_bucket_rows(topo, widths, bucket_mb):
+        out.append(f"             {units.format_bytes(r['bytes'])} (x{r['buckets']}): {r['algorithm']}/{r['protocol']}, "
+                   f"{r['channels']} channel(s), {units.format_seconds(r['time_s'])}, busbw "
+                   f"{units.format_rate(r['busbw_bytes_per_second'])}, {r['bound']}-bound")
     return out
 
 

@@ -20,9 +20,14 @@ named beside each constant in ``NCCL``), and nothing fitted to a measurement:
    with the tree correction factors and the ring's plateau factor). ``--algorithm
    auto`` takes the cheapest pair per size, as NCCL does; a forced algorithm or
    protocol (NCCL_ALGO / NCCL_PROTO) restricts the choice.
-3. **Channels per call** (``src/enqueue.cc``): small messages run on fewer channels
-   (``while nBytes < nc * nThreads * threadThreshold: nc--``), each at the per-channel
-   speed, so bandwidth falls with the size before latency takes over.
+3. **Channels per call** (``src/graph/connect.cc``, ``src/transport/nvls.cc``,
+   ``src/enqueue.cc``): ring/tree graphs doubled at run time, NVLS on its own 16; small
+   messages run on fewer ring/tree channels (``while nBytes < nc * nThreads *
+   threadThreshold: nc--``), each at the per-channel speed.
+4. **What the chosen call takes** (``predict``): the tuner picks, the pipeline times. Ring
+   Simple's chunks (ALLREDUCE_CHUNKSTEPS x buffSize / NCCL_STEPS) in slices through 2(N-1)
+   steps, the longest path at each hop's hwLat; NVLS/NVLSTree's calcCollChunking chunks
+   through the kernel's warp-group stages; LL, LL128 and Tree as the tuner's lat + S/bw.
 
 What it leaves out: CollNet/SHARP (not validated), PAT (one GPU per node only), the
 network plugins' own tuners (AWS OFI, GCP TCPXO), congestion and adaptive routing.
@@ -92,8 +97,28 @@ NCCL = {
     "maxThreads": {"LL": 512, "LL128": 640, "Simple": 512},
     # src/include/comm.h: NCCL_{LL,LL128,SIMPLE}_THREAD_THRESHOLD (ring LL's is x nRanks, tuning.cc)
     "threadThreshold": {"LL": 8, "LL128": 8, "Simple": 64},
-    # src/include/device.h / src/init.cc: NCCL_STEPS and the Simple buffer (4 MiB: 512 KiB a step)
-    "NCCL_STEPS": 8, "DEFAULT_BUFFSIZE": 1 << 22,
+    # src/include/device.h: NCCL_STEPS; src/init.cc: DEFAULT_LL_BUFFSIZE (NCCL_LL_LINES_PER_THREAD 8 x
+    # NCCL_LL_MAX_NTHREADS 512 x NCCL_STEPS x 16 B), DEFAULT_LL128_BUFFSIZE (NCCL_LL128_ELEMS_PER_THREAD 120 x
+    # NCCL_LL128_MAX_NTHREADS 640 x NCCL_STEPS x 8 B), DEFAULT_BUFFSIZE (Simple, 4 MiB: 512 KiB a step)
+    "NCCL_STEPS": 8,
+    "buffSizes": {"LL": 8 * 512 * 8 * 16, "LL128": 120 * 640 * 8 * 8, "Simple": 1 << 22},
+    # src/include/collectives.h: ALLREDUCE_CHUNKSTEPS = NCCL_STEPS / 2, ALLREDUCE_SLICESTEPS = NCCL_STEPS / 4
+    # (ring Simple moves a chunk of 4 steps = 2 MiB per channel per ring step, in 2 slices)
+    "ALLREDUCE_CHUNKSTEPS": 4, "ALLREDUCE_SLICESTEPS": 2,
+    # src/graph/connect.cc (ncclTopoPostset): the ring/tree channels are doubled once more at run time,
+    # nChannels = min(MAXCHANNELS, 2 x nChannels), each carrying half of the graph channel's speed
+    "postsetDup": 2,
+    # src/transport/nvls.cc: NVLS_NCHANNELS_SM90, NCCL_NVLS_CHUNKSIZE's default, and nvlsTreeMaxChunkSize's
+    # fallback (64 KiB from 4 nodes, else the NVLS chunk size)
+    "NVLS_NCHANNELS_SM90": 16, "nvlsChunkSize": 128 * 1024, "nvlsTreeMaxChunkSize4Nodes": 64 * 1024,
+    # src/enqueue.cc (calcCollChunking): NVLS shrinks its chunk while nBytes < factor x nChannels x nHeads x chunk
+    # [(factor, smallest chunk it may go below)], NVLSTree likewise
+    "nvlsChunkSteps": ((64, 65536), (8, 32768), (2, 16384)),
+    "nvlsTreeChunkSteps": ((32, 262144), (16, 131072), (4, 65536), (1, 32768)),
+    # src/device/all_reduce.h: one-node NVLS runs three warp groups in a pipeline (scatter into the heads'
+    # buffers, multimem reduce + multicast store, gather to the output); NVLSTree a fourth (bcast: the
+    # tree parent's result into the multicast buffer), the tree's hops inside the reduce and bcast groups
+    "nvlsPipelineStages": 3,
 }
 
 ARCHS = ("ampere", "hopper")
@@ -267,12 +292,22 @@ class Tuned:
     bus_bw: float          # GB/s, NCCL's busBw before its conversion to algbw
     alg_bw: float          # GB/s
     latency_us: float
-    channels: int
+    channels: int          # the graph's channels (what the tuner's bandwidth counts)
     bound: str
+    run_channels: int = 0  # the channels a call may use at run time (connect.cc's doubling; NVLS's own)
+    proto_bound: bool = False   # the protocol's factor or per-channel cap, not a link, set bus_bw
 
 
 def _index2(nodes: int) -> int:
     return nodes - 1 if nodes <= 2 else 2
+
+
+def run_channels(hw: Hardware, algorithm: str, graph_channels: int) -> int:
+    """The channels a call may spread over: ring/tree graphs doubled at run time (connect.cc);
+    NVLS and NVLSTree run NVLS_NCHANNELS_SM90 (nvls.cc), whatever their graph's head count."""
+    if algorithm in ("nvls", "nvlstree"):
+        return NCCL["NVLS_NCHANNELS_SM90"]
+    return min(NCCL["MAXCHANNELS"], NCCL["postsetDup"] * graph_channels)
 
 
 def tune(hw: Hardware) -> list[Tuned]:
@@ -306,7 +341,13 @@ def tune(hw: Hardware) -> list[Tuned]:
                 inter_bw = g.bw_inter * (2 if nodes <= 2 and a == "nvlstree" else 1)
                 cap = NCCL["perChMaxNVLSTreeBws"][arch][i2] if a == "nvlstree" else math.inf
                 bw = min(intra_bw, inter_bw, cap)
-            bus = g.channels * bw
+            bus = raw = g.channels * bw
+            link = g.bound
+            if a in ("nvls", "nvlstree"):
+                if bw == cap:
+                    raw = math.inf                   # the per-channel cap, not a link, set it
+                elif bw == inter_bw and nodes > 1:
+                    link = "nic"
             if a == "ring" and p == "LL":
                 bus = min(ll_max, bus * NCCL["ringLLFactor"])
             if a == "ring" and p == "LL128":
@@ -337,7 +378,8 @@ def tune(hw: Hardware) -> list[Tuned]:
                 lat = intra_lat + (inter_lat if nodes > 1 else 0)
             elif a == "nvlstree":
                 lat += intra_lat + 2 * _log2i(nodes) * inter_lat
-            out.append(Tuned(a, p, bus, alg, lat, g.channels, g.bound))
+            out.append(Tuned(a, p, bus, alg, lat, g.channels, link, run_channels(hw, a, g.channels),
+                             bus < raw * (1 - 1e-9)))
     return out
 
 
@@ -356,43 +398,135 @@ class Call:
     time_s: float
     alg_bw: float            # bytes/s
     bus_bw: float            # bytes/s, as all_reduce_perf prints it
-    latency_s: float
-    bound: str               # latency, bandwidth, or the link: nvlink / nic / pcie
+    latency_s: float         # the part of time_s that is not bytes / bandwidth: latency and pipeline fill
+    bound: str               # latency, bandwidth (the protocol's cap), or the link: nvlink / nic / pcie
+    chunk_bytes: int = 0     # per channel (ring) or per channel and head (NVLS) and step of the pipeline
+    tuner_time_s: float = 0.0   # what NCCL's tuner itself estimates (its choice's criterion)
 
     @property
     def nccl_name(self) -> str:
         return f"{NCCL_NAMES[self.algorithm]}/{self.protocol}"
 
 
-def _channels_for(t: Tuned, hw: Hardware, size: float) -> int:
-    """src/enqueue.cc: fewer channels for small messages (ring/tree); NVLS keeps its own."""
+def channels_for(t: Tuned, hw: Hardware, size: float) -> int:
+    """src/enqueue.cc (topoGetAlgoInfo): ring and tree drop channels while
+    nBytes < nc x nThreads x threadThreshold (ring LL's threshold x nRanks, tuning.cc); NVLS and
+    NVLSTree run all of theirs."""
+    nc = t.run_channels or t.channels
     if t.algorithm in ("nvls", "nvlstree"):
-        return t.channels
+        return nc
     nt = NCCL["maxThreads"][t.protocol]
     thr = NCCL["threadThreshold"][t.protocol] * (hw.ranks if t.algorithm == "ring" and t.protocol == "LL" else 1)
-    nc = t.channels
     while size < nc * nt * thr and nc >= 2:
         nc -= 1
     return nc
 
 
-def time_of(t: Tuned, hw: Hardware, size: float) -> tuple[float, int]:
-    """ncclTopoGetAlgoTime for one call (numPipeOps = 1), with the call's channel count."""
+def tuner_time(t: Tuned, hw: Hardware, size: float) -> float:
+    """ncclTopoGetAlgoTime (numPipeOps = 1), in seconds: what NCCL's tuner compares to choose."""
     bw, lat = t.alg_bw, t.latency_us
     log = _log2i(int(size) >> 6) if size >= 64 else -1
     if t.algorithm == "tree" and 0 <= log < 23:
         bw *= NCCL["treeCorrectionFactor"][PROTOCOLS.index(t.protocol)][log]
-    nc = _channels_for(t, hw, size)
     if (t.algorithm == "ring" and t.protocol == "Simple" and hw.nodes > 1
-            and size / (t.channels * hw.ranks) >= 64):
+            and size / ((t.run_channels or t.channels) * hw.ranks) >= 64):
         lat *= NCCL["ringPlateauFactor"]
-    bw *= nc / t.channels
-    return lat * 1e-6 + size / (1e9 * bw), nc
+    return lat * 1e-6 + size / (1e9 * bw)
+
+
+# ---------------------------------------------------------------------------------------
+# what a call takes: the chunk/step pipeline (src/enqueue.cc, src/device/all_reduce.h)
+# ---------------------------------------------------------------------------------------
+
+def _ring_simple_fill_us(hw: Hardware, t: Tuned, chunk: float, bw_ch: float) -> float:
+    """The longest path through one loop of ring Simple, beyond its bytes: 2(N-1) ring steps of
+    ``chunk`` bytes a channel, each sent in ALLREDUCE_CHUNKSTEPS / ALLREDUCE_SLICESTEPS slices. A
+    rank's step k waits for the previous rank's step k-1 (one hop: its hwLat plus one slice) or for
+    its own step k-1 (its link: one chunk); the path that crosses the most network hops at
+    hwLat[NET] and the rest at the intra-node hwLat is the one that sets the time (bytes/us)."""
+    n, ppn, nodes = hw.ranks, hw.gpus_per_node, hw.nodes
+    steps = 2 * (n - 1)
+    m = NCCL["ALLREDUCE_CHUNKSTEPS"] // NCCL["ALLREDUCE_SLICESTEPS"]
+    pi = PROTOCOLS.index("Simple")
+    li = NCCL["hwLat"]["nvlink" if hw.nvlink_bw > 0 else "pci"]["ring"][pi]
+    if nodes > 1:
+        li = max(li, NCCL["netOverhead_us"] * NCCL["netOverheadSimpleFactor"])
+    ln = NCCL["hwLat"]["net"]["tree" if ppn == 1 else "ring"][pi]
+    c, s = chunk / bw_ch, chunk / m / bw_ch            # us a chunk, a slice
+    def cost(adv: int, net: int) -> float:
+        return net * (ln + s) + (adv - net) * (li + s) + (steps - adv) * c + (m - 1) * s
+    if nodes == 1:
+        best = max(cost(steps, 0), cost(0, 0))
+    elif ppn == 1:
+        best = max(cost(steps, steps), cost(0, 0))
+    else:
+        kmax = (steps - 1) // ppn + 1
+        best = max(cost(0, 0), cost(min(steps, ppn - 1), 0))
+        for k in range(1, kmax + 1):
+            lo, hi = (k - 1) * ppn + 1, min(steps, k * ppn)
+            best = max(best, cost(lo, k), cost(hi, k))
+    return best - steps * c
+
+
+def _nvls_chunk(hw: Hardware, t: Tuned, size: float, nc: int) -> int:
+    """calcCollChunking's NVLS / NVLSTree chunk for this size."""
+    ops = nc * t.channels                              # nChannels x nvls.nHeads
+    if t.algorithm == "nvls":
+        chunk, rules = NCCL["nvlsChunkSize"], NCCL["nvlsChunkSteps"]
+    else:
+        tree_max = NCCL["nvlsTreeMaxChunkSize4Nodes"] if hw.nodes >= 4 else NCCL["nvlsChunkSize"]
+        chunk, rules = min(NCCL["nvlsChunkSize"], tree_max), NCCL["nvlsTreeChunkSteps"]
+    for factor, floor in rules:
+        if size < factor * ops * chunk and chunk > floor:
+            chunk = floor
+    return chunk
+
+
+def predict(t: Tuned, hw: Hardware, size: float) -> tuple[float, int, float, int]:
+    """(seconds, channels, seconds of latency and pipeline fill, chunk bytes) of one call of
+    ``size`` bytes with this algorithm x protocol.
+
+    Ring Simple and NVLS/NVLSTree move data in chunks through a pipeline, and mid-size
+    messages pay its fill: ring Simple per channel 2(N-1) steps of chunks of up to
+    ALLREDUCE_CHUNKSTEPS x (buffSize / NCCL_STEPS) = 2 MiB (``_ring_simple_fill_us``); NVLS per
+    channel and head chunks of calcCollChunking's size through its warp groups' stages. LL and
+    LL128 pipeline per 8- or 128-byte line, and Tree is NCCL's own tuner time (its correction
+    factors); both are ``lat + S / (algbw x channels used / channels)``."""
+    nc = channels_for(t, hw, size)
+    full = t.run_channels or t.channels
+    alg = t.alg_bw * 1e3 * nc / full                   # bytes/us over the channels this call uses
+    if t.algorithm == "ring" and t.protocol == "Simple":
+        n = hw.ranks
+        bw_ch = t.bus_bw * 1e3 / full                  # bytes/us per channel
+        chunk_max = NCCL["buffSizes"]["Simple"] // NCCL["NCCL_STEPS"] * NCCL["ALLREDUCE_CHUNKSTEPS"]
+        per_loop = nc * n * chunk_max
+        loops, rem = divmod(size, per_loop)
+        last = rem / (nc * n) if rem else chunk_max
+        biggest = chunk_max if loops else last
+        # baseLat, then the pipeline's longest path (it holds the per-hop hwLat the tuner sums)
+        fill = NCCL["baseLat"]["ring"][PROTOCOLS.index("Simple")] + max(0.0, _ring_simple_fill_us(hw, t, biggest, bw_ch))
+        us = fill + size / alg
+        return us * 1e-6, nc, fill * 1e-6, int(biggest)
+    if t.algorithm in ("nvls", "nvlstree"):
+        chunk = _nvls_chunk(hw, t, size, nc)
+        ops = nc * t.channels
+        c = min(chunk, size / ops)
+        stages = NCCL["nvlsPipelineStages"] + (1 if t.algorithm == "nvlstree" else 0)
+        fill = t.latency_us + (stages - 1) * c * ops / alg
+        us = fill + size / alg
+        return us * 1e-6, nc, fill * 1e-6, int(c)
+    bw = t.alg_bw
+    log = _log2i(int(size) >> 6) if size >= 64 else -1
+    if t.algorithm == "tree" and 0 <= log < 23:
+        bw *= NCCL["treeCorrectionFactor"][PROTOCOLS.index(t.protocol)][log]
+    us = t.latency_us + size / (bw * 1e3 * nc / full)
+    return us * 1e-6, nc, t.latency_us * 1e-6, 0
 
 
 def call(hw: Hardware, size: float, algorithm: str = "auto", protocol: str = "auto") -> Call:
-    """The cheapest enabled algorithm x protocol for ``size`` bytes (NCCL's choice), or the
-    cheapest among those forced (NCCL_ALGO / NCCL_PROTO). ValueError when none is enabled."""
+    """NCCL's choice for ``size`` bytes -- the cheapest enabled algorithm x protocol by its own
+    tuner (``tuner_time``), or the cheapest among those forced (NCCL_ALGO / NCCL_PROTO) -- and
+    what that choice takes (``predict``). ValueError when none is enabled."""
     if algorithm != "auto" and algorithm not in ALGORITHMS:
         raise ValueError(f"unknown NCCL algorithm {algorithm!r} (auto, {', '.join(ALGORITHMS)})")
     if protocol != "auto" and protocol not in PROTOCOLS:
@@ -403,18 +537,23 @@ def call(hw: Hardware, size: float, algorithm: str = "auto", protocol: str = "au
             continue
         if protocol != "auto" and t.protocol != protocol:
             continue
-        ts, nc = time_of(t, hw, size)
+        ts = tuner_time(t, hw, size)
         if best is None or ts < best[0]:
-            best = (ts, nc, t)
+            best = (ts, t)
     if best is None:
         if hw.ranks <= 1:
             return Call(size, "ring", "Simple", 0, 0.0, 0.0, 0.0, 0.0, "none")
         raise ValueError(f"NCCL has no {algorithm}/{protocol} all-reduce on this hardware "
                          f"(NVLS needs an NVSwitch Hopper server; NVLSTree several of them)")
-    ts, nc, t = best
+    tuned_s, t = best
+    ts, nc, lat_s, chunk = predict(t, hw, size)
     n = hw.ranks
     alg = size / ts if ts > 0 else 0.0
-    lat_s = ts - size / (1e9 * t.alg_bw * nc / t.channels) if t.algorithm != "tree" else t.latency_us * 1e-6
     lat_share = min(1.0, max(0.0, lat_s / ts)) if ts > 0 else 0.0
-    bound = "latency" if lat_share >= 0.5 else (t.bound if t.bound in ("nvlink", "nic", "pcie") else "bandwidth")
-    return Call(size, t.algorithm, t.protocol, nc, ts, alg, alg * 2 * (n - 1) / n, lat_s, bound)
+    if lat_share >= 0.5:
+        bound = "latency"
+    elif t.proto_bound or t.bound not in ("nvlink", "nic", "pcie"):
+        bound = "bandwidth"
+    else:
+        bound = t.bound
+    return Call(size, t.algorithm, t.protocol, nc, ts, alg, alg * 2 * (n - 1) / n, lat_s, bound, chunk, tuned_s)

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_fnn.core import fileio, units, wire
-from ddp_fnn.perfmodel import netmodel
+from ddp_fnn.perfmodel import nccl, netmodel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,6 +228,34 @@ def _section(raw: Mapping, name: str, required: bool = True) -> Mapping:
     return table
 
 
+TUNING_KEYS = ("intra.latency_us", "intra.efficiency", "nic.latency_us", "nic.efficiency", "switch.latency_us")
+"""Keys a GPU fabric's file may not carry: they are the model's constants (NCCL's own, in
+perfmodel/nccl.py), not hardware. A namespace cluster (intra.kind = loopback) keeps them: its
+links are emulated (tc) and its model is Gloo's alpha-beta."""
+
+
+def _nccl_defaults(kind: str, arch: str) -> dict:
+    """A GPU fabric's per-link constants from NCCL's table (perfmodel/nccl.py), not from the file:
+    NVLink's payload share SM8x/SM90_NVLINK_BW / the line rate per link (src/graph/topo.h), the
+    ring Simple hwLat of an intra-node hop (NVLink or PCI) and of a network hop (tuning.cc)."""
+    simple = nccl.PROTOCOLS.index("Simple")
+    intra_hw = "nvlink" if kind == "nvlink" else "pci"
+    return {"intra.efficiency": nccl.NCCL["NVLINK_BW"][arch] / nccl.NVLINK_LINE_GBPS if kind == "nvlink" else 1.0,
+            "intra.latency_us": nccl.NCCL["hwLat"][intra_hw]["ring"][simple],
+            "nic.efficiency": 1.0,
+            "nic.latency_us": nccl.NCCL["hwLat"]["net"]["ring"][simple],
+            "switch.latency_us": 0.0}
+
+
+def _refuse_tuning_keys(raw: Mapping, kind: str) -> None:
+    for where in TUNING_KEYS:
+        section, key = where.split(".")
+        table = raw.get(section)
+        if isinstance(table, Mapping) and key in table:
+            raise ValueError(f"topology: {where} is a tuning constant, not hardware: with intra.kind = {kind} the "
+                             f"model takes NCCL's own (perfmodel/nccl.py, docs/nccl.md); remove the key")
+
+
 def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
     """A ``Topology`` from a parsed TOML/JSON table; raises ValueError, one line naming the
     key and the value, on anything wrong (so a typo is not silently a default)."""
@@ -244,24 +272,31 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
         raise _fail("intra.kind", f"must be one of {', '.join(INTRA_KINDS)}", kind)
     if "rate" not in intra:
         raise ValueError("topology: intra.rate is missing")
-    intra_rate = parse_rate("intra.rate", intra["rate"]) * _efficiency(intra, "intra")
-    intra_lat = _latency_s(intra, "intra", 1.0)
+    gpu = _section(raw, "gpu", required=False)
+    arch = gpu.get("arch", "hopper")
+    if arch not in ("ampere", "hopper"):
+        raise _fail("gpu.arch", "must be ampere (A100) or hopper (H100)", arch)
+    if kind == "loopback":
+        defaults = {"intra.efficiency": None, "intra.latency_us": 1.0, "nic.efficiency": None,
+                    "nic.latency_us": 2.0, "switch.latency_us": 0.0}
+    else:
+        _refuse_tuning_keys(raw, kind)
+        defaults = _nccl_defaults(kind, arch)
+    intra_eff = _efficiency(intra, "intra") if defaults["intra.efficiency"] is None else defaults["intra.efficiency"]
+    intra_rate = parse_rate("intra.rate", intra["rate"]) * intra_eff
+    intra_lat = _latency_s(intra, "intra", defaults["intra.latency_us"])
 
     # One server needs no NIC; several do, or nothing could leave a server.
     nic = _section(raw, "nic", required=servers > 1)
     nics = _int(nic, "count", "nic.count", minimum=1, default=1)
     if "rate" in nic:
-        nic_rate = parse_rate("nic.rate", nic["rate"]) * _efficiency(nic, "nic")
+        nic_eff = _efficiency(nic, "nic") if defaults["nic.efficiency"] is None else defaults["nic.efficiency"]
+        nic_rate = parse_rate("nic.rate", nic["rate"]) * nic_eff
     elif servers > 1:
         raise ValueError("topology: nic.rate is missing")
     else:
         nic_rate = intra_rate               # unused: nothing leaves a lone server
-    nic_lat = _latency_s(nic, "nic", 2.0)
-
-    gpu = _section(raw, "gpu", required=False)
-    arch = gpu.get("arch", "hopper")
-    if arch not in ("ampere", "hopper"):
-        raise _fail("gpu.arch", "must be ampere (A100) or hopper (H100)", arch)
+    nic_lat = _latency_s(nic, "nic", defaults["nic.latency_us"])
     pcie = _section(raw, "pcie", required=False)
     gen = pcie.get("gen", 5 if arch == "hopper" else 4)
     if gen not in (3, 4, 5, 6):
@@ -297,7 +332,8 @@ def from_dict(raw: Mapping, default_name: str = "topology") -> Topology:
                     intra_bytes_per_second=intra_rate, intra_latency_s=intra_lat,
                     nics_per_server=nics, nic_bytes_per_second=nic_rate, nic_latency_s=nic_lat,
                     servers_per_leaf=per_leaf, uplink_bytes_per_second=uplink, rail_optimized=rail,
-                    switch_latency_s=_latency_s(switch, "switch", 0.0), gpu_arch=arch, nvswitch=nvswitch,
+                    switch_latency_s=_latency_s(switch, "switch", defaults["switch.latency_us"]), gpu_arch=arch,
+                    nvswitch=nvswitch,
                     pcie_gen=gen, pcie_lanes=lanes, pcie_switches=switches, nic_attach=attach,
                     intra_line_bytes_per_second=parse_rate("intra.rate", intra["rate"]),
                     nic_line_bytes_per_second=(parse_rate("nic.rate", nic["rate"]) if "rate" in nic
