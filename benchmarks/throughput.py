@@ -257,6 +257,8 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=float, default=None,
                    help="train comparison's DDP bucket cap (default train's: one bucket for the default layers)")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--train-detail-every", type=int, default=None,
+                   help="train comparison's --bucket-detail-every (default train's: every step)")
     p.add_argument("--hook-layers", default=",".join(["256"] + ["512"] * 24 + ["10"]))
     p.add_argument("--hook-bucket-mb", type=float, default=0.25)
     p.add_argument("--hook-global-batch-size", type=int, default=64)
@@ -282,6 +284,8 @@ def main() -> None:
                     metrics_port=0, log_every=10, eval_fraction=0.0)
     if args.bucket_mb is not None:
         settings["bucket_mb"] = args.bucket_mb
+    if args.train_detail_every is not None:
+        settings["bucket_detail_every"] = args.train_detail_every
     cfg = TrainConfig.of(**settings)
     files_on = TrainConfig.of(**settings, output=out, timeline=f"1:{args.steps}")
     files_off = TrainConfig.of(**settings, output=out, no_steps_file=True)

@@ -234,8 +234,8 @@ def test_reported_wire_bytes_match_kernel_tx(cluster):
     assert [r["setup_wire_bytes"] for r in per_rank][:2] == ([p, 0] if n == 2 else [2 * p, p])
     # ... and the control collectives (loss, ready times, clock, gathers: observe/control.py).
     assert all(0 < r["control_wire_bytes"] < 0.01 * r["allreduce_wire_bytes_total"] for r in per_rank)
-    wire = [r["allreduce_wire_bytes_total"] + probe_wire + r["setup_wire_bytes"] + r["control_wire_bytes"]
-            for r in per_rank]
+    reported = [r["allreduce_wire_bytes_total"] + probe_wire + r["setup_wire_bytes"] + r["control_wire_bytes"]
+                for r in per_rank]
     stats = cluster.netstats
     header = header_bytes_per_packet(stats)
     sent = [tx_payload_estimate(node, header) for node in stats["nodes"]]
@@ -247,9 +247,9 @@ def test_reported_wire_bytes_match_kernel_tx(cluster):
     resent = [r["tcp"]["retransmitted_segments"] * mss if r.get("tcp") else 0 for r in per_rank]
     once = [s - x for s, x in zip(sent, resent)]
     report = ", ".join(f"node{k} {s:,} B less {x:,} B resent vs {w:,.0f} B ({(s - x - w) / w:+.2%})"
-                       for k, (s, x, w) in enumerate(zip(sent, resent, wire)))
+                       for k, (s, x, w) in enumerate(zip(sent, resent, reported)))
     print(f"\nTX payload (header {header} B/packet) vs reported bytes: {report}")
-    for k, (s, o, w) in enumerate(zip(sent, once, wire)):
+    for k, (s, o, w) in enumerate(zip(sent, once, reported)):
         assert o == pytest.approx(w, rel=0.02), f"node{k}: {report}"
         assert s >= w, f"node{k} sent less than it reports: {report}"
 
