@@ -258,8 +258,12 @@ def test_uplink_bytes_match_the_model(leafy):
     rows = []
     for j, u in enumerate(stats["uplinks"]):
         assert u["leaf"] == j
-        # What one end sends the other receives (a veth pair loses nothing).
-        assert (u["tx_bytes"], u["spine_tx_bytes"]) == (u["spine_rx_bytes"], u["rx_bytes"])
+        # What one end sends the other receives (a veth pair loses nothing), to the frame:
+        # the script reads the two ends' counters one after the other, and a late frame
+        # (a TCP ACK or FIN of the job's last connections, 54-66 B) can land between.
+        frame = stats["mtu"] + 14
+        assert abs(u["tx_bytes"] - u["spine_rx_bytes"]) <= frame, u
+        assert abs(u["spine_tx_bytes"] - u["rx_bytes"]) <= frame, u
         assert u["qdisc"]["kind"] == "tbf" and u["spine_qdisc"]["kind"] == "tbf"
         # Frames stay frames across the bridges: never more than MTU + Ethernet header.
         assert u["tx_bytes"] / u["tx_packets"] <= stats["mtu"] + 14
